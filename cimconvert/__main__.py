@@ -1,0 +1,5 @@
+"""``python -m cimconvert`` runs the CLI."""
+
+from cimconvert.cli import main
+
+main()

@@ -1,0 +1,241 @@
+"""The public Python API: convert(), evaluate(), load_bundle(), inspect(), profiles().
+
+Every function returns plain, JSON-serialisable dicts with stable keys (docs/JSON.md) and raises
+``CimError`` (one line) on bad input. The CLI only formats what these return.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cimconvert.errors import CimError
+from cimconvert.profiles import ChipProfile, list_profiles, load_profile
+
+
+def profiles() -> list[dict[str, Any]]:
+    """One row per shipped profile: name, description, content hash, tile shape, noise kinds."""
+    return [
+        {
+            "name": p.name,
+            "description": p.description,
+            "content_hash": p.content_hash(),
+            "tile": [p.mapping.tile_rows, p.mapping.tile_cols],
+            "programming": p.programming.kind,
+            "drift": p.drift.kind,
+            "read_noise": p.read_noise.kind,
+            "mvm": p.mvm.active,
+            "digital_kinds": list(p.placement.digital),
+        }
+        for p in list_profiles()
+    ]
+
+
+def show_profile(spec: str) -> dict[str, Any]:
+    """The fully resolved profile as a dict (defaults filled in) plus its content hash."""
+    profile = load_profile(spec)
+    return {**profile.model_dump(mode="json"), "content_hash": profile.content_hash()}
+
+
+def default_out_dir(model: str, profile: ChipProfile) -> Path:
+    """``./<model>-<profile>/`` with the model's last path component and a filesystem-safe profile name."""
+    model_name = Path(model.rstrip("/")).name or "model"
+    safe_profile = re.sub(r"[^A-Za-z0-9_.=-]+", "_", profile.name).strip("_")
+    return Path.cwd() / f"{model_name}-{safe_profile}"
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _resolve_method(method: str, family: str) -> str:
+    """Resolve ``auto``. No robustness method is implemented yet, so auto means plain placement."""
+    if method in ("auto", "none"):
+        return "none"
+    raise CimError(f"unknown method '{method}' (available: auto, none)")
+
+
+def convert(
+    model: str,
+    profile: str | ChipProfile,
+    out: str | Path | None = None,
+    method: str = "auto",
+    analog: Sequence[str] = (),
+    digital: Sequence[str] = (),
+    dry_run: bool = False,
+    force: bool = False,
+    seed: int = 0,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Convert a checkpoint into a bundle for ``profile`` (or only plan it with ``dry_run``)."""
+    from cimconvert.arch import get_adapter
+    from cimconvert.bundle.writer import write_bundle
+    from cimconvert.checkpoint import resolve_model
+    from cimconvert.placement import plan_tensors
+
+    chip = load_profile(profile)
+    source = resolve_model(model, trust_remote_code=trust_remote_code)
+    adapter = get_adapter(source.model_type)
+    shapes = {name: info.shape for name, info in source.tensor_shapes().items()}
+    placement = plan_tensors(shapes, adapter, chip, analog=analog, digital=digital)
+    resolved = _resolve_method(method, adapter.family)
+    if dry_run:
+        return {
+            "dry_run": True,
+            "model": model,
+            "profile": chip.name,
+            "method": resolved,
+            "totals": placement.totals(),
+            "tensors": placement.to_json(),
+            "table": placement.format_table(),
+        }
+    out_dir = Path(out) if out is not None else default_out_dir(model, chip)
+    summary = write_bundle(
+        source,
+        out_dir,
+        chip,
+        placement,
+        transforms=[],
+        seeds={"global": seed},
+        extra={"method": resolved, "overrides": {"analog": list(analog), "digital": list(digital)}},
+        force=force,
+        progress=progress,
+    )
+    return {
+        "dry_run": False,
+        "model": model,
+        "out": str(out_dir),
+        "profile": chip.name,
+        "profile_hash": chip.content_hash(),
+        "method": resolved,
+        "seed": seed,
+        "totals": placement.totals(),
+        "files": summary.files if hasattr(summary, "files") else [],
+    }
+
+
+def is_bundle(path: str | Path) -> bool:
+    """True when ``path`` is a folder holding a cimconvert manifest."""
+    return (Path(path) / "manifest.json").is_file()
+
+
+def load_bundle(out: str | Path, dtype: torch.dtype = torch.float32, verify: bool = True) -> torch.nn.Module:
+    """Load a bundle as a torch model (checksums verified), with every recorded transform applied."""
+    from cimconvert.bundle.reader import load_bundle as _load
+
+    return _load(Path(out), dtype=dtype, verify=verify)
+
+
+def inspect(out: str | Path) -> dict[str, Any]:
+    """Summary of a bundle plus ``verified`` (all checksums match) and ``problems``."""
+    from cimconvert.bundle.reader import inspect_bundle
+
+    return inspect_bundle(Path(out))
+
+
+def load_for_eval(model: str, profile: str | None, trust_remote_code: bool = False):
+    """(model, tokenizer, analog targets, profile, label) for a source checkpoint or a bundle."""
+    from transformers import AutoTokenizer
+
+    from cimconvert.placement import plan_model
+
+    if is_bundle(model):
+        from cimconvert.bundle.reader import read_manifest
+
+        manifest = read_manifest(Path(model))
+        chip = load_profile(profile) if profile else load_profile_from_manifest(manifest)
+        net = load_bundle(model)
+        overrides = manifest_overrides(manifest)
+        targets = plan_model(net, chip, **overrides).analog()
+        folder = Path(model)
+    else:
+        from cimconvert.checkpoint import resolve_model
+
+        if not profile:
+            raise CimError("--profile is required unless MODEL is a bundle")
+        chip = load_profile(profile)
+        source = resolve_model(model, trust_remote_code=trust_remote_code)
+        net = source.load_model(dtype=torch.float32)
+        targets = plan_model(net, chip).analog()
+        folder = source.dir
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise CimError(f"no usable tokenizer in {folder}: {str(exc).splitlines()[0]}") from None
+    return net, tokenizer, targets, chip
+
+
+def load_profile_from_manifest(manifest: Any) -> ChipProfile:
+    """The profile a bundle was converted for, from its manifest."""
+    from cimconvert.profiles import profile_from_dict
+
+    data = manifest["profile"]["profile"] if isinstance(manifest, dict) else manifest.profile.profile
+    return profile_from_dict(dict(data), origin="manifest.json")
+
+
+def manifest_overrides(manifest: Any) -> dict[str, list[str]]:
+    """The --analog/--digital overrides recorded in a manifest (so eval reproduces the placement)."""
+    extra = manifest.get("extra", {}) if isinstance(manifest, dict) else getattr(manifest, "extra", {})
+    overrides = (extra or {}).get("overrides", {})
+    return {"analog": list(overrides.get("analog", [])), "digital": list(overrides.get("digital", []))}
+
+
+def tokenize(tokenizer: Any, text: str, max_tokens: int) -> torch.Tensor:
+    """Token ids of ``text`` (truncated to ``max_tokens``) as a 1-D LongTensor."""
+    # Tokenise a prefix only: ~8 characters per token is a safe upper bound for BPE on prose.
+    ids = tokenizer(text[: max_tokens * 8], add_special_tokens=False)["input_ids"][:max_tokens]
+    if len(ids) < 16:
+        raise CimError(f"dataset too short: {len(ids)} tokens (need at least 16)")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def evaluate(
+    model: str,
+    profile: str | None,
+    seeds: int = 5,
+    seed: int = 1000,
+    dataset: str = "heldout",
+    max_tokens: int = 16384,
+    seq_len: int = 256,
+    stride: int | None = None,
+    batch_size: int = 8,
+    threads: int | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Clean perplexity and perplexity under ``seeds`` chip-noise draws (seed, seed+1, ...)."""
+    from cimconvert.data import load_text
+    from cimconvert.evaluation.noisy import evaluate_model
+
+    _set_threads(threads)
+    text = load_text(dataset)
+    net, tokenizer, targets, chip = load_for_eval(model, profile, trust_remote_code)
+    tokens = tokenize(tokenizer, text, max_tokens)
+    max_pos = getattr(net.config, "max_position_embeddings", None)
+    if max_pos and seq_len > max_pos:
+        raise CimError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
+    result = evaluate_model(
+        net,
+        tokens,
+        targets,
+        chip,
+        seeds=range(seed, seed + seeds),
+        seq_len=seq_len,
+        stride=stride,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return {
+        "model": model,
+        "dataset": dataset,
+        "tokens": int(tokens.numel()),
+        "seq_len": seq_len,
+        "stride": stride or seq_len,
+        **result.to_dict(),
+    }

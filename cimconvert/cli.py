@@ -1,0 +1,213 @@
+"""Command-line interface: a thin click layer over cimconvert.api (parse, call, print human or --json)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from cimconvert import __version__
+from cimconvert.errors import CimError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
+    """Print ``result`` as indented JSON (stable keys) or through its human formatter."""
+    if as_json:
+        click.echo(json.dumps(result, indent=2, sort_keys=False, default=str))
+    else:
+        click.echo(human(result))
+
+
+class DefaultToConvert(click.Group):
+    """A group whose first argument, when it is not a subcommand, is a MODEL for ``convert``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """Route ``cimconvert MODEL ...`` to ``cimconvert convert MODEL ...``."""
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["convert", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultToConvert, context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="cimconvert")
+def cli() -> None:
+    """Convert Hugging Face LMs into bundles for analog compute-in-memory chips.
+
+    \b
+    cimconvert MODEL --profile chipA [-o OUT]     convert (same as `cimconvert convert ...`)
+    cimconvert eval MODEL --profile chipA        perplexity, clean and under chip noise
+    cimconvert inspect OUT                       verify and summarise a bundle
+    cimconvert profiles [show NAME]              list or print chip profiles
+    """
+
+
+# ----------------------------------------------------------------------------------------- convert
+def _format_convert(res: dict) -> str:
+    if res.get("dry_run"):
+        return res["table"]
+    totals = res["totals"]
+    return (
+        f"wrote {res['out']}\n"
+        f"  profile {res['profile']}  method {res['method']}\n"
+        f"  analog: {totals['analog_tensors']} tensors, {totals['analog_arrays']} arrays; "
+        f"digital: {totals['digital_tensors']} tensors, {totals['digital_bytes'] / 1e6:.2f} MB"
+    )
+
+
+@cli.command("convert", context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--profile", "-p", required=True, help="chip profile: shipped name (see `profiles`) or YAML path")
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="output folder [./<model>-<profile>/]")
+@click.option(
+    "--method",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "none"]),
+    help="robustness method (auto picks per architecture)",
+)
+@click.option("--analog", multiple=True, help="force tensors analog: exact name or regex (repeatable)")
+@click.option("--digital", multiple=True, help="keep tensors digital: exact name or regex (repeatable)")
+@click.option("--dry-run", is_flag=True, help="print the placement table and totals; write nothing")
+@click.option("--force", is_flag=True, help="replace a non-empty OUT")
+@click.option("--seed", default=0, show_default=True, help="seed for every random draw (recorded)")
+@click.option("--trust-remote-code", is_flag=True, help="allow the checkpoint's own Python code (off by default)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable summary on stdout")
+def convert_cmd(model: str, profile: str, out: Path | None, method: str, analog: tuple[str, ...],
+                digital: tuple[str, ...], dry_run: bool, force: bool, seed: int, trust_remote_code: bool,
+                as_json: bool) -> None:
+    """Convert MODEL (local HF folder or cached hub id) into a bundle for the chip PROFILE."""
+    from cimconvert import api
+
+    res = api.convert(
+        model, profile, out=out, method=method, analog=analog, digital=digital, dry_run=dry_run,
+        force=force, seed=seed, trust_remote_code=trust_remote_code, progress=not as_json,
+    )
+    emit(res, as_json, _format_convert)
+
+
+# -------------------------------------------------------------------------------------------- eval
+def _format_eval(res: dict) -> str:
+    lines = [
+        f"model {res['model']}  profile {res['profile']}  dataset {res['dataset']} "
+        f"({res['tokens']} tokens, seq_len {res['seq_len']}, stride {res['stride']})",
+        f"  clean perplexity   {res['clean_ppl']:.3f}",
+        f"  noisy perplexity   {res['noisy_ppl_mean']:.3f} +- {res['noisy_ppl_std']:.3f} "
+        f"over {len(res['seeds'])} draws (seeds {res['seeds'][0]}..{res['seeds'][-1]}), "
+        f"{res['degradation_pct']:+.1f}%",
+        f"  analog tensors     {res['analog_tensors']}",
+    ]
+    return "\n".join(lines)
+
+
+@cli.command("eval", context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--profile", "-p", default=None, help="chip profile [a bundle's own profile, else required]")
+@click.option("--seeds", default=5, show_default=True, type=click.IntRange(1), help="number of noise draws")
+@click.option("--seed", default=1000, show_default=True, help="first noise seed (draws use seed, seed+1, ...)")
+@click.option("--dataset", default="heldout", show_default=True, help="dataset name or text file")
+@click.option("--max-tokens", default=16384, show_default=True, type=click.IntRange(16), help="token budget")
+@click.option("--seq-len", default=256, show_default=True, type=click.IntRange(2))
+@click.option("--stride", default=None, type=click.IntRange(1), help="window stride [seq-len]")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads")
+@click.option("--trust-remote-code", is_flag=True)
+@click.option("--json", "as_json", is_flag=True, help="machine-readable result on stdout")
+def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: str, max_tokens: int,
+             seq_len: int, stride: int | None, batch_size: int, threads: int | None,
+             trust_remote_code: bool, as_json: bool) -> None:
+    """Perplexity of MODEL (HF folder, hub id or bundle), clean and under chip noise."""
+    from cimconvert import api
+
+    res = api.evaluate(
+        model, profile, seeds=seeds, seed=seed, dataset=dataset, max_tokens=max_tokens, seq_len=seq_len,
+        stride=stride, batch_size=batch_size, threads=threads, trust_remote_code=trust_remote_code,
+        progress=not as_json,
+    )
+    emit(res, as_json, _format_eval)
+
+
+# ----------------------------------------------------------------------------------------- inspect
+def _format_inspect(res: dict) -> str:
+    status = "OK" if res["verified"] else "ALTERED: " + "; ".join(res["problems"])
+    lines = [f"bundle {res['path']}: {status}"]
+    lines += [f"  {k}: {v}" for k, v in res.items() if k not in ("path", "verified", "problems")]
+    return "\n".join(lines)
+
+
+@cli.command("inspect", context_settings=CONTEXT)
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True)
+def inspect_cmd(out: Path, as_json: bool) -> None:
+    """Verify every checksum of bundle OUT and print a summary (exit 2 when a file was altered)."""
+    from cimconvert import api
+
+    res = api.inspect(out)
+    emit(res, as_json, _format_inspect)
+    if not res["verified"]:
+        sys.exit(2)
+
+
+# ---------------------------------------------------------------------------------------- profiles
+def _format_profiles(rows: list[dict]) -> str:
+    width = max(len(r["name"]) for r in rows)
+    return "\n".join(f"{r['name']:<{width}}  {r['description']}" for r in rows)
+
+
+@cli.group("profiles", invoke_without_command=True, context_settings=CONTEXT)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def profiles_cmd(ctx: click.Context, as_json: bool) -> None:
+    """List the shipped chip profiles."""
+    if ctx.invoked_subcommand is None:
+        from cimconvert import api
+
+        emit(api.profiles(), as_json, _format_profiles)
+
+
+@profiles_cmd.command("show", context_settings=CONTEXT)
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True)
+def profiles_show_cmd(name: str, as_json: bool) -> None:
+    """Print one profile (shipped name, NAME:key=value,... or a YAML path), fully resolved."""
+    import yaml
+
+    from cimconvert import api
+
+    res = api.show_profile(name)
+    emit(res, as_json, lambda r: yaml.safe_dump(r, sort_keys=False, allow_unicode=True).rstrip())
+
+
+@profiles_cmd.command("schema", context_settings=CONTEXT)
+def profiles_schema_cmd() -> None:
+    """Print the JSON Schema of chip profiles."""
+    from cimconvert.profiles.schema import ChipProfile
+
+    click.echo(json.dumps(ChipProfile.model_json_schema(), indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the CLI; bad input is one line on stderr and exit code 2, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="cimconvert", standalone_mode=False)
+    except CimError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Named text datasets (shipped splits and the shared corpora) and text-file loading."""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+
+from cimconvert.errors import CimError
+
+#: Shipped with the package (cimconvert/data/): held-out slices of the demo models' corpus.
+SHIPPED = {
+    "heldout": "heldout.txt",
+    "calib": "calib.txt",
+}
+#: Read from the shared data folder (``CIMCONVERT_SHARED_DATA`` or ``../shared/data`` beside the repo).
+SHARED = {
+    "wikitext2": "wikitext-2/wiki.test.raw",
+    "wikitext2-valid": "wikitext-2/wiki.valid.tokens",
+    "tinyshakespeare": "corpora/tinyshakespeare/input.txt",
+}
+
+
+def dataset_names() -> list[str]:
+    """All dataset names accepted by ``load_text`` besides a file path."""
+    return sorted([*SHIPPED, *SHARED])
+
+
+def shared_data_dir() -> Path | None:
+    """The shared data folder, if one can be found (env var first, then beside the repo or the cwd)."""
+    candidates = []
+    if env := os.environ.get("CIMCONVERT_SHARED_DATA"):
+        candidates.append(Path(env))
+    repo_root = Path(__file__).resolve().parent.parent
+    candidates += [repo_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    return next((c for c in candidates if c.is_dir()), None)
+
+
+def resolve_dataset(spec: str) -> Path:
+    """Map a dataset name or a text-file path to a readable file path."""
+    if spec in SHIPPED:
+        return Path(str(resources.files("cimconvert") / "data" / SHIPPED[spec]))
+    if spec in SHARED:
+        root = shared_data_dir()
+        if root is None:
+            raise CimError(
+                f"dataset '{spec}' needs the shared data folder; set CIMCONVERT_SHARED_DATA to its path"
+            )
+        return root / SHARED[spec]
+    path = Path(spec)
+    if not path.is_file():
+        raise CimError(f"dataset '{spec}' is neither a known name ({', '.join(dataset_names())}) nor a file")
+    return path
+
+
+def load_text(spec: str) -> str:
+    """The text of a named dataset or of a UTF-8 text file; a clear error if missing or unreadable."""
+    path = resolve_dataset(spec)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise CimError(f"dataset '{spec}': file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CimError(f"dataset '{spec}': cannot read {path} ({exc.__class__.__name__})") from None
+    if not text.strip():
+        raise CimError(f"dataset '{spec}' is empty: {path}")
+    return text

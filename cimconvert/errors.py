@@ -1,0 +1,24 @@
+"""One error type for bad input; the CLI maps it to a one-line message and exit code 2."""
+
+from __future__ import annotations
+
+
+class CimError(Exception):
+    """Bad input or an unsupported request: reported to the user as one line, exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+class ProfileError(CimError):
+    """A chip profile that cannot be found, parsed or validated."""
+
+
+class ModelInputError(CimError):
+    """A model folder, checkpoint or config that cannot be used."""
+
+
+class BundleError(CimError):
+    """A bundle that is incomplete, altered or inconsistent."""

@@ -1,0 +1,5 @@
+"""Evaluation: perplexity and Monte-Carlo over chip noise draws."""
+
+from cimconvert.evaluation.perplexity import perplexity, windows
+
+__all__ = ["perplexity", "windows"]

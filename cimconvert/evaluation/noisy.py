@@ -1,0 +1,90 @@
+"""Monte-Carlo evaluation: clean perplexity and perplexity under independent chip-noise draws."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from cimconvert.evaluation.perplexity import perplexity
+from cimconvert.noise import apply_chip_noise
+from cimconvert.profiles import ChipProfile
+
+
+@dataclass
+class NoisyEvalResult:
+    """Clean and noisy perplexities; ``per_seed`` lists the draws in seed order."""
+
+    profile: str
+    profile_hash: str
+    seeds: list[int]
+    clean_ppl: float
+    per_seed: list[float] = field(default_factory=list)
+    analog_tensors: int = 0
+
+    @property
+    def noisy_mean(self) -> float:
+        """Mean perplexity over the noise draws."""
+        return statistics.fmean(self.per_seed) if self.per_seed else float("nan")
+
+    @property
+    def noisy_std(self) -> float:
+        """Sample standard deviation over the noise draws (0 for a single draw)."""
+        return statistics.stdev(self.per_seed) if len(self.per_seed) > 1 else 0.0
+
+    def to_dict(self) -> dict:
+        """Stable JSON keys (documented in docs/JSON.md)."""
+        out = asdict(self)
+        out["noisy_ppl_mean"] = self.noisy_mean
+        out["noisy_ppl_std"] = self.noisy_std
+        out["degradation_pct"] = 100.0 * (self.noisy_mean / self.clean_ppl - 1.0)
+        return out
+
+
+def noisy_perplexities(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    targets: Sequence,
+    profile: ChipProfile,
+    seeds: Sequence[int],
+    ppl_fn: Callable[[torch.nn.Module, torch.Tensor], float] | None = None,
+    progress: bool = False,
+) -> list[float]:
+    """Perplexity under each seed's programmed chip; the clean weights are restored after each draw."""
+    ppl_fn = ppl_fn or (lambda m, t: perplexity(m, t))
+    results = []
+    for seed in tqdm(list(seeds), desc=f"noise draws ({profile.name})", disable=not progress, unit="draw"):
+        with apply_chip_noise(model, targets, profile, seed):
+            results.append(ppl_fn(model, tokens))
+    return results
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    targets: Sequence,
+    profile: ChipProfile,
+    seeds: Sequence[int],
+    seq_len: int = 256,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> NoisyEvalResult:
+    """Clean perplexity plus one perplexity per noise seed, on the same tokens and windows."""
+
+    def ppl_fn(m: torch.nn.Module, t: torch.Tensor) -> float:
+        return perplexity(m, t, seq_len=seq_len, stride=stride, batch_size=batch_size)
+
+    clean = ppl_fn(model, tokens)
+    noisy = noisy_perplexities(model, tokens, targets, profile, seeds, ppl_fn, progress)
+    return NoisyEvalResult(
+        profile=profile.name,
+        profile_hash=profile.content_hash(),
+        seeds=list(seeds),
+        clean_ppl=clean,
+        per_seed=noisy,
+        analog_tensors=len(targets),
+    )

@@ -1,0 +1,62 @@
+"""Perplexity of a causal LM on a token stream: windows of ``seq_len`` every ``stride`` tokens."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+
+def windows(n_tokens: int, seq_len: int, stride: int) -> Iterator[tuple[int, int, int]]:
+    """Yield (begin, end, n_scored) windows; each token after the first is scored exactly once.
+
+    The first window scores all its tokens but the first; later windows score only the last
+    ``stride`` tokens (the rest is context), as in the Hugging Face perplexity guide.
+    """
+    if seq_len < 2 or stride < 1 or stride > seq_len:
+        raise ValueError("need seq_len >= 2 and 1 <= stride <= seq_len")
+    begin, prev_end = 0, 0
+    while prev_end < n_tokens:
+        end = min(begin + seq_len, n_tokens)
+        scored = end - prev_end if prev_end else end - begin - 1
+        if end - begin < 2:
+            break
+        yield begin, end, scored
+        prev_end = end
+        begin += stride
+        if end == n_tokens:
+            break
+
+
+@torch.no_grad()
+def perplexity(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    seq_len: int = 256,
+    stride: int | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+    desc: str = "perplexity",
+) -> float:
+    """exp(mean negative log-likelihood) of ``tokens`` (1-D LongTensor) under ``model``."""
+    stride = stride or seq_len
+    spans = list(windows(int(tokens.numel()), seq_len, stride))
+    total_nll, total_count = 0.0, 0
+    model.eval()
+    bar = tqdm(total=len(spans), desc=desc, disable=not progress, leave=False, unit="win")
+    for start in range(0, len(spans), batch_size):
+        group = spans[start : start + batch_size]
+        for length in sorted({e - b for b, e, _ in group}):
+            same = [s for s in group if s[1] - s[0] == length]
+            batch = torch.stack([tokens[b:e] for b, e, _ in same])
+            logits = model(input_ids=batch, use_cache=False).logits.float()
+            logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+            nll = -logprobs.gather(-1, batch[:, 1:, None]).squeeze(-1)
+            for row, (_, _, scored) in enumerate(same):
+                total_nll += float(nll[row, -scored:].sum())
+                total_count += scored
+        bar.update(len(group))
+    bar.close()
+    return math.exp(total_nll / max(total_count, 1))

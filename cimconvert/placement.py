@@ -1,0 +1,435 @@
+"""Analog/digital placement: which tensors go onto crossbar tiles and how many tiles each needs.
+
+Decision per tensor (first rule that applies):
+
+1. kinds that are not matmuls (embedding, norm, bias, conv, ssm_param, other) are always digital;
+2. a ``--digital`` pattern that matches → digital (digital wins over analog, like compressed-tensors'
+   ``ignore``);
+3. an ``--analog`` pattern that matches → analog;
+4. the profile default: matmul kinds listed in ``profile.placement.digital`` stay digital, the rest
+   (attention, mlp, expert, shared_expert, ssm projections, ...) are analog.
+
+Override patterns: ``re:REGEX`` is a regular expression; any other pattern is first compared exactly,
+then used as a regex with ``re.fullmatch``. A pattern is matched against the tensor name, its module
+path, and (for on-disk keys) the in-memory name it loads into and that name's module — so
+``model.layers.0.mlp.experts`` selects the fused tensors in memory and every per-expert key on disk.
+A pattern that matches no tensor is an error (typo protection). Forcing a digital-only tensor analog is
+an error when named exactly; a regex simply skips digital-only tensors, but is an error if it matches
+nothing else.
+
+Tiles follow aihwkit: a matrix ``[out, in]`` is split into ``ceil(in / tile_rows)`` near-equal chunks
+along the inputs and ``ceil(out / tile_cols)`` along the outputs; a fused 3-D experts tensor
+``[E, out, in]`` needs that grid once per expert.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from cimconvert.arch import ArchAdapter, Layout, get_adapter
+from cimconvert.errors import ModelInputError
+from cimconvert.profiles.schema import MATMUL_KINDS, ChipProfile, TensorKind
+from cimconvert.simulator.tiles import split_sizes
+
+if TYPE_CHECKING:
+    from torch import nn
+
+Unit = Literal["analog", "digital"]
+
+#: bytes per element of the safetensors dtype strings (and the torch dtype names)
+_ITEMSIZE = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8,
+    "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Placement of one tensor (an in-memory parameter or an on-disk safetensors key).
+
+    ``layout``: ``out_in`` (nn.Linear, fused experts ``[E, out, in]``), ``in_out`` (GPT-2 Conv1D) or
+    ``none``. ``tile_grid``: tiles along (in, out) per matrix; ``tiles``: total tiles (× E for 3-D);
+    both are 0 for digital tensors. ``memory_name``: the in-memory parameter the tensor loads into
+    (differs from ``name`` for per-expert and legacy on-disk keys). ``aliases``: other names of a tied
+    parameter. ``reason``: why the tensor got its unit.
+    """
+
+    name: str
+    kind: TensorKind
+    shape: tuple[int, ...]
+    layout: Layout
+    unit: Unit
+    module: str
+    nbytes: int
+    dtype: str
+    tiles: int = 0
+    tile_grid: tuple[int, int] = (0, 0)
+    memory_name: str = ""
+    aliases: tuple[str, ...] = ()
+    reason: str = ""
+
+    @property
+    def params(self) -> int:
+        """Number of elements."""
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+    @property
+    def matrix_shape(self) -> tuple[int, int] | None:
+        """``(out, in)`` of one matrix (per expert for 3-D tensors); None when not a matmul weight."""
+        if self.layout == "in_out":
+            return self.shape[1], self.shape[0]
+        if self.layout == "out_in":
+            return self.shape[-2], self.shape[-1]
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of every field."""
+        data = asdict(self)
+        data["shape"] = list(self.shape)
+        data["tile_grid"] = list(self.tile_grid)
+        data["aliases"] = list(self.aliases)
+        return data
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The placement of every tensor of a model, plus what shaped it (profile, tile size, overrides)."""
+
+    tensors: tuple[TensorInfo, ...]
+    profile: str
+    tile_rows: int
+    tile_cols: int
+    overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[TensorInfo]:
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def get(self, name: str) -> TensorInfo:
+        """The entry of one tensor by name or alias (KeyError when absent)."""
+        for info in self.tensors:
+            if info.name == name or name in info.aliases:
+                return info
+        raise KeyError(name)
+
+    def analog(self) -> list[TensorInfo]:
+        """The tensors placed on analog tiles."""
+        return [t for t in self.tensors if t.unit == "analog"]
+
+    def digital(self) -> list[TensorInfo]:
+        """The tensors kept on the digital unit."""
+        return [t for t in self.tensors if t.unit == "digital"]
+
+    def totals(self) -> dict[str, Any]:
+        """Counts and sizes: tensors per unit, analog tiles (crossbar arrays) needed, params, bytes."""
+        analog, digital = self.analog(), self.digital()
+        by_kind: dict[str, dict[str, int]] = {}
+        for info in self.tensors:
+            entry = by_kind.setdefault(info.kind, {"analog": 0, "digital": 0, "params": 0})
+            entry[info.unit] += 1
+            entry["params"] += info.params
+        return {
+            "tensors": len(self.tensors),
+            "analog_tensors": len(analog),
+            "digital_tensors": len(digital),
+            "analog_tiles": sum(t.tiles for t in analog),
+            "analog_params": sum(t.params for t in analog),
+            "digital_params": sum(t.params for t in digital),
+            "analog_bytes": sum(t.nbytes for t in analog),
+            "digital_bytes": sum(t.nbytes for t in digital),
+            "tile_rows": self.tile_rows,
+            "tile_cols": self.tile_cols,
+            "by_kind": dict(sorted(by_kind.items())),
+        }
+
+    def table(self) -> list[dict[str, Any]]:
+        """Rows for a dry-run printout: tensor, unit, kind, shape, tiles, bytes."""
+        return [
+            {
+                "tensor": t.name,
+                "unit": t.unit,
+                "kind": t.kind,
+                "shape": list(t.shape),
+                "tiles": t.tiles,
+                "bytes": t.nbytes,
+            }
+            for t in self.tensors
+        ]
+
+    def format_table(self) -> str:
+        """The table as aligned text, followed by a totals line."""
+        header = ("tensor", "unit", "kind", "shape", "tiles", "bytes")
+        rows = [
+            (
+                r["tensor"],
+                r["unit"],
+                r["kind"],
+                "x".join(map(str, r["shape"])),
+                str(r["tiles"]),
+                _human_bytes(r["bytes"]),
+            )
+            for r in self.table()
+        ]
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+        lines = [
+            "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in [header, *rows]
+        ]
+        tot = self.totals()
+        lines.append(
+            f"analog: {tot['analog_tensors']} tensors, {tot['analog_params']:,} params, "
+            f"{tot['analog_tiles']} tiles of {self.tile_rows}x{self.tile_cols}; "
+            f"digital: {tot['digital_tensors']} tensors, {_human_bytes(tot['digital_bytes'])}"
+        )
+        return "\n".join(lines)
+
+    def to_json(self) -> list[dict[str, Any]]:
+        """JSON-ready list of every tensor's placement."""
+        return [t.to_dict() for t in self.tensors]
+
+
+# ------------------------------------------------------------------ overrides
+@dataclass
+class _Pattern:
+    """One ``--analog``/``--digital`` pattern and what it matched."""
+
+    text: str
+    unit: Unit
+    exact: str | None
+    regex: re.Pattern[str] | None
+    hits: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, text: str, unit: Unit) -> _Pattern:
+        """Compile ``re:REGEX`` or a plain pattern (exact name, else regex)."""
+        source = text[3:] if text.startswith("re:") else text
+        try:
+            regex = re.compile(source)
+        except re.error as exc:
+            if text.startswith("re:"):
+                raise ModelInputError(f"--{unit} '{text}': invalid regular expression ({exc})") from None
+            regex = None
+        return cls(text, unit, None if text.startswith("re:") else text, regex)
+
+    def match(self, candidates: tuple[str, ...]) -> Literal["exact", "regex", None]:
+        """How the pattern matches any of a tensor's candidate names."""
+        if self.exact is not None and self.exact in candidates:
+            return "exact"
+        if self.regex is not None and any(self.regex.fullmatch(c) for c in candidates):
+            return "regex"
+        return None
+
+
+def _parse_patterns(analog: Iterable[str], digital: Iterable[str]) -> tuple[list[_Pattern], list[_Pattern]]:
+    return [_Pattern.parse(p, "analog") for p in analog], [_Pattern.parse(p, "digital") for p in digital]
+
+
+def _check_patterns(patterns: Iterable[_Pattern]) -> None:
+    """Every pattern must have placed at least one tensor."""
+    for pattern in patterns:
+        if pattern.hits:
+            continue
+        if pattern.skipped:
+            raise ModelInputError(
+                f"--analog '{pattern.text}' matches only digital-only tensors (e.g. {pattern.skipped[0]})"
+            )
+        raise ModelInputError(f"--{pattern.unit} '{pattern.text}' matches no tensor of the model")
+
+
+def _candidates(name: str, memory_name: str, aliases: tuple[str, ...]) -> tuple[str, ...]:
+    names = dict.fromkeys((name, memory_name, *aliases))
+    modules = [n.rpartition(".")[0] for n in names]
+    return tuple(dict.fromkeys([*names, *(m for m in modules if m)]))
+
+
+def _decide(
+    name: str,
+    kind: TensorKind,
+    candidates: tuple[str, ...],
+    profile: ChipProfile,
+    analog: list[_Pattern],
+    digital: list[_Pattern],
+) -> tuple[Unit, str]:
+    """Unit and reason for one tensor (see the module docstring for the order of the rules)."""
+    is_matmul = kind in MATMUL_KINDS
+    digital_hits = [p for p in digital if p.match(candidates)]
+    analog_hits = [(p, how) for p in analog if (how := p.match(candidates)) is not None]
+    for pattern in digital_hits:
+        pattern.hits += 1
+    for pattern, how in analog_hits:
+        if is_matmul:
+            pattern.hits += 1
+        elif how == "exact" and not digital_hits:
+            raise ModelInputError(f"--analog '{pattern.text}': {name} (kind {kind}) cannot be analog")
+        else:
+            pattern.skipped.append(name)
+    if digital_hits:
+        return "digital", f"--digital {digital_hits[0].text}"
+    if is_matmul and analog_hits:
+        return "analog", f"--analog {analog_hits[0][0].text}"
+    if not is_matmul:
+        return "digital", "digital-only kind"
+    if kind in profile.placement.digital:
+        return "digital", f"profile keeps {kind} digital"
+    return "analog", "profile default"
+
+
+# ------------------------------------------------------------------- tiles
+def _grid(shape: tuple[int, ...], layout: Layout, profile: ChipProfile) -> tuple[tuple[int, int], int]:
+    """Tile grid (n_in, n_out) per matrix and total tiles (× E for a 3-D tensor)."""
+    if layout == "in_out":
+        n_in, n_out, matrices = shape[0], shape[1], 1
+    else:
+        n_out, n_in = shape[-2], shape[-1]
+        matrices = shape[0] if len(shape) == 3 else 1
+    grid = (
+        len(split_sizes(n_in, profile.mapping.tile_rows)),
+        len(split_sizes(n_out, profile.mapping.tile_cols)),
+    )
+    return grid, matrices * grid[0] * grid[1]
+
+
+def _itemsize(dtype: str) -> int:
+    key = dtype.removeprefix("torch.")
+    if key not in _ITEMSIZE:
+        raise ModelInputError(f"unsupported tensor dtype '{dtype}'")
+    return _ITEMSIZE[key]
+
+
+# ------------------------------------------------------------------ planning
+@dataclass(frozen=True)
+class _Entry:
+    """A tensor to place: name, shape, dtype, bytes, the in-memory name it loads into, tied aliases."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    nbytes: int
+    memory_name: str
+    aliases: tuple[str, ...] = ()
+    tied: bool = False
+
+
+def _plan(
+    entries: Iterable[_Entry],
+    adapter: ArchAdapter,
+    profile: ChipProfile,
+    analog: Sequence[str],
+    digital: Sequence[str],
+) -> Placement:
+    analog_p, digital_p = _parse_patterns(analog, digital)
+    infos = [_place(entry, adapter, profile, analog_p, digital_p) for entry in entries]
+    _check_patterns([*digital_p, *analog_p])
+    return Placement(
+        tensors=tuple(infos),
+        profile=profile.name,
+        tile_rows=profile.mapping.tile_rows,
+        tile_cols=profile.mapping.tile_cols,
+        overrides={"analog": tuple(analog), "digital": tuple(digital)},
+    )
+
+
+def _place(
+    entry: _Entry, adapter: ArchAdapter, profile: ChipProfile, analog: list[_Pattern], digital: list[_Pattern]
+) -> TensorInfo:
+    kind, layout = adapter.classify(entry.name, entry.shape)
+    candidates = _candidates(entry.name, entry.memory_name, entry.aliases)
+    unit, reason = _decide(entry.name, kind, candidates, profile, analog, digital)
+    if entry.tied and unit == "analog":
+        unit, reason = "digital", "tied to the embedding"
+    grid, tiles = _grid(entry.shape, layout, profile) if unit == "analog" else ((0, 0), 0)
+    return TensorInfo(
+        name=entry.name,
+        kind=kind,
+        shape=entry.shape,
+        layout=layout,
+        unit=unit,
+        module=entry.name.rpartition(".")[0],
+        nbytes=entry.nbytes,
+        dtype=entry.dtype,
+        tiles=tiles,
+        tile_grid=grid,
+        memory_name=entry.memory_name,
+        aliases=entry.aliases,
+        reason=reason,
+    )
+
+
+def plan_model(
+    model: nn.Module, profile: ChipProfile, analog: Sequence[str] = (), digital: Sequence[str] = ()
+) -> Placement:
+    """Place every parameter of an in-memory model (``model.config.model_type`` picks the adapter).
+
+    A parameter shared by several names (lm_head tied to the embedding) appears once, under its
+    non-lm_head name, with the other names in ``aliases``: it is the embedding and stays digital.
+    """
+    adapter = get_adapter(model.config)
+    names: dict[int, list[str]] = {}
+    params: dict[int, Any] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+        params[id(param)] = param
+    entries = []
+    for key, group in names.items():
+        main = next((n for n in group if adapter.classify(n)[0] != "lm_head"), group[0])
+        param = params[key]
+        dtype = str(param.dtype).removeprefix("torch.")
+        entries.append(
+            _Entry(
+                main,
+                tuple(param.shape),
+                dtype,
+                param.numel() * param.element_size(),
+                main,
+                tuple(n for n in group if n != main),
+            )
+        )
+    return _plan(entries, adapter, profile, analog, digital)
+
+
+def plan_tensors(
+    shapes: Mapping[str, Any],
+    adapter: ArchAdapter,
+    profile: ChipProfile,
+    analog: Sequence[str] = (),
+    digital: Sequence[str] = (),
+    *,
+    dtype: str = "F32",
+    tied_lm_head: bool = False,
+) -> Placement:
+    """Place on-disk tensors without materialising the model (the streaming converter's view).
+
+    ``shapes`` maps safetensors keys to a shape tuple or to an object with ``.shape`` (and optionally
+    ``.dtype``, ``.nbytes``, e.g. a header entry); ``dtype`` is assumed where none is given.
+    ``tied_lm_head``: the config ties lm_head to the embedding, so an ``lm_head`` key stays digital.
+    """
+    entries = []
+    for name, value in shapes.items():
+        shape = tuple(int(d) for d in getattr(value, "shape", value))
+        value_dtype = str(getattr(value, "dtype", None) or dtype)
+        params = 1
+        for dim in shape:
+            params *= dim
+        nbytes = getattr(value, "nbytes", None)
+        nbytes = int(nbytes) if nbytes is not None else params * _itemsize(value_dtype)
+        is_tied = tied_lm_head and adapter.classify(name, shape)[0] == "lm_head"
+        entries.append(_Entry(name, shape, value_dtype, nbytes, adapter.memory_name(name), tied=is_tied))
+    return _plan(entries, adapter, profile, analog, digital)
+
+
+def _human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
