@@ -60,6 +60,17 @@ def _format_convert(res: dict) -> str:
     )
 
 
+def method_options(func: Callable) -> Callable:
+    """Add every registered method's options (declared as data in the method) to a command."""
+    from cimconvert.methods import all_options
+
+    for opt in reversed(all_options()):
+        kind = click.Choice(opt.choices) if opt.choices else opt.type
+        func = click.option(opt.flag, opt.name, type=kind, default=opt.default, multiple=opt.multiple,
+                            show_default=not opt.multiple, help=opt.help)(func)
+    return func
+
+
 @cli.command("convert", context_settings=CONTEXT)
 @click.argument("model")
 @click.option("--profile", "-p", required=True, help="chip profile: shipped name (see `profiles`) or YAML path")
@@ -68,8 +79,7 @@ def _format_convert(res: dict) -> str:
     "--method",
     default="auto",
     show_default=True,
-    type=click.Choice(["auto", "none"]),
-    help="robustness method (auto picks per architecture)",
+    help="robustness method: auto (ROMER for MoE, HPD for SSMs), none, or a method name",
 )
 @click.option("--analog", multiple=True, help="force tensors analog: exact name or regex (repeatable)")
 @click.option("--digital", multiple=True, help="keep tensors digital: exact name or regex (repeatable)")
@@ -78,15 +88,17 @@ def _format_convert(res: dict) -> str:
 @click.option("--seed", default=0, show_default=True, help="seed for every random draw (recorded)")
 @click.option("--trust-remote-code", is_flag=True, help="allow the checkpoint's own Python code (off by default)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable summary on stdout")
+@method_options
 def convert_cmd(model: str, profile: str, out: Path | None, method: str, analog: tuple[str, ...],
                 digital: tuple[str, ...], dry_run: bool, force: bool, seed: int, trust_remote_code: bool,
-                as_json: bool) -> None:
+                as_json: bool, **method_opts: Any) -> None:
     """Convert MODEL (local HF folder or cached hub id) into a bundle for the chip PROFILE."""
     from cimconvert import api
 
     res = api.convert(
         model, profile, out=out, method=method, analog=analog, digital=digital, dry_run=dry_run,
         force=force, seed=seed, trust_remote_code=trust_remote_code, progress=not as_json,
+        method_options=method_opts,
     )
     emit(res, as_json, _format_convert)
 

@@ -1,0 +1,27 @@
+"""Robustness methods. Each lives in its own subpackage with one entry point and registers itself here."""
+
+from cimconvert.methods.base import (
+    AUTO,
+    METHODS,
+    Method,
+    MethodOption,
+    MethodResult,
+    all_options,
+    available_methods,
+    option_values,
+    register_method,
+    resolve_method,
+)
+
+__all__ = [
+    "AUTO",
+    "METHODS",
+    "Method",
+    "MethodOption",
+    "MethodResult",
+    "all_options",
+    "available_methods",
+    "option_values",
+    "register_method",
+    "resolve_method",
+]
