@@ -53,11 +53,50 @@ def _set_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-def _resolve_method(method: str, family: str) -> str:
-    """Resolve ``auto``. No robustness method is implemented yet, so auto means plain placement."""
-    if method in ("auto", "none"):
-        return "none"
-    raise CimError(f"unknown method '{method}' (available: auto, none)")
+def _plan(source: Any, adapter: Any, chip: ChipProfile, analog: Sequence[str], digital: Sequence[str]):
+    from cimconvert.placement import plan_tensors
+
+    return plan_tensors(source.tensor_shapes(), adapter, chip, analog=analog, digital=digital,
+                        tied_lm_head=adapter.tied_embeddings(source.config))
+
+
+def _dry_run_result(model: str, chip: ChipProfile, method: str, placement: Any) -> dict[str, Any]:
+    return {
+        "dry_run": True,
+        "model": model,
+        "profile": chip.name,
+        "profile_hash": chip.content_hash(),
+        "method": method,
+        "totals": placement.totals(),
+        "tensors": placement.to_json(),
+        "table": placement.format_table(),
+    }
+
+
+def _apply_method(
+    name: str, source: Any, adapter: Any, chip: ChipProfile, options: dict[str, Any], progress: bool
+) -> tuple[torch.nn.Module, Any]:
+    """Load the model, run the method on it in place; returns (model, MethodResult)."""
+    from cimconvert.methods import METHODS
+
+    net = source.load_model(dtype=torch.float32)
+    result = METHODS[name].apply(net, adapter, chip, options, progress=progress)
+    return net, result
+
+
+def _save_transformed(net: torch.nn.Module, source: Any, folder: Path) -> Any:
+    """Save a transformed model as a checkpoint (plus the source's tokenizer files) and resolve it."""
+    import shutil
+
+    from cimconvert.checkpoint import resolve_model
+
+    net.save_pretrained(folder, safe_serialization=True)
+    for name in source.aux_files:
+        target = folder / name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source.dir / name, target)
+    return resolve_model(str(folder), check_shapes=False)
 
 
 def convert(
@@ -72,41 +111,47 @@ def convert(
     seed: int = 0,
     trust_remote_code: bool = False,
     progress: bool = True,
+    method_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Convert a checkpoint into a bundle for ``profile`` (or only plan it with ``dry_run``)."""
+    """Convert a checkpoint into a bundle for ``profile`` (or only plan it with ``dry_run``).
+
+    With a robustness method (``auto`` picks ROMER for MoE and HPD for SSM models) the model is loaded,
+    transformed in place, saved to a temporary checkpoint beside OUT and bundled from there; the manifest
+    names the original checkpoint as its source and records the method's transforms and seeds.
+    """
+    import tempfile
+
     from cimconvert.arch import get_adapter
     from cimconvert.bundle.writer import write_bundle
     from cimconvert.checkpoint import resolve_model
-    from cimconvert.placement import plan_tensors
+    from cimconvert.methods import option_values, resolve_method
 
     chip = load_profile(profile)
     source = resolve_model(model, trust_remote_code=trust_remote_code)
     adapter = get_adapter(source.model_type)
-    shapes = {name: info.shape for name, info in source.tensor_shapes().items()}
-    placement = plan_tensors(shapes, adapter, chip, analog=analog, digital=digital)
-    resolved = _resolve_method(method, adapter.family)
-    if dry_run:
-        return {
-            "dry_run": True,
-            "model": model,
-            "profile": chip.name,
-            "method": resolved,
-            "totals": placement.totals(),
-            "tensors": placement.to_json(),
-            "table": placement.format_table(),
-        }
+    resolved = resolve_method(method, adapter.family)
+    placement = _plan(source, adapter, chip, analog, digital)
+    if dry_run:  # plan only: the method (and any tensors it adds) runs at conversion time
+        return _dry_run_result(model, chip, resolved, placement)
     out_dir = Path(out) if out is not None else default_out_dir(model, chip)
-    summary = write_bundle(
-        source,
-        out_dir,
-        chip,
-        placement,
-        transforms=[],
-        seeds={"global": seed},
-        extra={"method": resolved, "overrides": {"analog": list(analog), "digital": list(digital)}},
-        force=force,
-        progress=progress,
-    )
+    options = {**option_values(resolved, dict(method_options or {})), "seed": seed}
+    extra: dict[str, Any] = {"method": resolved, "method_options": options,
+                             "overrides": {"analog": list(analog), "digital": list(digital)}}
+    if resolved == "none":
+        summary = write_bundle(source, out_dir, chip, placement, seeds={"global": seed}, extra=extra,
+                               force=force, progress=progress)
+        report: dict[str, Any] = {}
+    else:
+        net, result = _apply_method(resolved, source, adapter, chip, options, progress)
+        report = result.report
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.src-", dir=out_dir.parent) as tmp:
+            transformed = _save_transformed(net, source, Path(tmp))
+            placement = _plan(transformed, adapter, chip, analog, digital)
+            extra["method_report"] = report
+            summary = write_bundle(transformed, out_dir, chip, placement, transforms=result.transforms,
+                                   seeds={"global": seed, **result.seeds}, extra=extra, force=force,
+                                   progress=progress, origin=source)
     return {
         "dry_run": False,
         "model": model,
@@ -115,8 +160,10 @@ def convert(
         "profile_hash": chip.content_hash(),
         "method": resolved,
         "seed": seed,
-        "totals": placement.totals(),
-        "files": summary.files if hasattr(summary, "files") else [],
+        "totals": summary.totals,
+        "placement_totals": placement.totals(),
+        "method_report": report,
+        "files": summary.files,
     }
 
 
@@ -139,8 +186,10 @@ def inspect(out: str | Path) -> dict[str, Any]:
     return inspect_bundle(Path(out))
 
 
-def load_for_eval(model: str, profile: str | None, trust_remote_code: bool = False):
-    """(model, tokenizer, analog targets, profile, label) for a source checkpoint or a bundle."""
+def load_for_eval(
+    model: str, profile: str | None, trust_remote_code: bool = False
+) -> tuple[torch.nn.Module, Any, list[Any], ChipProfile]:
+    """(model, tokenizer, analog targets, profile) for a source checkpoint or a bundle."""
     from transformers import AutoTokenizer
 
     from cimconvert.placement import plan_model

@@ -55,7 +55,8 @@ def _format_convert(res: dict) -> str:
     return (
         f"wrote {res['out']}\n"
         f"  profile {res['profile']}  method {res['method']}\n"
-        f"  analog: {totals['analog_tensors']} tensors, {totals['analog_arrays']} arrays; "
+        f"  analog: {totals['analog_tensors']} tensors, {totals['analog_tiles']} crossbar arrays, "
+        f"{totals['analog_bytes'] / 1e6:.2f} MB; "
         f"digital: {totals['digital_tensors']} tensors, {totals['digital_bytes'] / 1e6:.2f} MB"
     )
 
@@ -146,9 +147,20 @@ def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: st
 
 # ----------------------------------------------------------------------------------------- inspect
 def _format_inspect(res: dict) -> str:
-    status = "OK" if res["verified"] else "ALTERED: " + "; ".join(res["problems"])
-    lines = [f"bundle {res['path']}: {status}"]
-    lines += [f"  {k}: {v}" for k, v in res.items() if k not in ("path", "verified", "problems")]
+    status = "checksums OK" if res["verified"] else "ALTERED: " + "; ".join(res["problems"])
+    lines = [
+        f"bundle {res['bundle']}: {status}",
+        f"  source     {res['model']} ({res['model_type']})",
+        f"  profile    {res['profile']} {res['profile_hash'][:19]}",
+        f"  producer   {res['producer']}, created {res['created']}",
+    ]
+    for unit, info in res["units"].items():
+        lines.append(
+            f"  {unit:<8}   {info['tensors']} tensors, {info['bytes'] / 1e6:.2f} MB, {info['tiles']} arrays, "
+            f"kinds: {', '.join(info['kinds'])}"
+        )
+    transforms = ", ".join(t.get("type", "?") for t in res["transforms"]) or "none"
+    lines.append(f"  transforms {transforms}")
     return "\n".join(lines)
 
 

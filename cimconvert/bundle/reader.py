@@ -1,0 +1,135 @@
+"""Read a bundle back: manifest, checksum verification, summary, and loading as a torch model.
+
+Later transforms (ROMER router calibration, HPD split, ...) record an entry in ``manifest.transforms``;
+their loaders register in :data:`TRANSFORM_LOADERS` under the entry's ``type`` and are called in manifest
+order on the loaded model. A bundle naming a transform type that has no loader is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from cimconvert.bundle.manifest import MANIFEST_NAME, Manifest, TransformEntry
+from cimconvert.checkpoint import load_hf_model, sha256_file
+from cimconvert.errors import BundleError
+
+#: transform type → fn(model, transform_entry, bundle_dir) that re-applies it on load (in place).
+TRANSFORM_LOADERS: dict[str, Callable[[torch.nn.Module, TransformEntry, Path], None]] = {}
+
+
+def read_manifest(out: str | Path) -> Manifest:
+    """Parse and validate ``OUT/manifest.json``; BundleError when absent or invalid."""
+    path = Path(out) / MANIFEST_NAME
+    if not Path(out).is_dir():
+        raise BundleError(f"bundle folder not found: {out}")
+    if not path.is_file():
+        raise BundleError(f"{out} is not a cimconvert bundle (no {MANIFEST_NAME})")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return Manifest.model_validate(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise BundleError(f"{path} is not valid JSON") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise BundleError(f"{path}: field '{field}': {err['msg']}") from None
+
+
+def verify_bundle(out: str | Path, manifest: Manifest | None = None) -> list[str]:
+    """Check every file against the manifest (presence, size, sha256) and look for extra files.
+
+    Returns a list of one-line problems (empty: the bundle is intact).
+    """
+    folder = Path(out)
+    manifest = manifest or read_manifest(folder)
+    problems: list[str] = []
+    listed = set()
+    for entry in manifest.files:
+        listed.add(entry.name)
+        path = folder / entry.name
+        if not path.is_file():
+            problems.append(f"{entry.name}: missing")
+        elif path.stat().st_size != entry.bytes:
+            problems.append(f"{entry.name}: size {path.stat().st_size} != {entry.bytes} in the manifest")
+        elif sha256_file(path) != entry.sha256:
+            problems.append(f"{entry.name}: sha256 does not match the manifest (file altered)")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if name != MANIFEST_NAME and name not in listed:
+            problems.append(f"{name}: not listed in the manifest")
+    return problems
+
+
+def _raise_problems(out: Path, problems: list[str]) -> None:
+    if problems:
+        more = f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise BundleError(f"bundle {out} failed verification: {problems[0]}{more}")
+
+
+def apply_transforms(model: torch.nn.Module, manifest: Manifest, out: Path) -> torch.nn.Module:
+    """Re-apply the manifest's transforms through :data:`TRANSFORM_LOADERS`, in order."""
+    for entry in manifest.transforms:
+        loader = TRANSFORM_LOADERS.get(entry.type)
+        if loader is None:
+            known = ", ".join(sorted(TRANSFORM_LOADERS)) or "none"
+            raise BundleError(f"bundle uses transform '{entry.type}' that cannot be applied (known: {known})")
+        loader(model, entry, out)
+    return model
+
+
+def load_bundle(out: str | Path, dtype: torch.dtype = torch.float32, verify: bool = True) -> torch.nn.Module:
+    """Load a bundle as a Hugging Face model in eval mode (transforms re-applied).
+
+    With ``verify`` every file's sha256 is checked first and a mismatch raises BundleError.
+    """
+    folder = Path(out)
+    manifest = read_manifest(folder)
+    if verify:
+        _raise_problems(folder, verify_bundle(folder, manifest))
+    model = load_hf_model(folder, manifest.source.model_type, dtype)
+    return apply_transforms(model, manifest, folder)
+
+
+def _unit_summary(manifest: Manifest, unit: str) -> dict[str, Any]:
+    entries = [t for t in manifest.tensors if t.unit == unit]
+    return {
+        "tensors": len(entries),
+        "bytes": sum(t.nbytes for t in entries),
+        "tiles": sum(t.tiles for t in entries),
+        "shards": sorted({t.shard for t in entries}),
+        "kinds": sorted({t.kind for t in entries}),
+    }
+
+
+def inspect_bundle(out: str | Path, verify: bool = True) -> dict[str, Any]:
+    """Summary of a bundle (model, profile, per-unit counts/bytes, transforms) and its verification.
+
+    ``verified`` is True when every checksum matches (None when ``verify`` is False); ``problems``
+    lists what failed. Raises BundleError only when the manifest itself is unreadable.
+    """
+    folder = Path(out)
+    manifest = read_manifest(folder)
+    problems = verify_bundle(folder, manifest) if verify else []
+    return {
+        "bundle": str(folder),
+        "model": manifest.source.model,
+        "model_type": manifest.source.model_type,
+        "revision": manifest.source.revision,
+        "profile": manifest.profile.name,
+        "profile_hash": manifest.profile.content_hash,
+        "producer": f"{manifest.producer.name} {manifest.producer.version}",
+        "created": manifest.created,
+        "units": {unit: _unit_summary(manifest, unit) for unit in ("analog", "digital")},
+        "totals": manifest.totals.model_dump(exclude={"placement"}),
+        "transforms": [t.model_dump() for t in manifest.transforms],
+        "seeds": dict(manifest.seeds),
+        "files": len(manifest.files),
+        "verified": (not problems) if verify else None,
+        "problems": problems,
+    }

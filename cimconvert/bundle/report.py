@@ -1,0 +1,68 @@
+"""REPORT.md: a human-readable summary of a bundle, rendered from its manifest."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from cimconvert.bundle.manifest import Manifest
+
+
+def _size(nbytes: int) -> str:
+    value = float(nbytes)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+def _kind_rows(manifest: Manifest) -> list[str]:
+    rows: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for entry in manifest.tensors:
+        row = rows[(entry.kind, entry.unit)]
+        row[0] += 1
+        row[1] += entry.tiles
+        row[2] += entry.nbytes
+    lines = ["| kind | unit | tensors | tiles | bytes |", "|---|---|---:|---:|---:|"]
+    for (kind, unit), (count, tiles, nbytes) in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        lines.append(f"| {kind} | {unit} | {count} | {tiles} | {_size(nbytes)} |")
+    return lines
+
+
+def render_report(manifest: Manifest) -> str:
+    """Markdown report: source, profile, totals, a table per tensor kind, transforms, seeds."""
+    t = manifest.totals
+    p = manifest.profile.profile
+    mapping = p.get("mapping", {})
+    lines = [
+        f"# cimconvert bundle: {manifest.source.model} → {manifest.profile.name}",
+        "",
+        f"- created: {manifest.created} by {manifest.producer.name} {manifest.producer.version}",
+        f"- source: `{manifest.source.model}` (model_type `{manifest.source.model_type}`"
+        + (f", revision `{manifest.source.revision}`)" if manifest.source.revision else ")"),
+        f"- profile: `{manifest.profile.name}` ({manifest.profile.content_hash})",
+        f"- tiles: {mapping.get('tile_rows')}×{mapping.get('tile_cols')}, scale granularity "
+        f"{mapping.get('scale')}, g_max {mapping.get('g_max')} µS",
+        "",
+        "## Totals",
+        "",
+        f"- tensors: {t.tensors} ({t.analog_tensors} analog, {t.digital_tensors} digital)",
+        f"- analog: {_size(t.analog_bytes)} in {t.analog_tiles} crossbar tiles, {t.analog_shards} shard(s)",
+        f"- digital: {_size(t.digital_bytes)} in {t.digital_shards} shard(s)",
+        "",
+        "## Tensors by kind",
+        "",
+        *_kind_rows(manifest),
+        "",
+        "## Transforms",
+        "",
+    ]
+    if manifest.transforms:
+        for x in manifest.transforms:
+            lines.append(f"- `{x.id}`: {x.type} on {len(x.targets)} target(s), params {x.params}")
+    else:
+        lines.append("none (plain conversion)")
+    if manifest.seeds:
+        lines += ["", "## Seeds", "", *[f"- {k}: {v}" for k, v in sorted(manifest.seeds.items())]]
+    lines += ["", "Checksums of every file are in `manifest.json`; verify with `cimconvert inspect`.", ""]
+    return "\n".join(lines)
