@@ -74,7 +74,7 @@ def method_options(func: Callable) -> Callable:
 
 @cli.command("convert", context_settings=CONTEXT)
 @click.argument("model")
-@click.option("--profile", "-p", required=True, help="chip profile: shipped name (see `profiles`) or YAML path")
+@click.option("--profile", "-p", required=True, help="chip profile: shipped name (`profiles`) or YAML path")
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="output folder [./<model>-<profile>/]")
 @click.option(
     "--method",
@@ -87,7 +87,7 @@ def method_options(func: Callable) -> Callable:
 @click.option("--dry-run", is_flag=True, help="print the placement table and totals; write nothing")
 @click.option("--force", is_flag=True, help="replace a non-empty OUT")
 @click.option("--seed", default=0, show_default=True, help="seed for every random draw (recorded)")
-@click.option("--trust-remote-code", is_flag=True, help="allow the checkpoint's own Python code (off by default)")
+@click.option("--trust-remote-code", is_flag=True, help="allow the checkpoint's own Python code (off)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable summary on stdout")
 @method_options
 def convert_cmd(model: str, profile: str, out: Path | None, method: str, analog: tuple[str, ...],
@@ -122,7 +122,7 @@ def _format_eval(res: dict) -> str:
 @click.argument("model")
 @click.option("--profile", "-p", default=None, help="chip profile [a bundle's own profile, else required]")
 @click.option("--seeds", default=5, show_default=True, type=click.IntRange(1), help="number of noise draws")
-@click.option("--seed", default=1000, show_default=True, help="first noise seed (draws use seed, seed+1, ...)")
+@click.option("--seed", default=1000, show_default=True, help="first noise seed (draws: seed, seed+1, ...)")
 @click.option("--dataset", default="heldout", show_default=True, help="dataset name or text file")
 @click.option("--max-tokens", default=16384, show_default=True, type=click.IntRange(16), help="token budget")
 @click.option("--seq-len", default=256, show_default=True, type=click.IntRange(2))

@@ -251,10 +251,10 @@ class ChipProfile(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> ChipProfile:
         coeffs = self.programming.coeffs_by_time
-        if self.programming.kind == "poly" and coeffs is not None:
-            if not any(math.isclose(t, self.t_inference) for t in coeffs):
-                times = ", ".join(f"{t:g}" for t in sorted(coeffs))
-                raise ValueError(f"t_inference {self.t_inference:g} s is not tabulated (use one of {times})")
+        tabulated = self.programming.kind == "poly" and coeffs is not None
+        if tabulated and not any(math.isclose(t, self.t_inference) for t in coeffs):
+            times = ", ".join(f"{t:g}" for t in sorted(coeffs))
+            raise ValueError(f"t_inference {self.t_inference:g} s is not tabulated (use one of {times})")
         return self
 
     @property
