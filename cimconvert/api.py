@@ -99,6 +99,17 @@ def _save_transformed(net: torch.nn.Module, source: Any, folder: Path) -> Any:
     return resolve_model(str(folder), check_shapes=False)
 
 
+def _onnx_exporter(net_factory: Any, progress: bool) -> Any:
+    """A ``write_bundle`` finalize hook that exports ``onnx/model.onnx`` from ``net_factory()``."""
+
+    def export(folder: Path, manifest: Any) -> dict[str, Any]:
+        from cimconvert.onnx.export import export_bundle_onnx
+
+        return {"onnx": export_bundle_onnx(folder, net_factory(), manifest, progress)["onnx"]}
+
+    return export
+
+
 def convert(
     model: str,
     profile: str | ChipProfile,
@@ -112,12 +123,14 @@ def convert(
     trust_remote_code: bool = False,
     progress: bool = True,
     method_options: dict[str, Any] | None = None,
+    onnx: bool = True,
 ) -> dict[str, Any]:
     """Convert a checkpoint into a bundle for ``profile`` (or only plan it with ``dry_run``).
 
     With a robustness method (``auto`` picks ROMER for MoE and HPD for SSM models) the model is loaded,
     transformed in place, saved to a temporary checkpoint beside OUT and bundled from there; the manifest
     names the original checkpoint as its source and records the method's transforms and seeds.
+    ``onnx`` also writes ``onnx/model.onnx`` (analog matmuls as ``ai.cimconvert.AnalogMatMul`` nodes).
     """
     import tempfile
 
@@ -138,8 +151,9 @@ def convert(
     extra: dict[str, Any] = {"method": resolved, "method_options": options,
                              "overrides": {"analog": list(analog), "digital": list(digital)}}
     if resolved == "none":
+        hook = _onnx_exporter(lambda: source.load_model(dtype=torch.float32), progress) if onnx else None
         summary = write_bundle(source, out_dir, chip, placement, seeds={"global": seed}, extra=extra,
-                               force=force, progress=progress)
+                               force=force, progress=progress, finalize=hook)
         report: dict[str, Any] = {}
     else:
         net, result = _apply_method(resolved, source, adapter, chip, options, progress)
@@ -149,9 +163,10 @@ def convert(
             transformed = _save_transformed(net, source, Path(tmp))
             placement = _plan(transformed, adapter, chip, analog, digital)
             extra["method_report"] = report
+            hook = _onnx_exporter(lambda: net, progress) if onnx else None
             summary = write_bundle(transformed, out_dir, chip, placement, transforms=result.transforms,
                                    seeds={"global": seed, **result.seeds}, extra=extra, force=force,
-                                   progress=progress, origin=source)
+                                   progress=progress, origin=source, finalize=hook)
     return {
         "dry_run": False,
         "model": model,

@@ -478,6 +478,7 @@ def write_bundle(
     progress: bool = True,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     origin: SourceCheckpoint | None = None,
+    finalize: Callable[[Path, Manifest], dict[str, Any]] | None = None,
 ) -> BundleSummary:
     """Write the bundle for ``source`` placed by ``placement`` into ``out`` (atomically).
 
@@ -488,6 +489,9 @@ def write_bundle(
     generation config and tokenizer files. Refuses a non-empty ``out`` unless ``force`` (the old folder
     is replaced only once the new bundle is complete). ``origin`` is the checkpoint the manifest names as
     the source when ``source`` is a transformed temporary copy of it (methods such as ROMER/HPD).
+    ``finalize(tmp_folder, manifest)`` runs before the manifest is written (e.g. the ONNX export): files it
+    adds to the folder are hashed into ``manifest.files`` and the dict it returns is merged into
+    ``manifest.extra``, so the bundle appears complete or not at all.
     Raises BundleError / ModelInputError (one line).
     """
     started = time.perf_counter()
@@ -503,7 +507,7 @@ def write_bundle(
         written = _stream(source, tmp, where, infos, profile, update)
         close_bar()
         manifest = _assemble(source, tmp, profile, placement, metas, infos, shards, where, written,
-                             transform_entries, seeds or {}, extra or {}, origin or source)
+                             transform_entries, seeds or {}, extra or {}, origin or source, finalize)
         _finalize(tmp, out)
     except CimError:
         _cleanup(tmp, created)
@@ -539,6 +543,7 @@ def _assemble(
     seeds: dict[str, int | list[int]],
     extra: dict[str, Any],
     origin: SourceCheckpoint,
+    finalize: Callable[[Path, Manifest], dict[str, Any]] | None = None,
 ) -> Manifest:
     """Write index, scales, copied files, REPORT.md and manifest.json into ``folder``."""
     from cimconvert.bundle.report import render_report
@@ -570,6 +575,8 @@ def _assemble(
         files=[],
         totals=totals,
     )
+    if finalize is not None:
+        manifest.extra = {**manifest.extra, **finalize(folder, manifest)}
     (folder / REPORT_NAME).write_text(render_report(manifest), encoding="utf-8")
     manifest.files = _file_entries(folder, written.files)
     (folder / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,383 @@
+"""The ``ai.cimconvert.AnalogMatMul`` op: torch-side marker, ONNX local function bodies, graph helpers.
+
+During export every analog matmul goes through :func:`analog_linear`, an autograd function whose
+``symbolic`` emits one ``ai.cimconvert::AnalogMatMul(X, W, S)`` node (legacy TorchScript exporter), so
+the weight initializer keeps its in-memory name and the node carries its placement as attributes
+(:class:`AnalogSpec`). After export :func:`attach_function` adds a model-local ``FunctionProto`` for the
+op, so a stock onnxruntime inlines it and runs the ideal digital model. :func:`mvm_function` builds the
+alternative body in standard ops (noise management, DAC, per-MVM noise, ADC, digital tile sums) that
+the runtime swaps in for per-MVM simulation. The op is specified in docs/ANALOG_OP.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx
+import torch
+from onnx import FunctionProto, ModelProto, helper
+
+from cimconvert.profiles.schema import ChipProfile
+from cimconvert.simulator.mvm import step_size
+from cimconvert.simulator.tiles import split_sizes
+
+DOMAIN = "ai.cimconvert"
+OP_TYPE = "AnalogMatMul"
+OP_VERSION = 1
+#: Suffix of the initializer holding a tensor's digital output scales (``[..., out, n_in_tiles]``).
+SCALES_SUFFIX = "::cim_scales"
+#: Every attribute an AnalogMatMul node carries (declared on the function, documented in ANALOG_OP.md).
+ATTRIBUTES = (
+    "tensor", "kind", "layout", "expert", "w_perm", "w_shape3", "s_shape3", "in_features",
+    "out_features", "tile_in_sizes", "tile_out_sizes", "tile_index", "tile_shape_x", "tile_shape_w",
+    "manifest_tensors", "scales_key", "scales_keys", "profile", "profile_hash", "noise_seed",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AnalogSpec:
+    """Placement of one analog matmul: what the node's attributes say.
+
+    ``tensor``: in-memory parameter name (= the ONNX initializer of ``W``); ``expert``: index into a
+    fused ``[E, out, in]`` stack, -1 for a single matrix; ``layout``: ``out_in`` (``W [out, in]``,
+    y = x·Wᵀ) or ``in_out`` (``W [in, out]``, y = x·W); ``manifest_tensors``/``scales_keys``: the
+    bundle's on-disk tensors (and their keys in ``cim_scales.safetensors``) this matmul implements.
+    """
+
+    tensor: str
+    kind: str
+    layout: str
+    in_features: int
+    out_features: int
+    tile_rows: int
+    tile_cols: int
+    profile: str
+    profile_hash: str
+    expert: int = -1
+    manifest_tensors: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def tile_in_sizes(self) -> list[int]:
+        """Inputs per tile along the input dimension (aihwkit near-equal split)."""
+        return split_sizes(self.in_features, self.tile_rows)
+
+    @property
+    def tile_out_sizes(self) -> list[int]:
+        """Outputs per tile along the output dimension."""
+        return split_sizes(self.out_features, self.tile_cols)
+
+    def tile_index(self) -> list[int]:
+        """Gather index laying the inputs out as ``n_in × max_in`` slots (``in_features`` = padding)."""
+        sizes = self.tile_in_sizes
+        width = max(sizes)
+        index, start = [], 0
+        for size in sizes:
+            index += list(range(start, start + size)) + [self.in_features] * (width - size)
+            start += size
+        return index
+
+    def attributes(self) -> dict[str, object]:
+        """The node attributes (ONNX attribute name → Python value)."""
+        rows, cols = (
+            (self.out_features, self.in_features)
+            if self.layout == "out_in"
+            else (self.in_features, self.out_features)
+        )
+        n_in, max_in = len(self.tile_in_sizes), max(self.tile_in_sizes)
+        return {
+            "tensor": self.tensor,
+            "kind": self.kind,
+            "layout": self.layout,
+            "expert": self.expert,
+            "w_perm": [1, 0] if self.layout == "out_in" else [0, 1],
+            "w_shape3": [-1, rows, cols],
+            "s_shape3": [-1, self.out_features, n_in],
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "tile_in_sizes": self.tile_in_sizes,
+            "tile_out_sizes": self.tile_out_sizes,
+            "tile_index": self.tile_index(),
+            "tile_shape_x": [-1, n_in, max_in],
+            "tile_shape_w": [n_in, max_in, -1],
+            "manifest_tensors": list(self.manifest_tensors) or [self.tensor],
+            "scales_key": (list(self.manifest_tensors) or [self.tensor])[0],
+            "scales_keys": list(self.manifest_tensors) or [self.tensor],
+            "profile": self.profile,
+            "profile_hash": self.profile_hash,
+        }
+
+
+def _symbolic_attrs(spec: AnalogSpec) -> dict[str, object]:
+    """Attributes with the legacy exporter's type suffixes (``_s`` strings, ``_i`` ints, lists alike)."""
+    out: dict[str, object] = {}
+    for key, value in spec.attributes().items():
+        if isinstance(value, str):
+            out[f"{key}_s"] = value
+        elif isinstance(value, int):
+            out[f"{key}_i"] = value
+        elif value and isinstance(value[0], str):  # type: ignore[index]
+            out[f"{key}_s"] = value
+        else:
+            out[f"{key}_i"] = value
+    return out
+
+
+def matmul_reference(x: torch.Tensor, w: torch.Tensor, spec: AnalogSpec) -> torch.Tensor:
+    """The ideal digital semantics: ``x · W[expert]ᵀ`` (``out_in``) or ``x · W[expert]`` (``in_out``)."""
+    matrix = w[spec.expert] if w.dim() == 3 else w
+    if spec.layout == "out_in":
+        return torch.nn.functional.linear(x, matrix)
+    return x @ matrix
+
+
+class _AnalogMatMulFn(torch.autograd.Function):
+    """Identity-semantics marker: runs the digital matmul, exports as one AnalogMatMul node."""
+
+    @staticmethod
+    def forward(ctx, x, w, scales, spec):  # type: ignore[override]
+        return matmul_reference(x, w, spec)
+
+    @staticmethod
+    def symbolic(g, x, w, scales, spec):
+        out = g.op(f"{DOMAIN}::{OP_TYPE}", x, w, scales, **_symbolic_attrs(spec))
+        sizes = x.type().varyingSizes()
+        if sizes:
+            out.setType(x.type().with_sizes([*sizes[:-1], spec.out_features]))
+        return out
+
+
+def analog_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, spec: AnalogSpec) -> torch.Tensor:
+    """``y = x·Wᵀ`` (no bias) that exports as ``ai.cimconvert.AnalogMatMul``."""
+    return _AnalogMatMulFn.apply(x, w, scales, spec)
+
+
+# ----------------------------------------------------------------------------------------------
+# Function bodies
+# ----------------------------------------------------------------------------------------------
+
+
+def _ref_node(op: str, inputs: list[str], out: str, name: str, kind: int, attr: str) -> onnx.NodeProto:
+    """Node whose attribute ``name`` takes the value of the calling node's attribute ``attr``."""
+    node = helper.make_node(op, inputs, [out])
+    node.attribute.append(helper.make_attribute_ref(name, kind, ref_attr_name=attr))  # type: ignore[arg-type]
+    return node
+
+
+def _const_ints(out: str, attr: str) -> onnx.NodeProto:
+    """``Constant`` whose int list comes from the calling node's attribute ``attr``."""
+    return _ref_node("Constant", [], out, "value_ints", onnx.AttributeProto.INTS, attr)
+
+
+def _const_int(out: str, attr: str) -> onnx.NodeProto:
+    """``Constant`` scalar int from the calling node's attribute ``attr``."""
+    return _ref_node("Constant", [], out, "value_int", onnx.AttributeProto.INT, attr)
+
+
+def _transpose_ref(inp: str, out: str) -> onnx.NodeProto:
+    """``Transpose`` with ``perm`` = the calling node's ``w_perm``."""
+    return _ref_node("Transpose", [inp], out, "perm", onnx.AttributeProto.INTS, "w_perm")
+
+
+def _select_nodes(source: str, shape_attr: str, out: str) -> list[onnx.NodeProto]:
+    """``out = Reshape(source, @shape_attr)[@expert]``: one matrix of a (possibly stacked) tensor."""
+    return [
+        _const_ints(f"{out}_shape", shape_attr),
+        helper.make_node("Reshape", [source, f"{out}_shape"], [f"{out}_3d"]),
+        _const_int(f"{out}_index", "expert"),
+        helper.make_node("Gather", [f"{out}_3d", f"{out}_index"], [out], axis=0),
+    ]
+
+
+def _function(nodes: list[onnx.NodeProto], opset: int, doc: str) -> FunctionProto:
+    return helper.make_function(
+        DOMAIN,
+        OP_TYPE,
+        inputs=["X", "W", "S"],
+        outputs=["Y"],
+        nodes=nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=list(ATTRIBUTES),
+        doc_string=doc,
+    )
+
+
+def ideal_function(opset: int = 18) -> FunctionProto:
+    """Body of the ideal digital model: ``Y = X · Transpose(W[expert], w_perm)`` (S unused)."""
+    nodes = [
+        *_select_nodes("W", "w_shape3", "Wm"),
+        _transpose_ref("Wm", "Wt"),
+        helper.make_node("MatMul", ["X", "Wt"], ["Y"]),
+    ]
+    return _function(nodes, opset, "ideal digital matmul: Y = X . W^T (out_in) or X . W (in_out)")
+
+
+def _c(name: str, value: float | list[int]) -> onnx.NodeProto:
+    if isinstance(value, list):
+        tensor = helper.make_tensor(name, onnx.TensorProto.INT64, [len(value)], value)
+    else:
+        tensor = helper.make_tensor(name, onnx.TensorProto.FLOAT, [], [float(value)])
+    return helper.make_node("Constant", [], [name], value=tensor)
+
+
+def _tile_nodes() -> list[onnx.NodeProto]:
+    """X → Xt ``[n_in, N, max_in]``; W → Wn ``[n_in, max_in, out]``; S → S3 ``[n_in, 1, out]``."""
+    return [
+        *_select_nodes("W", "w_shape3", "Wm"),
+        _transpose_ref("Wm", "Wt"),  # [in, out]
+        *_select_nodes("S", "s_shape3", "Sm"),  # [out, n_in]
+        helper.make_node("Shape", ["X"], ["lead"], start=0, end=-1),
+        helper.make_node("Shape", ["Wt"], ["in_dim"], start=0, end=1),
+        helper.make_node("Shape", ["Wt"], ["out_dim"], start=1, end=2),
+        _c("minus1", [-1]),
+        helper.make_node("Concat", ["minus1", "in_dim"], ["x2_shape"], axis=0),
+        helper.make_node("Reshape", ["X", "x2_shape"], ["X2"]),
+        _c("pad_x", [0, 0, 0, 1]),
+        helper.make_node("Pad", ["X2", "pad_x"], ["Xp"]),
+        _const_ints("tidx", "tile_index"),
+        helper.make_node("Gather", ["Xp", "tidx"], ["Xg"], axis=1),
+        _const_ints("tshape_x", "tile_shape_x"),
+        helper.make_node("Reshape", ["Xg", "tshape_x"], ["Xr"]),
+        helper.make_node("Transpose", ["Xr"], ["Xt"], perm=[1, 0, 2]),
+        _c("pad_w", [0, 0, 1, 0]),
+        helper.make_node("Pad", ["Wt", "pad_w"], ["Wp"]),
+        helper.make_node("Gather", ["Wp", "tidx"], ["Wg"], axis=0),
+        _const_ints("tshape_w", "tile_shape_w"),
+        helper.make_node("Reshape", ["Wg", "tshape_w"], ["Wtile"]),
+        helper.make_node("Transpose", ["Sm"], ["St"], perm=[1, 0]),
+        _c("axis1", [1]),
+        helper.make_node("Unsqueeze", ["St", "axis1"], ["S3"]),
+    ]
+
+
+def _dac_nodes(dac_step: float | None) -> list[onnx.NodeProto]:
+    """Noise management (α = max|x| per vector and tile) and DAC rounding: Xt → xn, alpha."""
+    nodes = [
+        helper.make_node("Abs", ["Xt"], ["Xabs"]),
+        _c("axis_last", [-1]),
+        helper.make_node("ReduceMax", ["Xabs", "axis_last"], ["amax"], keepdims=1),
+        _c("tiny", float(torch.finfo(torch.float32).tiny)),
+        helper.make_node("Max", ["amax", "tiny"], ["alpha"]),
+    ]
+    if dac_step is None:
+        return [*nodes, helper.make_node("Div", ["Xt", "alpha"], ["xn"])]
+    return [
+        *nodes,
+        _c("dac_step", dac_step),
+        helper.make_node("Mul", ["alpha", "dac_step"], ["alpha_step"]),
+        helper.make_node("Div", ["Xt", "alpha_step"], ["xq"]),
+        helper.make_node("Round", ["xq"], ["xr"]),
+        helper.make_node("Mul", ["xr", "dac_step"], ["xn"]),
+    ]
+
+
+def _random_normal_like(inp: str, out: str) -> onnx.NodeProto:
+    """``RandomNormalLike`` (float32) seeded from the calling node's ``noise_seed`` when it has one."""
+    node = _ref_node("RandomNormalLike", [inp], out, "seed", onnx.AttributeProto.FLOAT, "noise_seed")
+    node.attribute.append(helper.make_attribute("dtype", onnx.TensorProto.FLOAT))
+    return node
+
+
+def _noise_nodes(profile: ChipProfile, unit: float) -> tuple[list[onnx.NodeProto], str]:
+    """Per-MVM output noise (out_noise, w_noise) added to ``y_adc``; returns (nodes, output name)."""
+    spec = profile.mvm
+    const = (spec.out_noise / unit) ** 2
+    if spec.w_noise <= 0 and const == 0:
+        return [], "y_adc"
+    nodes: list[onnx.NodeProto] = [_c("var0", const)]
+    var = "var0"
+    if spec.w_noise > 0:
+        nodes.append(helper.make_node("Mul", ["xn", "xn"], ["xsq"]))
+        if spec.w_noise_type == "pcm_read":
+            nodes += [
+                helper.make_node("Abs", ["Wn"], ["Wabs"]),
+                _c("inv_unit", 1.0 / unit),
+                helper.make_node("Mul", ["Wabs", "inv_unit"], ["Wabs_u"]),
+                helper.make_node("MatMul", ["xsq", "Wabs_u"], ["read"]),
+            ]
+        else:
+            nodes += [
+                _c("axis_last2", [-1]),
+                helper.make_node("ReduceSum", ["xsq", "axis_last2"], ["xsum"], keepdims=1),
+                _c("inv_unit2", 1.0 / unit**2),
+                helper.make_node("Mul", ["xsum", "inv_unit2"], ["read"]),
+            ]
+        nodes += [
+            _c("wn2", spec.w_noise**2),
+            helper.make_node("Mul", ["read", "wn2"], ["read_var"]),
+            helper.make_node("Add", ["read_var", "var0"], ["var1"]),
+        ]
+        var = "var1"
+    nodes += [
+        helper.make_node("Sqrt", [var], ["sigma"]),
+        _random_normal_like("y_adc", "eps"),
+        helper.make_node("Mul", ["eps", "sigma"], ["noise"]),
+        helper.make_node("Add", ["y_adc", "noise"], ["y_noisy"]),
+    ]
+    return nodes, "y_noisy"
+
+
+def mvm_function(profile: ChipProfile, opset: int = 18) -> FunctionProto:
+    """Body simulating the per-MVM effects of ``profile`` in standard ops (cf. simulator/mvm.py).
+
+    Per input tile: α = max|x|, DAC rounding, matmul with ``W/S/unit`` (ADC units), per-MVM noise
+    (``RandomNormalLike``), clip to ±out_bound, ADC rounding, then ``Σ_j y_j·α_j·S_j·unit``.
+    """
+    spec = profile.mvm
+    unit = step_size(spec.adc_bits, spec.out_bound) or 1.0
+    noise, y_name = _noise_nodes(profile, unit)
+    bound = spec.out_bound / unit
+    nodes = [
+        *_tile_nodes(),
+        helper.make_node("Div", ["Wtile", "S3"], ["Wdiv"]),
+        _c("inv_unit_w", 1.0 / unit),
+        helper.make_node("Mul", ["Wdiv", "inv_unit_w"], ["Wn"]),
+        *_dac_nodes(step_size(spec.dac_bits, 1.0)),
+        helper.make_node("MatMul", ["xn", "Wn"], ["y_adc"]),
+        *noise,
+        _c("lo", -bound),
+        _c("hi", bound),
+        helper.make_node("Clip", [y_name, "lo", "hi"], ["y_clip"]),
+        helper.make_node("Round" if spec.adc_bits is not None else "Identity", ["y_clip"], ["y_q"]),
+        _c("unit", unit),
+        helper.make_node("Mul", ["S3", "unit"], ["S_unit"]),
+        helper.make_node("Mul", ["y_q", "alpha"], ["y_a"]),
+        helper.make_node("Mul", ["y_a", "S_unit"], ["y_s"]),
+        _c("axis0", [0]),
+        helper.make_node("ReduceSum", ["y_s", "axis0"], ["y_sum"], keepdims=0),
+        helper.make_node("Concat", ["lead", "out_dim"], ["y_shape"], axis=0),
+        helper.make_node("Reshape", ["y_sum", "y_shape"], ["Y"]),
+    ]
+    return _function(nodes, opset, f"per-MVM analog simulation for profile {profile.name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Model helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def analog_nodes(model: ModelProto) -> list[onnx.NodeProto]:
+    """The AnalogMatMul nodes of the main graph."""
+    return [n for n in model.graph.node if n.domain == DOMAIN and n.op_type == OP_TYPE]
+
+
+def node_attrs(node: onnx.NodeProto) -> dict[str, object]:
+    """An AnalogMatMul node's attributes as Python values (strings decoded)."""
+    out: dict[str, object] = {}
+    for attr in node.attribute:
+        value = helper.get_attribute_value(attr)
+        if isinstance(value, bytes):
+            value = value.decode()
+        elif isinstance(value, list) and value and isinstance(value[0], bytes):
+            value = [v.decode() for v in value]
+        out[attr.name] = value
+    return out
+
+
+def attach_function(model: ModelProto, function: FunctionProto) -> ModelProto:
+    """Install ``function`` as the model-local AnalogMatMul (replacing a previous body) in place."""
+    kept = [f for f in model.functions if not (f.domain == DOMAIN and f.name == OP_TYPE)]
+    del model.functions[:]
+    model.functions.extend([function, *kept])
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(DOMAIN, OP_VERSION))
+    return model

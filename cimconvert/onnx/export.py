@@ -1,0 +1,562 @@
+"""torch → ONNX with explicit analog ops, per architecture family (dense, MoE, SSM).
+
+The exporter is torch's TorchScript ("legacy") ONNX exporter (opset 18): ~1 s for the tiny models,
+names weight initializers after the parameters, and turns :func:`analog_op.analog_linear` into one
+``ai.cimconvert.AnalogMatMul`` node per analog matmul. What makes each family export with dynamic batch
+and sequence axes and routing-independent graphs (see ../shared/design/TOOLCHAIN.md):
+
+* analog ``nn.Linear`` / GPT-2 ``Conv1D``: the module's forward is swapped for the marker op (+ bias);
+* fused experts: an experts implementation that loops over *all* experts (a static loop) and selects
+  each expert's tokens with ``NonZero`` → ``Gather`` → matmuls → ``ScatterND`` add, so dispatch stays
+  sparse and nothing depends on which experts the trace input happened to hit;
+* Mamba / FalconMamba / Mamba2 mixers: :mod:`cimconvert.onnx.ssm` replaces the Python time loop by a
+  chunked scan that exports with a dynamic sequence axis.
+
+:func:`export_model` writes ``model.onnx`` (+ ``model.onnx_data`` when large);
+:func:`export_bundle_onnx` does it for a converted bundle and returns the file entries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from onnx import ModelProto
+from torch import nn
+
+from cimconvert.errors import CimError
+from cimconvert.onnx import analog_op, ssm
+from cimconvert.onnx.analog_op import SCALES_SUFFIX, AnalogSpec
+from cimconvert.onnx.metadata import build_metadata, set_metadata
+from cimconvert.profiles.schema import ChipProfile
+from cimconvert.simulator import tile_grid, weight_scales
+from cimconvert.simulator.program import to_out_in
+
+OPSET = 18
+ONNX_DIR = "onnx"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx_data"
+#: Initializers above this size go to the external data file once the model exceeds EXTERNAL_THRESHOLD.
+TENSOR_THRESHOLD = 1024
+EXTERNAL_THRESHOLD = 256 << 20
+PAGE = 4096
+EXPERTS_IMPLEMENTATION = "cimconvert_onnx"
+SCALES_BUFFER = "weight" + SCALES_SUFFIX
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_model` wrote: files (relative to the bundle), counts and timings."""
+
+    model_path: Path
+    files: list[dict[str, Any]]
+    analog_nodes: int
+    analog_tensors: list[str]
+    seconds: float
+    opset: int = OPSET
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary (``files`` are manifest ``FileEntry`` dicts)."""
+        return {
+            "model": str(self.model_path),
+            "files": self.files,
+            "analog_nodes": self.analog_nodes,
+            "analog_tensors": self.analog_tensors,
+            "seconds": round(self.seconds, 3),
+            "opset": self.opset,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Specs: which matmuls are analog and what their nodes say
+# ----------------------------------------------------------------------------------------------
+
+
+def _features(shape: Sequence[int], layout: str) -> tuple[int, int]:
+    """(in_features, out_features) of one matrix of a 2-D/3-D weight."""
+    rows, cols = int(shape[-2]), int(shape[-1])
+    return (cols, rows) if layout == "out_in" else (rows, cols)
+
+
+def manifest_names(manifest: Any, adapter: Any) -> dict[tuple[str, int], list[str]]:
+    """(in-memory tensor, expert or -1) → the bundle's analog on-disk tensor names it covers."""
+    out: dict[tuple[str, int], list[str]] = {}
+    for entry in getattr(manifest, "tensors", []) or []:
+        if entry.unit != "analog":
+            continue
+        expert = adapter.expert_key(entry.name)
+        key = (expert.memory_name, expert.expert) if expert else (adapter.memory_name(entry.name), -1)
+        out.setdefault(key, []).append(entry.name)
+    return out
+
+
+def analog_specs(
+    targets: Sequence[Any], profile: ChipProfile, names: dict[tuple[str, int], list[str]] | None = None
+) -> dict[str, list[AnalogSpec]]:
+    """One :class:`AnalogSpec` per analog matrix (one per expert of a 3-D stack), by tensor name."""
+    names = names or {}
+    specs: dict[str, list[AnalogSpec]] = {}
+    for target in targets:
+        shape = tuple(target.shape)
+        in_f, out_f = _features(shape, target.layout)
+        experts = range(shape[0]) if len(shape) == 3 else [-1]
+        specs[target.name] = [
+            AnalogSpec(
+                tensor=target.name, kind=str(target.kind), layout=str(target.layout), in_features=in_f,
+                out_features=out_f, tile_rows=profile.mapping.tile_rows, tile_cols=profile.mapping.tile_cols,
+                profile=profile.name, profile_hash=profile.content_hash(), expert=e,
+                manifest_tensors=tuple(names.get((target.name, e), ())),
+            )
+            for e in experts
+        ]  # fmt: skip
+    return specs
+
+
+def clean_scales(w: torch.Tensor, layout: str, profile: ChipProfile) -> torch.Tensor:
+    """Digital output scales ``[..., out, n_in]`` of a clean weight (as noise.py fixes them)."""
+    w3 = to_out_in(w.detach(), layout)  # type: ignore[arg-type]
+    scales = weight_scales(w3, profile.mapping, tile_grid(w3.shape, profile.mapping))
+    return scales if w.dim() == 3 else scales[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Export-time patches
+# ----------------------------------------------------------------------------------------------
+
+#: experts module → {param name: [spec per expert]} while an export runs.
+_EXPERT_SPECS: dict[int, dict[str, list[AnalogSpec]]] = {}
+
+
+def _expert_matmul(module: nn.Module, pname: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+    """One expert's projection: AnalogMatMul when the tensor is analog, a plain matmul otherwise."""
+    specs = _EXPERT_SPECS.get(id(module), {}).get(pname)
+    weight = getattr(module, pname)
+    if specs is not None:
+        scales = getattr(module, pname + SCALES_SUFFIX)
+        y = analog_op.analog_linear(x, weight, scales, specs[expert])
+    elif getattr(module, "is_transposed", False):
+        y = x @ weight[expert]
+    else:
+        y = nn.functional.linear(x, weight[expert])
+    if getattr(module, "has_bias", False):
+        y = y + getattr(module, f"{pname}_bias")[expert]
+    return y
+
+
+def onnx_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """Experts implementation for export: static loop over all experts, sparse token selection.
+
+    Each expert gathers the tokens routed to it (``NonZero`` of ``top_k_index == e``), so the graph
+    holds every expert and is correct for any routing pattern and any number of tokens.
+    """
+    has_gate = getattr(self, "has_gate", True)
+    first = "gate_up_proj" if has_gate else "up_proj"
+    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
+    for expert in range(int(self.num_experts)):
+        hit = top_k_index == expert
+        weight = (top_k_weights * hit.to(top_k_weights.dtype)).sum(-1)
+        tokens = torch.nonzero(hit.to(torch.int64).sum(-1) > 0).squeeze(-1)
+        h = _expert_matmul(self, first, expert, hidden_states.index_select(0, tokens))
+        h = self._apply_gate(h) if has_gate else self.act_fn(h)
+        h = _expert_matmul(self, "down_proj", expert, h)
+        if getattr(self, "has_post_expert_norm", False):
+            h = self.post_expert_norm(h)
+        contribution = (h * weight.index_select(0, tokens)[:, None]).float()
+        out = out.index_add(0, tokens, contribution)
+    return out.to(hidden_states.dtype)
+
+
+def _linear_forward(module: nn.Module, spec: AnalogSpec):
+    """A forward for an analog Linear/Conv1D that exports as AnalogMatMul (+ digital bias)."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = analog_op.analog_linear(x, module.weight, getattr(module, SCALES_BUFFER), spec)
+        bias = getattr(module, "bias", None)
+        return y if bias is None else y + bias
+
+    return forward
+
+
+class _Patches:
+    """Temporary changes to a model for export; ``undo()`` restores it exactly."""
+
+    def __init__(self) -> None:
+        self._undo: list[Any] = []
+
+    def buffer(self, module: nn.Module, name: str, value: torch.Tensor) -> None:
+        """Register a persistent buffer (exported as an initializer named after it)."""
+        module.register_buffer(name, value, persistent=True)
+        self._undo.append(lambda: delattr(module, name))
+
+    def setattr(self, obj: Any, name: str, value: Any) -> None:
+        """Set an instance attribute (e.g. ``forward``), restoring the previous state on undo."""
+        had, old = name in obj.__dict__, obj.__dict__.get(name)
+        obj.__dict__[name] = value
+
+        def restore() -> None:
+            if had:
+                obj.__dict__[name] = old
+            else:
+                obj.__dict__.pop(name, None)
+
+        self._undo.append(restore)
+
+    def call(self, fn: Any) -> None:
+        """Run ``fn`` on undo."""
+        self._undo.append(fn)
+
+    def undo(self) -> None:
+        """Undo every change, last first."""
+        while self._undo:
+            self._undo.pop()()
+
+
+def _patch_linear(patches: _Patches, owner: nn.Module, spec: AnalogSpec, profile: ChipProfile) -> None:
+    patches.buffer(owner, SCALES_BUFFER, clean_scales(owner.weight, spec.layout, profile))
+    patches.setattr(owner, "forward", _linear_forward(owner, spec))
+
+
+def _patch_experts(
+    patches: _Patches, owner: nn.Module, attr: str, specs: list[AnalogSpec], profile: ChipProfile
+) -> None:
+    weight = getattr(owner, attr)
+    patches.buffer(owner, attr + SCALES_SUFFIX, clean_scales(weight, specs[0].layout, profile))
+    _EXPERT_SPECS.setdefault(id(owner), {})[attr] = specs
+    patches.call(lambda: _EXPERT_SPECS.pop(id(owner), None))
+
+
+def _switch_experts(patches: _Patches, model: nn.Module) -> None:
+    """Point every config that has fused experts at the sparse export implementation."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    ALL_EXPERTS_FUNCTIONS[EXPERTS_IMPLEMENTATION] = onnx_experts_forward
+    seen: set[int] = set()
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        fused = isinstance(getattr(module, "down_proj", None), nn.Parameter)
+        if config is None or id(config) in seen or not fused:
+            continue
+        seen.add(id(config))
+        previous = getattr(config, "_experts_implementation_internal", None)
+        config._experts_implementation_internal = EXPERTS_IMPLEMENTATION
+        patches.call(lambda c=config, p=previous: setattr(c, "_experts_implementation_internal", p))
+
+
+@contextlib.contextmanager
+def export_patches(
+    model: nn.Module, specs: dict[str, list[AnalogSpec]], profile: ChipProfile
+) -> Iterator[list[str]]:
+    """Swap analog matmuls for AnalogMatMul markers (and SSM scans for exportable ones).
+
+    Yields the analog tensors that have no matmul module (weight read directly; exported as plain
+    initializers so the runtime can still program them).
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    patches = _Patches()
+    weight_only: list[str] = []
+    try:
+        _switch_experts(patches, model)
+        for name, node_specs in specs.items():
+            path, _, attr = name.rpartition(".")
+            owner = model.get_submodule(path) if path else model
+            if isinstance(owner, (nn.Linear, Conv1D)) and attr == "weight" and not ssm.is_weight_only(path):
+                _patch_linear(patches, owner, node_specs[0], profile)
+            elif node_specs[0].expert >= 0:
+                _patch_experts(patches, owner, attr, node_specs, profile)
+            else:
+                weight_only.append(name)
+        ssm.patch_mixers(patches, model, specs, profile)
+        yield weight_only
+    finally:
+        patches.undo()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tracing and post-processing
+# ----------------------------------------------------------------------------------------------
+
+
+class LogitsModel(nn.Module):
+    """``(input_ids, attention_mask) → logits`` without cache (what the ONNX graph computes)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits ``[batch, seq, vocab]``."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def sample_inputs(
+    vocab: int, batch: int = 2, seq: int = 16, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Trace inputs: random ids (batch ≥ 2 so no axis is specialised to 1) and an all-ones mask."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator)
+    return ids, torch.ones_like(ids)
+
+
+def _trace(model: nn.Module, seq: int) -> ModelProto:
+    """Legacy-export ``LogitsModel(model)`` to an in-memory ModelProto with dynamic batch/sequence."""
+    wrapper = LogitsModel(model).eval()
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    inputs = sample_inputs(vocab, seq=seq)
+    axes = {0: "batch", 1: "sequence"}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            wrapper, inputs, buffer, dynamo=False, opset_version=OPSET, do_constant_folding=True,
+            input_names=["input_ids", "attention_mask"], output_names=["logits"],
+            dynamic_axes={"input_ids": axes, "attention_mask": axes, "logits": axes},
+            custom_opsets={analog_op.DOMAIN: analog_op.OP_VERSION},
+        )  # fmt: skip
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _rename_value(model: ModelProto, old: str, new: str) -> None:
+    """Rename an initializer/value everywhere in the main graph."""
+    for init in model.graph.initializer:
+        if init.name == old:
+            init.name = new
+    for node in model.graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+
+
+def _canonical_names(model: ModelProto, weight_only: Sequence[str]) -> list[str]:
+    """Give W and S of every AnalogMatMul their canonical names; returns the analog tensors found."""
+    inits = {i.name for i in model.graph.initializer}
+    found: list[str] = []
+    for node in analog_op.analog_nodes(model):
+        tensor = str(analog_op.node_attrs(node)["tensor"])
+        for index, wanted in ((1, tensor), (2, tensor + SCALES_SUFFIX)):
+            current = node.input[index]
+            if current != wanted:
+                if current not in inits:
+                    raise CimError(
+                        f"ONNX export: input {index} of the AnalogMatMul of '{tensor}' is not a weight"
+                    )
+                _rename_value(model, current, wanted)
+                inits = (inits - {current}) | {wanted}
+        if tensor not in found:
+            found.append(tensor)
+    return found
+
+
+def _name_weight_only(model: ModelProto, net: nn.Module, names: Sequence[str]) -> None:
+    """Give weight-only analog tensors (read directly, no AnalogMatMul) their parameter names.
+
+    The exporter may rename such an initializer (``onnx::MatMul_N``); it is found by its exact bytes.
+    """
+    params = dict(net.named_parameters())
+    by_name = {t.name: t for t in model.graph.initializer}
+    for name in names:
+        if name in by_name:
+            continue
+        data = params[name].detach().float().contiguous().numpy().tobytes()
+        match = next(
+            (
+                t
+                for t in model.graph.initializer
+                if t.raw_data == data and list(t.dims) == list(params[name].shape)
+            ),
+            None,
+        )
+        if match is None:
+            raise CimError(f"ONNX export: analog tensor '{name}' did not survive as a named initializer")
+        _rename_value(model, match.name, name)
+
+
+def _check_complete(specs: dict[str, list[AnalogSpec]], found: list[str], weight_only: list[str]) -> None:
+    missing = [n for n in specs if n not in found and n not in weight_only]
+    if missing:
+        raise CimError(f"ONNX export: analog tensor '{missing[0]}' has no AnalogMatMul node in the graph")
+
+
+def build_onnx(
+    model: nn.Module,
+    targets: Sequence[Any],
+    profile: ChipProfile,
+    manifest: Any = None,
+    trace_seq: int = 16,
+) -> tuple[ModelProto, list[str], list[str]]:
+    """Export ``model`` with AnalogMatMul nodes for ``targets``; returns (model, analog, weight-only)."""
+    from cimconvert.arch import get_adapter
+
+    adapter = get_adapter(model.config)
+    specs = analog_specs(targets, profile, manifest_names(manifest, adapter) if manifest else None)
+    model.eval()
+    with export_patches(model, specs, profile) as weight_only:
+        proto = _trace(model, trace_seq)
+        weight_only = list(weight_only)
+    found = _canonical_names(proto, weight_only)
+    _name_weight_only(proto, model, weight_only)
+    _check_complete(specs, found, weight_only)
+    analog_op.attach_function(proto, analog_op.ideal_function(OPSET))
+    ssm.attach_scan_functions(proto, OPSET)
+    proto.producer_name = "cimconvert"
+    from cimconvert import __version__
+
+    proto.producer_version = __version__
+    set_metadata(proto, build_metadata(model, profile, specs, weight_only, manifest))
+    return proto, found, weight_only
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving
+# ----------------------------------------------------------------------------------------------
+
+
+def _externalise(proto: ModelProto, folder: Path, threshold: int) -> bool:
+    """Move initializers into one page-aligned ``model.onnx_data`` when they total ≥ ``threshold``."""
+    big = [t for t in proto.graph.initializer if len(t.raw_data) >= TENSOR_THRESHOLD]
+    if not big or sum(len(t.raw_data) for t in big) < threshold:
+        return False
+    with (folder / DATA_FILE).open("wb") as handle:
+        offset = 0
+        for tensor in big:
+            pad = (-offset) % PAGE
+            handle.write(b"\0" * pad)
+            offset += pad
+            data = tensor.raw_data
+            handle.write(data)
+            onnx.external_data_helper.set_external_data(tensor, DATA_FILE, offset, len(data))
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            tensor.ClearField("raw_data")
+            offset += len(data)
+    return True
+
+
+def file_entry(path: Path, base: Path) -> dict[str, Any]:
+    """``{name, sha256, bytes}`` of a file, ``name`` relative to ``base`` (manifest FileEntry)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return {
+        "name": path.relative_to(base).as_posix(),
+        "sha256": digest.hexdigest(),
+        "bytes": path.stat().st_size,
+    }
+
+
+def save_onnx(proto: ModelProto, folder: Path, external: bool | None = None) -> list[Path]:
+    """Write ``folder/model.onnx`` (+ ``model.onnx_data``); ``external`` forces/forbids external data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in (folder / MODEL_FILE, folder / DATA_FILE):
+        stale.unlink(missing_ok=True)
+    saved = proto
+    if external is not False:
+        saved = ModelProto()
+        saved.CopyFrom(proto)
+        if not _externalise(saved, folder, 0 if external else EXTERNAL_THRESHOLD):
+            saved = proto
+    onnx.save_model(saved, str(folder / MODEL_FILE))
+    return [p for p in (folder / MODEL_FILE, folder / DATA_FILE) if p.exists()]
+
+
+def export_model(
+    model: nn.Module,
+    targets: Sequence[Any],
+    profile: ChipProfile,
+    folder: str | Path,
+    manifest: Any = None,
+    base: str | Path | None = None,
+    external: bool | None = None,
+) -> ExportResult:
+    """Export ``model`` to ``folder/model.onnx`` with AnalogMatMul nodes for the analog ``targets``."""
+    start = time.perf_counter()
+    folder = Path(folder)
+    proto, found, weight_only = build_onnx(model, targets, profile, manifest)
+    paths = save_onnx(proto, folder, external)
+    base_dir = Path(base) if base is not None else folder
+    return ExportResult(
+        model_path=folder / MODEL_FILE,
+        files=[file_entry(p, base_dir) for p in paths],
+        analog_nodes=len(analog_op.analog_nodes(proto)),
+        analog_tensors=[*found, *weight_only],
+        seconds=time.perf_counter() - start,
+        metadata={p.key: p.value for p in proto.metadata_props},
+    )
+
+
+def export_bundle_onnx(
+    bundle_dir: str | Path, model: nn.Module, manifest: Any, progress: bool = False
+) -> dict:
+    """Export the (transformed) in-memory ``model`` of a bundle to ``bundle_dir/onnx/model.onnx``.
+
+    ``manifest``: the bundle's Manifest (or its dict); its profile and placement overrides decide what
+    is analog. Returns ``{"files": [FileEntry dicts, names relative to bundle_dir], "onnx": summary}``:
+    append ``files`` to ``manifest.files`` and store ``onnx`` under ``manifest.extra["onnx"]``.
+    """
+    from cimconvert.api import load_profile_from_manifest, manifest_overrides
+    from cimconvert.bundle.manifest import Manifest
+    from cimconvert.placement import plan_model
+
+    if isinstance(manifest, dict):
+        manifest = Manifest.model_validate(manifest)
+    chip = load_profile_from_manifest(manifest)
+    targets = plan_model(model, chip, **manifest_overrides(manifest)).analog()
+    if progress:
+        print(f"exporting ONNX ({len(targets)} analog tensors) ...", file=sys.stderr, flush=True)
+    folder = Path(bundle_dir)
+    result = export_model(model, targets, chip, folder / ONNX_DIR, manifest=manifest, base=folder)
+    return {"files": result.files, "onnx": result.to_dict()}
+
+
+def record_in_manifest(bundle_dir: str | Path, exported: dict) -> None:
+    """Add an :func:`export_bundle_onnx` result to ``bundle_dir/manifest.json`` (files + extra.onnx)."""
+    from cimconvert.bundle.manifest import MANIFEST_NAME, FileEntry
+    from cimconvert.bundle.reader import read_manifest
+
+    folder = Path(bundle_dir)
+    manifest = read_manifest(folder)
+    names = {f["name"] for f in exported["files"]}
+    kept = [f for f in manifest.files if f.name not in names and not f.name.startswith(f"{ONNX_DIR}/")]
+    manifest.files = [*kept, *(FileEntry(**f) for f in exported["files"])]
+    manifest.extra = {**manifest.extra, "onnx": exported["onnx"]}
+    (folder / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+
+
+def export_existing_bundle(bundle_dir: str | Path, progress: bool = False) -> dict:
+    """Load a bundle (transforms re-applied), export its ONNX graph and record it in the manifest."""
+    from cimconvert.bundle.reader import load_bundle, read_manifest
+
+    folder = Path(bundle_dir)
+    manifest = read_manifest(folder)
+    model = load_bundle(folder)
+    exported = export_bundle_onnx(folder, model, manifest, progress)
+    record_in_manifest(folder, exported)
+    return exported
+
+
+__all__ = [
+    "ExportResult",
+    "LogitsModel",
+    "analog_specs",
+    "build_onnx",
+    "export_bundle_onnx",
+    "export_existing_bundle",
+    "export_model",
+    "file_entry",
+    "onnx_experts_forward",
+    "record_in_manifest",
+    "save_onnx",
+]

@@ -1,0 +1,119 @@
+"""``cimconvert validate``: onnxruntime under chip noise vs the torch simulator, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from cimconvert import api
+from cimconvert.cli import main
+from cimconvert.errors import CimError
+from cimconvert.onnx.export import export_existing_bundle
+from cimconvert.validate import validate
+
+DEMO = Path(__file__).resolve().parent.parent / "examples" / "models"
+FAST = {"seeds": 2, "max_tokens": 384, "seq_len": 64}
+
+
+def _bundle(tmp_path_factory: pytest.TempPathFactory, model: str, method: str) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / f"{model}-{method}"
+    api.convert(str(DEMO / model), "chipA", out=out, method=method, progress=False)
+    export_existing_bundle(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def olmoe_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _bundle(tmp_path_factory, "tiny-olmoe", "none")
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_agreement(res: dict) -> None:
+    summary = res["summary"]
+    assert summary["clean_logits_max_abs_diff"] <= 1e-4
+    assert summary["programmed_weights_bit_identical"]
+    assert summary["noisy_ppl_rel_diff"] <= 0.005
+    assert summary["passed"]
+    assert res["onnxruntime"]["clean_ppl"] == pytest.approx(res["torch"]["clean_ppl"], rel=1e-5)
+
+
+def test_validate_moe_bundle_agrees_with_torch(olmoe_bundle: Path) -> None:
+    res = validate(olmoe_bundle, "chipA", **FAST)
+    _assert_agreement(res)
+    assert res["per_mvm"] and res["seeds"] == [1000, 1001]
+    assert res["onnxruntime"]["noisy_ppl"]["mean"] > res["onnxruntime"]["clean_ppl"]
+
+
+def test_manifest_records_onnx_files(olmoe_bundle: Path) -> None:
+    manifest = api.inspect(olmoe_bundle)
+    assert manifest["verified"], manifest["problems"]
+    data = json.loads((olmoe_bundle / "manifest.json").read_text())
+    assert "onnx/model.onnx" in {f["name"] for f in data["files"]}
+    assert data["extra"]["onnx"]["analog_nodes"] > 0
+
+
+@pytest.mark.parametrize(("model", "method"), [("tiny-mamba", "none"), ("tiny-olmoe", "auto")])
+def test_validate_ssm_and_romer_bundles(
+    tmp_path_factory: pytest.TempPathFactory, model: str, method: str
+) -> None:
+    out = _bundle(tmp_path_factory, model, method)
+    _assert_agreement(validate(out, **{**FAST, "seeds": 1}))
+
+
+def test_cli_validate_json(olmoe_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _cli(capsys, "validate", str(olmoe_bundle), "--profile", "chipA", "--seeds", "1",
+                        "--max-tokens", "256", "--seq-len", "64", "--json")  # fmt: skip
+    assert code == 0
+    assert json.loads(out)["summary"]["outputs_match"] is True
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(bundle, tmp_path / "copy"))
+
+
+@pytest.mark.parametrize("damage", ["altered", "missing", "no-onnx"])
+def test_damaged_onnx_is_one_line_exit_2(
+    olmoe_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+) -> None:
+    bundle = _copy(olmoe_bundle, tmp_path)
+    graph = bundle / "onnx" / "model.onnx"
+    if damage == "altered":
+        graph.write_bytes(graph.read_bytes()[:-1] + b"\0")
+    elif damage == "missing":
+        graph.unlink()
+    else:
+        data = json.loads((bundle / "manifest.json").read_text())
+        data["files"] = [f for f in data["files"] if not f["name"].startswith("onnx/")]
+        (bundle / "manifest.json").write_text(json.dumps(data))
+    code, out, err = _cli(capsys, "validate", str(bundle))
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and "model.onnx" in err
+
+
+def test_profile_mismatch_refused_unless_allowed(
+    olmoe_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = _cli(capsys, "validate", str(olmoe_bundle), "--profile", "chipB")
+    assert code == 2 and "--profile-mismatch-ok" in err and err.count("\n") == 1
+    res = validate(olmoe_bundle, "chipB", profile_mismatch_ok=True, **{**FAST, "seeds": 1})
+    assert res["profile"] == "chipB" and res["summary"]["outputs_match"]
+    assert res["summary"]["programmed_weights_bit_identical"]
+
+
+def test_missing_dataset_is_one_line(olmoe_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _cli(capsys, "validate", str(olmoe_bundle), "--dataset", "/nonexistent/text.txt")
+    assert code == 2 and err.count("\n") == 1 and "dataset" in err
+    with pytest.raises(CimError):
+        validate(olmoe_bundle, dataset="/nonexistent/text.txt")
