@@ -77,9 +77,12 @@ def _apply_method(
     name: str, source: Any, adapter: Any, chip: ChipProfile, options: dict[str, Any], progress: bool
 ) -> tuple[torch.nn.Module, Any]:
     """Load the model, run the method on it in place; returns (model, MethodResult)."""
+    from cimconvert.checkpoint import check_finite
     from cimconvert.methods import METHODS
 
     net = source.load_model(dtype=torch.float32)
+    for pname, tensor in net.state_dict().items():
+        check_finite(pname, tensor)
     result = METHODS[name].apply(net, adapter, chip, options, progress=progress)
     return net, result
 
@@ -135,7 +138,7 @@ def convert(
     import tempfile
 
     from cimconvert.arch import get_adapter
-    from cimconvert.bundle.writer import write_bundle
+    from cimconvert.bundle.writer import check_out_dir, write_bundle
     from cimconvert.checkpoint import resolve_model
     from cimconvert.methods import option_values, resolve_method
 
@@ -147,6 +150,7 @@ def convert(
     if dry_run:  # plan only: the method (and any tensors it adds) runs at conversion time
         return _dry_run_result(model, chip, resolved, placement)
     out_dir = Path(out) if out is not None else default_out_dir(model, chip)
+    check_out_dir(out_dir, force)  # fail before any expensive work
     options = {**option_values(resolved, dict(method_options or {})), "seed": seed}
     extra: dict[str, Any] = {"method": resolved, "method_options": options,
                              "overrides": {"analog": list(analog), "digital": list(digital)}}
@@ -253,7 +257,7 @@ def manifest_overrides(manifest: Any) -> dict[str, list[str]]:
 def tokenize(tokenizer: Any, text: str, max_tokens: int) -> torch.Tensor:
     """Token ids of ``text`` (truncated to ``max_tokens``) as a 1-D LongTensor."""
     # Tokenise a prefix only: ~8 characters per token is a safe upper bound for BPE on prose.
-    ids = tokenizer(text[: max_tokens * 8], add_special_tokens=False)["input_ids"][:max_tokens]
+    ids = tokenizer(text[: max_tokens * 8], add_special_tokens=False, verbose=False)["input_ids"][:max_tokens]
     if len(ids) < 16:
         raise CimError(f"dataset too short: {len(ids)} tokens (need at least 16)")
     return torch.tensor(ids, dtype=torch.long)

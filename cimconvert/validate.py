@@ -3,9 +3,10 @@
 For the same windows of the same tokens it reports, from onnxruntime and from the torch simulator:
 clean perplexity and perplexity over ``seeds`` noise draws (seed, seed+1, ...). Programmed weights
 reach onnxruntime through IO binding (:class:`~cimconvert.runtime.noise.OrtNoiseRunner`) and are
-checked bit-identical to the torch model's for every draw; per-MVM effects run in-graph (the
-standard-op body of AnalogMatMul). The summary (optimum-style) says whether the outputs match: clean
-logits max|Δ| ≤ ``atol`` and noisy mean perplexities within ``ppl_rtol``.
+checked bit-identical to the torch model's for every draw; per-MVM effects run in-graph (standard-op
+per-MVM bodies on weights prepared once per draw by ``simulator.prepare_mvm``). The summary
+(optimum-style) says whether the outputs match: clean logits max|Δ| ≤ ``atol`` and noisy mean
+perplexities within ``ppl_rtol``.
 """
 
 from __future__ import annotations

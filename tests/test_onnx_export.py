@@ -11,18 +11,20 @@ import pytest
 import torch
 
 from cimconvert.noise import apply_chip_noise
-from cimconvert.onnx import analog_op
-from cimconvert.onnx.export import build_onnx, save_onnx
+from cimconvert.onnx import analog_op, rope
+from cimconvert.onnx.analog_op import AnalogSpec
+from cimconvert.onnx.export import _Patches, build_onnx, clean_scales, save_onnx
 from cimconvert.onnx.metadata import read_metadata
 from cimconvert.placement import plan_model
 from cimconvert.profiles import load_profile
 from cimconvert.runtime import OrtNoiseRunner, analog_tensors, make_session
-from cimconvert.runtime.noise import bound_equal
+from cimconvert.runtime.noise import AnalogTensor, bound_equal
+from cimconvert.simulator import analog_matmul, prepare_mvm
 from tests.tiny_models import VOCAB, build_tiny
 
 ATOL = 1e-4
 #: Every family: MoE (incl. shared experts, sigmoid/group routing, own DeepSeek v1 module), dense, SSM.
-EXPORTABLE = ["olmoe", "qwen2_moe", "mixtral", "deepseek_v3", "deepseek", "llama", "gpt2",
+EXPORTABLE = ["olmoe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3", "deepseek", "llama", "gpt2",
               "mamba", "mamba2", "falcon_mamba"]  # fmt: skip
 #: Shapes unlike the trace input [2, 16]: batch 1 and 3, shorter and longer sequences.
 SHAPES = [(1, 7), (3, 40)]
@@ -78,17 +80,29 @@ def _replace_initializer(proto, old: torch.Tensor, new: torch.Tensor) -> None:
     raise AssertionError("router weight not found in the graph")
 
 
-def test_moe_graph_is_not_baked_to_the_trace_routing(chip):
+def _routers(model) -> list[torch.Tensor]:
+    """The router weights of every MoE layer (``mlp.gate.weight [E, hidden]``)."""
+    out = []
+    for layer in model.model.layers:
+        gate = getattr(layer.mlp, "gate", None)
+        if isinstance(getattr(gate, "weight", None), torch.nn.Parameter) and hasattr(layer.mlp, "experts"):
+            out.append(gate.weight)
+    return out
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "deepseek_v2"])
+def test_moe_graph_is_not_baked_to_the_trace_routing(model_type, chip):
     """Re-route every token (new router weights in torch and in the graph): outputs still agree."""
-    model, _, proto, _, _ = _export("olmoe", chip)
+    model, _, proto, _, _ = _export(model_type, chip)
     nodes = analog_op.analog_nodes(proto)
     attrs = [analog_op.node_attrs(n) for n in nodes]
-    experts = {a["expert"] for a in attrs if "experts" in str(a["tensor"])}
+    experts = {a["expert"] for a in attrs if int(a["expert"]) >= 0}
     assert experts == set(range(model.config.num_experts))
     generator = torch.Generator().manual_seed(7)
+    routers = _routers(model)
+    assert routers
     with torch.no_grad():
-        for layer in model.model.layers:
-            weight = layer.mlp.gate.weight
+        for weight in routers:
             new = torch.randn(weight.shape, generator=generator) * 3
             _replace_initializer(proto, weight, new)
             weight.copy_(new)
@@ -96,6 +110,33 @@ def test_moe_graph_is_not_baked_to_the_trace_routing(chip):
     ids = _ids((2, 50), seed=3)
     diff = np.abs(_ort_logits(session, ids) - _torch_logits(model, ids)).max()
     assert diff <= ATOL
+
+
+def test_real_rotary_patch_matches_complex_deepseek_v2_and_is_undone():
+    """The export-time real cos/sin RoPE equals transformers' complex one (≤1e-5) and is removed after."""
+    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as ds
+
+    model = build_tiny("deepseek_v2").eval()
+    rotary = model.model.rotary_emb
+    stock_apply = ds.apply_rotary_emb
+    generator = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 4, 9, 4, generator=generator), torch.randn(2, 1, 9, 4, generator=generator)
+    positions = torch.arange(9)[None].expand(2, 9)
+    freqs_cis = rotary(q, positions)
+    reference = stock_apply(q, k, freqs_cis)
+    ids = _ids((2, 30))
+    stock = _torch_logits(model, ids)
+    patches = _Patches()
+    try:
+        assert rope.patch_complex_rope(patches, model) == ["model.rotary_emb"]
+        real = rope.real_apply_rotary_emb(q, k, rotary(q, positions))
+        for got, want in zip(real, reference, strict=True):
+            assert torch.allclose(got, want, rtol=0, atol=1e-5)
+        assert np.abs(_torch_logits(model, ids) - stock).max() <= 1e-5
+    finally:
+        patches.undo()
+    assert ds.apply_rotary_emb is stock_apply and "forward" not in rotary.__dict__
+    assert rotary(q, positions).is_complex()
 
 
 def test_analog_node_attributes_and_metadata(chip):
@@ -164,9 +205,53 @@ def test_mvm_body_matches_torch_dac_adc(model_type, chip):
     model, _, proto, _, _ = _export(model_type, profile)
     tensors = analog_tensors(proto)
     runner = OrtNoiseRunner(proto, profile, tensors)
-    assert runner.mvm
+    assert runner.mvm and sorted(runner.mvm_inputs) == sorted(
+        t.name for t in tensors if t.name not in runner.raw
+    )
     runner.program(5)
     ids = _ids((2, 24))
     with apply_chip_noise(model, tensors, profile, 5):
         reference = _torch_logits(model, ids)
     assert np.abs(runner.logits(ids.numpy()) - reference).max() <= ATOL
+
+
+@pytest.mark.parametrize("in_features", [20, 40, 41])
+def test_mvm_op_equals_simulator_analog_matmul(in_features, chip):
+    """One AnalogMatMul under the per-MVM runtime (DAC/ADC on, out_noise off) vs simulator.analog_matmul
+    on the same prepared weights: one tile, two equal tiles, two unequal (padded) tiles."""
+    profile = chip.model_copy(
+        update={
+            "mvm": chip.mvm.model_copy(update={"out_noise": 0.0}),
+            "mapping": chip.mapping.model_copy(update={"tile_rows": 24}),
+        }
+    )
+    out_features = 12
+    spec = AnalogSpec(
+        tensor="w", kind="mlp", layout="out_in", in_features=in_features, out_features=out_features,
+        tile_rows=24, tile_cols=512, profile=profile.name, profile_hash=profile.content_hash(),
+    )  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(out_features, in_features, generator=generator) * 0.2
+    scales = clean_scales(w, "out_in", profile)
+    node = onnx.helper.make_node(
+        analog_op.OP_TYPE, ["X", "w", "w::cim_scales"], ["Y"], domain=analog_op.DOMAIN, **spec.attributes()
+    )
+    inits = [
+        onnx.numpy_helper.from_array(w.numpy(), "w"),
+        onnx.numpy_helper.from_array(scales.numpy(), "w::cim_scales"),
+    ]
+    x_info = onnx.helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, [None, None, in_features])
+    y_info = onnx.helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)
+    graph = onnx.helper.make_graph([node], "one_mvm", [x_info], [y_info], inits)
+    proto = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", 18), onnx.helper.make_opsetid(analog_op.DOMAIN, 1)]
+    )
+    analog_op.attach_function(proto, analog_op.ideal_function(18))
+    runner = OrtNoiseRunner(proto, profile, [AnalogTensor("w", "out_in")])
+    assert len(runner.mvm_inputs["w"]) == 1 and not runner.raw
+    noisy = torch.from_numpy(runner.program(3)["w"])
+    x = torch.randn(2, 33, in_features, generator=generator)
+    x[0, 0] = 0.0  # an all-zero vector (α clamped to tiny)
+    got = runner.run({"X": x.numpy()}, ["Y"])[0]
+    want = analog_matmul(x, prepare_mvm(noisy, profile, "out_in", scales.clone()), None).numpy()
+    assert np.abs(got - want).max() <= 1e-6

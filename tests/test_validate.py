@@ -11,17 +11,22 @@ import pytest
 from cimconvert import api
 from cimconvert.cli import main
 from cimconvert.errors import CimError
-from cimconvert.onnx.export import export_existing_bundle
 from cimconvert.validate import validate
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "models"
 FAST = {"seeds": 2, "max_tokens": 384, "seq_len": 64}
 
 
+#: Small method settings (one calibration draw, few sequences): the bundles only need to exist.
+METHOD_OPTIONS = {"calib_seeds": 1, "calib_samples": 4}
+
+
 def _bundle(tmp_path_factory: pytest.TempPathFactory, model: str, method: str) -> Path:
+    """Convert a demo model (conversion writes onnx/model.onnx itself)."""
     out = tmp_path_factory.mktemp("bundles") / f"{model}-{method}"
-    api.convert(str(DEMO / model), "chipA", out=out, method=method, progress=False)
-    export_existing_bundle(out)
+    options = METHOD_OPTIONS if method != "none" else None
+    api.convert(str(DEMO / model), "chipA", out=out, method=method, progress=False, method_options=options)
+    assert (out / "onnx" / "model.onnx").is_file()
     return out
 
 
@@ -64,8 +69,10 @@ def test_manifest_records_onnx_files(olmoe_bundle: Path) -> None:
     assert data["extra"]["onnx"]["analog_nodes"] > 0
 
 
-@pytest.mark.parametrize(("model", "method"), [("tiny-mamba", "none"), ("tiny-olmoe", "auto")])
-def test_validate_ssm_and_romer_bundles(
+@pytest.mark.parametrize(
+    ("model", "method"), [("tiny-mamba", "none"), ("tiny-olmoe", "auto"), ("tiny-deepseek", "auto")]
+)
+def test_validate_ssm_romer_and_deepseek_bundles(
     tmp_path_factory: pytest.TempPathFactory, model: str, method: str
 ) -> None:
     out = _bundle(tmp_path_factory, model, method)

@@ -128,7 +128,9 @@ def plan_shards(
 
 
 # ------------------------------------------------------------------ output folder
-def _check_out(out: Path, force: bool) -> None:
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse an existing non-empty OUT (or a file in its place) unless ``force``."""
+    out = Path(out)
     if out.exists() and not out.is_dir():
         if not force:
             raise BundleError(f"output {out} exists and is not a folder (use --force to replace it)")
@@ -496,7 +498,7 @@ def write_bundle(
     """
     started = time.perf_counter()
     out = Path(out).expanduser().absolute()
-    _check_out(out, force)
+    check_out_dir(out, force)
     metas = [m for name in source.weight_files for m in source.headers[name].tensors]
     infos = _infos(placement, metas)
     shards, where = plan_shards(metas, {m.name: infos[m.name].unit for m in metas}, max_shard_size)

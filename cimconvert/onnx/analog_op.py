@@ -4,9 +4,10 @@ During export every analog matmul goes through :func:`analog_linear`, an autogra
 ``symbolic`` emits one ``ai.cimconvert::AnalogMatMul(X, W, S)`` node (legacy TorchScript exporter), so
 the weight initializer keeps its in-memory name and the node carries its placement as attributes
 (:class:`AnalogSpec`). After export :func:`attach_function` adds a model-local ``FunctionProto`` for the
-op, so a stock onnxruntime inlines it and runs the ideal digital model. :func:`mvm_function` builds the
-alternative body in standard ops (noise management, DAC, per-MVM noise, ADC, digital tile sums) that
-the runtime swaps in for per-MVM simulation. The op is specified in docs/ANALOG_OP.md.
+op, so a stock onnxruntime inlines it and runs the ideal digital model. :func:`mvm_functions` builds
+the per-MVM bodies in standard ops (noise management, DAC, per-MVM noise, ADC, digital tile sums) that
+the runtime switches each node to, fed with weights prepared once per programming. The op is
+specified in docs/ANALOG_OP.md.
 """
 
 from __future__ import annotations
@@ -219,96 +220,111 @@ def _c(name: str, value: float | list[int]) -> onnx.NodeProto:
     return helper.make_node("Constant", [], [name], value=tensor)
 
 
-def _tile_nodes() -> list[onnx.NodeProto]:
-    """X → Xt ``[n_in, N, max_in]``; W → Wn ``[n_in, max_in, out]``; S → S3 ``[n_in, 1, out]``."""
-    return [
-        *_select_nodes("W", "w_shape3", "Wm"),
-        _transpose_ref("Wm", "Wt"),  # [in, out]
-        *_select_nodes("S", "s_shape3", "Sm"),  # [out, n_in]
-        helper.make_node("Shape", ["X"], ["lead"], start=0, end=-1),
-        helper.make_node("Shape", ["Wt"], ["in_dim"], start=0, end=1),
-        helper.make_node("Shape", ["Wt"], ["out_dim"], start=1, end=2),
-        _c("minus1", [-1]),
-        helper.make_node("Concat", ["minus1", "in_dim"], ["x2_shape"], axis=0),
-        helper.make_node("Reshape", ["X", "x2_shape"], ["X2"]),
-        _c("pad_x", [0, 0, 0, 1]),
-        helper.make_node("Pad", ["X2", "pad_x"], ["Xp"]),
-        _const_ints("tidx", "tile_index"),
-        helper.make_node("Gather", ["Xp", "tidx"], ["Xg"], axis=1),
-        _const_ints("tshape_x", "tile_shape_x"),
-        helper.make_node("Reshape", ["Xg", "tshape_x"], ["Xr"]),
-        helper.make_node("Transpose", ["Xr"], ["Xt"], perm=[1, 0, 2]),
-        _c("pad_w", [0, 0, 1, 0]),
-        helper.make_node("Pad", ["Wt", "pad_w"], ["Wp"]),
-        helper.make_node("Gather", ["Wp", "tidx"], ["Wg"], axis=0),
-        _const_ints("tshape_w", "tile_shape_w"),
-        helper.make_node("Reshape", ["Wg", "tshape_w"], ["Wtile"]),
-        helper.make_node("Transpose", ["Sm"], ["St"], perm=[1, 0]),
-        _c("axis1", [1]),
-        helper.make_node("Unsqueeze", ["St", "axis1"], ["S3"]),
-    ]
+#: Runtime op types of the per-MVM bodies (inputs X, Wn, Sn[, An]; see :func:`mvm_functions`):
+#: one input tile / several equal tiles / several tiles of unequal size (short tiles zero-padded).
+MVM_OP = "AnalogMatMulMvm"
+MVM_TILED_OP = "AnalogMatMulMvmTiled"
+MVM_PADDED_OP = "AnalogMatMulMvmPadded"
+MVM_OPS = (MVM_OP, MVM_TILED_OP, MVM_PADDED_OP)
 
 
-def _dac_nodes(dac_step: float | None) -> list[onnx.NodeProto]:
-    """Noise management (α = max|x| per vector and tile) and DAC rounding: Xt → xn, alpha."""
+def mvm_op_type(in_sizes: list[int]) -> str:
+    """The per-MVM body a matmul with input tiles ``in_sizes`` runs."""
+    if len(in_sizes) == 1:
+        return MVM_OP
+    return MVM_TILED_OP if len(set(in_sizes)) == 1 else MVM_PADDED_OP
+
+
+def mvm_uses_abs_weights(profile: ChipProfile) -> bool:
+    """Whether the per-MVM body takes |Ŵ| as a fourth input (``pcm_read`` w_noise)."""
+    return profile.mvm.w_noise > 0 and profile.mvm.w_noise_type == "pcm_read"
+
+
+def _tile_x_nodes(padded: bool) -> list[onnx.NodeProto]:
+    """X ``[..., in]`` → Xt ``[n_in, N, max_in]`` (+ ``lead`` = X's leading shape)."""
+    nodes = [helper.make_node("Shape", ["X"], ["lead"], start=0, end=-1)]
+    if padded:
+        nodes += [
+            helper.make_node("Shape", ["X"], ["in_dim"], start=-1),
+            _c("minus1", [-1]),
+            helper.make_node("Concat", ["minus1", "in_dim"], ["x2_shape"], axis=0),
+            helper.make_node("Reshape", ["X", "x2_shape"], ["X2"]),
+            _c("pad_x", [0, 0, 0, 1]),
+            helper.make_node("Pad", ["X2", "pad_x"], ["Xp"]),
+            _const_ints("tidx", "tile_index"),
+            helper.make_node("Gather", ["Xp", "tidx"], ["Xg"], axis=1),
+            _const_ints("tshape_x", "tile_shape_x"),
+            helper.make_node("Reshape", ["Xg", "tshape_x"], ["Xr"]),
+        ]
+    else:
+        nodes += [
+            _const_ints("tshape_x", "tile_shape_x"),
+            helper.make_node("Reshape", ["X", "tshape_x"], ["Xr"]),
+        ]
+    return [*nodes, helper.make_node("Transpose", ["Xr"], ["Xt"], perm=[1, 0, 2])]
+
+
+def _dac_nodes(x: str, dac_step: float | None) -> list[onnx.NodeProto]:
+    """Noise management (α = max|x| per vector and tile) and DAC rounding: ``x`` → xn, alpha."""
     nodes = [
-        helper.make_node("Abs", ["Xt"], ["Xabs"]),
+        helper.make_node("Abs", [x], ["Xabs"]),
         _c("axis_last", [-1]),
         helper.make_node("ReduceMax", ["Xabs", "axis_last"], ["amax"], keepdims=1),
         _c("tiny", float(torch.finfo(torch.float32).tiny)),
         helper.make_node("Max", ["amax", "tiny"], ["alpha"]),
     ]
     if dac_step is None:
-        return [*nodes, helper.make_node("Div", ["Xt", "alpha"], ["xn"])]
+        return [*nodes, helper.make_node("Div", [x, "alpha"], ["xn"])]
     return [
         *nodes,
         _c("dac_step", dac_step),
         helper.make_node("Mul", ["alpha", "dac_step"], ["alpha_step"]),
-        helper.make_node("Div", ["Xt", "alpha_step"], ["xq"]),
+        helper.make_node("Div", [x, "alpha_step"], ["xq"]),
         helper.make_node("Round", ["xq"], ["xr"]),
         helper.make_node("Mul", ["xr", "dac_step"], ["xn"]),
     ]
 
 
-def _random_normal_like(inp: str, out: str) -> onnx.NodeProto:
-    """``RandomNormalLike`` (float32) seeded from the calling node's ``noise_seed`` when it has one."""
+def _random_normal_like(inp: str, out: str, scale: float = 1.0) -> onnx.NodeProto:
+    """``RandomNormalLike`` (float32, std ``scale``) seeded from the calling node's ``noise_seed``."""
     node = _ref_node("RandomNormalLike", [inp], out, "seed", onnx.AttributeProto.FLOAT, "noise_seed")
     node.attribute.append(helper.make_attribute("dtype", onnx.TensorProto.FLOAT))
+    if scale != 1.0:
+        node.attribute.append(helper.make_attribute("scale", float(scale)))
     return node
 
 
 def _noise_nodes(profile: ChipProfile, unit: float) -> tuple[list[onnx.NodeProto], str]:
-    """Per-MVM output noise (out_noise, w_noise) added to ``y_adc``; returns (nodes, output name)."""
+    """Per-MVM output noise (out_noise, w_noise) added to ``y_adc``; returns (nodes, output name).
+
+    Constant σ (out_noise only): one ``RandomNormalLike`` with ``scale`` = σ and one ``Add``. With
+    w_noise, σ depends on x̂ (and |Ŵ| = input ``A`` for ``pcm_read``), as in ``simulator.mvm._noise_sigma``.
+    """
     spec = profile.mvm
     const = (spec.out_noise / unit) ** 2
-    if spec.w_noise <= 0 and const == 0:
-        return [], "y_adc"
-    nodes: list[onnx.NodeProto] = [_c("var0", const)]
-    var = "var0"
-    if spec.w_noise > 0:
-        nodes.append(helper.make_node("Mul", ["xn", "xn"], ["xsq"]))
-        if spec.w_noise_type == "pcm_read":
-            nodes += [
-                helper.make_node("Abs", ["Wn"], ["Wabs"]),
-                _c("inv_unit", 1.0 / unit),
-                helper.make_node("Mul", ["Wabs", "inv_unit"], ["Wabs_u"]),
-                helper.make_node("MatMul", ["xsq", "Wabs_u"], ["read"]),
-            ]
-        else:
-            nodes += [
-                _c("axis_last2", [-1]),
-                helper.make_node("ReduceSum", ["xsq", "axis_last2"], ["xsum"], keepdims=1),
-                _c("inv_unit2", 1.0 / unit**2),
-                helper.make_node("Mul", ["xsum", "inv_unit2"], ["read"]),
-            ]
+    if spec.w_noise <= 0:
+        if const == 0:
+            return [], "y_adc"
+        return [
+            _random_normal_like("y_adc", "noise", const**0.5),
+            helper.make_node("Add", ["y_adc", "noise"], ["y_noisy"]),
+        ], "y_noisy"
+    nodes = [helper.make_node("Mul", ["xn", "xn"], ["xsq"])]
+    if mvm_uses_abs_weights(profile):
+        nodes.append(helper.make_node("MatMul", ["xsq", "A"], ["read"]))  # A = |Ŵ|/unit²
+    else:
         nodes += [
-            _c("wn2", spec.w_noise**2),
-            helper.make_node("Mul", ["read", "wn2"], ["read_var"]),
-            helper.make_node("Add", ["read_var", "var0"], ["var1"]),
+            _c("axis_last2", [-1]),
+            helper.make_node("ReduceSum", ["xsq", "axis_last2"], ["xsum"], keepdims=1),
+            _c("inv_unit2", 1.0 / unit**2),
+            helper.make_node("Mul", ["xsum", "inv_unit2"], ["read"]),
         ]
-        var = "var1"
     nodes += [
-        helper.make_node("Sqrt", [var], ["sigma"]),
+        _c("wn2", spec.w_noise**2),
+        helper.make_node("Mul", ["read", "wn2"], ["read_var"]),
+        _c("var0", const),
+        helper.make_node("Add", ["read_var", "var0"], ["var"]),
+        helper.make_node("Sqrt", ["var"], ["sigma"]),
         _random_normal_like("y_adc", "eps"),
         helper.make_node("Mul", ["eps", "sigma"], ["noise"]),
         helper.make_node("Add", ["y_adc", "noise"], ["y_noisy"]),
@@ -316,38 +332,58 @@ def _noise_nodes(profile: ChipProfile, unit: float) -> tuple[list[onnx.NodeProto
     return nodes, "y_noisy"
 
 
-def mvm_function(profile: ChipProfile, opset: int = 18) -> FunctionProto:
-    """Body simulating the per-MVM effects of ``profile`` in standard ops (cf. simulator/mvm.py).
-
-    Per input tile: α = max|x|, DAC rounding, matmul with ``W/S/unit`` (ADC units), per-MVM noise
-    (``RandomNormalLike``), clip to ±out_bound, ADC rounding, then ``Σ_j y_j·α_j·S_j·unit``.
-    """
+def _mvm_function(profile: ChipProfile, op_type: str, opset: int) -> FunctionProto:
     spec = profile.mvm
     unit = step_size(spec.adc_bits, spec.out_bound) or 1.0
-    noise, y_name = _noise_nodes(profile, unit)
     bound = spec.out_bound / unit
+    tiled = op_type != MVM_OP
+    x = "Xt" if tiled else "X"
+    noise, y_name = _noise_nodes(profile, unit)
     nodes = [
-        *_tile_nodes(),
-        helper.make_node("Div", ["Wtile", "S3"], ["Wdiv"]),
-        _c("inv_unit_w", 1.0 / unit),
-        helper.make_node("Mul", ["Wdiv", "inv_unit_w"], ["Wn"]),
-        *_dac_nodes(step_size(spec.dac_bits, 1.0)),
-        helper.make_node("MatMul", ["xn", "Wn"], ["y_adc"]),
+        *(_tile_x_nodes(op_type == MVM_PADDED_OP) if tiled else []),
+        *_dac_nodes(x, step_size(spec.dac_bits, 1.0)),
+        helper.make_node("MatMul", ["xn", "W"], ["y_adc"]),
         *noise,
         _c("lo", -bound),
         _c("hi", bound),
         helper.make_node("Clip", [y_name, "lo", "hi"], ["y_clip"]),
         helper.make_node("Round" if spec.adc_bits is not None else "Identity", ["y_clip"], ["y_q"]),
-        _c("unit", unit),
-        helper.make_node("Mul", ["S3", "unit"], ["S_unit"]),
         helper.make_node("Mul", ["y_q", "alpha"], ["y_a"]),
-        helper.make_node("Mul", ["y_a", "S_unit"], ["y_s"]),
-        _c("axis0", [0]),
-        helper.make_node("ReduceSum", ["y_s", "axis0"], ["y_sum"], keepdims=0),
-        helper.make_node("Concat", ["lead", "out_dim"], ["y_shape"], axis=0),
-        helper.make_node("Reshape", ["y_sum", "y_shape"], ["Y"]),
+        helper.make_node("Mul", ["y_a", "S"], ["Y" if not tiled else "y_s"]),
     ]
-    return _function(nodes, opset, f"per-MVM analog simulation for profile {profile.name}")
+    if tiled:
+        nodes += [
+            _c("axis0", [0]),
+            helper.make_node("ReduceSum", ["y_s", "axis0"], ["y_sum"], keepdims=0),
+            helper.make_node("Shape", ["W"], ["out_dim"], start=-1),
+            helper.make_node("Concat", ["lead", "out_dim"], ["y_shape"], axis=0),
+            helper.make_node("Reshape", ["y_sum", "y_shape"], ["Y"]),
+        ]
+    inputs = ["X", "W", "S", "A"] if mvm_uses_abs_weights(profile) else ["X", "W", "S"]
+    return helper.make_function(
+        DOMAIN,
+        op_type,
+        inputs=inputs,
+        outputs=["Y"],
+        nodes=nodes,
+        opset_imports=[helper.make_opsetid("", opset)],
+        attributes=list(ATTRIBUTES),
+        doc_string=f"per-MVM analog simulation for profile {profile.name} ({op_type})",
+    )
+
+
+def mvm_functions(profile: ChipProfile, opset: int = 18) -> list[FunctionProto]:
+    """Bodies simulating the per-MVM effects of ``profile`` in standard ops (cf. simulator/mvm.py).
+
+    They run on weights prepared once per programming by ``simulator.prepare_mvm`` (the runtime
+    rewrites each AnalogMatMul to one of :data:`MVM_OPS` with inputs ``X``, ``W`` = Ŵ/unit
+    ``[max_in, out]`` (one tile) or ``[n_in, max_in, out]``, ``S`` = s·unit ``[1, out]`` or
+    ``[n_in, 1, out]`` and, for ``pcm_read`` w_noise, ``A`` = |Ŵ|/unit²). Per call and input tile:
+    α = max|x|, DAC rounding, ``x̂·W`` (ADC units), per-MVM noise (``RandomNormalLike``), clip to
+    ±out_bound, ADC rounding, then ``Σ_j y_j·α_j·S_j``: the float32 operations of
+    ``simulator.analog_matmul`` in the same order.
+    """
+    return [_mvm_function(profile, op, opset) for op in MVM_OPS]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,11 +409,13 @@ def node_attrs(node: onnx.NodeProto) -> dict[str, object]:
     return out
 
 
-def attach_function(model: ModelProto, function: FunctionProto) -> ModelProto:
-    """Install ``function`` as the model-local AnalogMatMul (replacing a previous body) in place."""
-    kept = [f for f in model.functions if not (f.domain == DOMAIN and f.name == OP_TYPE)]
+def attach_function(model: ModelProto, function: FunctionProto | list[FunctionProto]) -> ModelProto:
+    """Install model-local function(s) of the domain (replacing previous bodies of the same name)."""
+    functions = function if isinstance(function, list) else [function]
+    names = {f.name for f in functions}
+    kept = [f for f in model.functions if not (f.domain == DOMAIN and f.name in names)]
     del model.functions[:]
-    model.functions.extend([function, *kept])
+    model.functions.extend([*functions, *kept])
     if not any(o.domain == DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, OP_VERSION))
     return model

@@ -9,6 +9,8 @@ and sequence axes and routing-independent graphs (see ../shared/design/TOOLCHAIN
 * fused experts: an experts implementation that loops over *all* experts (a static loop) and selects
   each expert's tokens with ``NonZero`` → ``Gather`` → matmuls → ``ScatterND`` add, so dispatch stays
   sparse and nothing depends on which experts the trace input happened to hit;
+* complex-number rotary embeddings (DeepSeek-V2's ``polar``/``view_as_complex``):
+  :mod:`cimconvert.onnx.rope` swaps in the same math on real cos/sin tensors;
 * Mamba / FalconMamba / Mamba2 mixers: :mod:`cimconvert.onnx.ssm` replaces the Python time loop by a
   chunked scan that exports with a dynamic sequence axis.
 
@@ -35,7 +37,7 @@ from onnx import ModelProto
 from torch import nn
 
 from cimconvert.errors import CimError
-from cimconvert.onnx import analog_op, ssm
+from cimconvert.onnx import analog_op, rope, ssm
 from cimconvert.onnx.analog_op import SCALES_SUFFIX, AnalogSpec
 from cimconvert.onnx.metadata import build_metadata, set_metadata
 from cimconvert.profiles.schema import ChipProfile
@@ -270,6 +272,7 @@ def export_patches(
     weight_only: list[str] = []
     try:
         _switch_experts(patches, model)
+        rope.patch_complex_rope(patches, model)
         for name, node_specs in specs.items():
             path, _, attr = name.rpartition(".")
             owner = model.get_submodule(path) if path else model

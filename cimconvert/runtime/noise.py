@@ -1,13 +1,17 @@
 """The onnxruntime noise plugin: programmed weights per draw through IO binding, per-MVM effects in-graph.
 
-:class:`OrtNoiseRunner` owns one session whose analog weights are overridable graph inputs. Each
-analog tensor is bound once to a numpy buffer (zero-copy ``OrtValue``); a draw (:meth:`program`)
-overwrites the buffers in place with the weights programmed by the *torch simulator*
+:class:`OrtNoiseRunner` owns one session whose weight inputs are bound once to numpy buffers
+(zero-copy ``OrtValue``); a draw (:meth:`OrtNoiseRunner.program`) overwrites the buffers in place, so
+no session is rebuilt. The weights are programmed by the *torch simulator*
 (``simulator.program_weight`` with ``noise.tensor_generator(seed, name)``, exactly as
-``noise.apply_chip_noise`` does), so the weights ORT computes with are bit-identical to the torch
-model's for the same seed and no session is rebuilt. When the profile has per-MVM effects (DAC/ADC,
-out_noise, w_noise) the session runs the standard-op body of ``analog_op.mvm_function`` instead of the
-ideal one, fed with the clean-weight digital scales of the profile (as noise.py fixes them).
+``noise.apply_chip_noise`` does), so they are bit-identical to the torch model's for the same seed.
+
+* Programmed weights only (``mvm=False``, or a profile without per-MVM effects): the analog
+  initializers are overridable graph inputs fed with the programmed weights; the ideal body runs.
+* Per-MVM effects (DAC/ADC, out_noise, w_noise): each AnalogMatMul runs a per-MVM body
+  (``analog_op.mvm_functions``) whose weight inputs are bound to the output of
+  ``simulator.prepare_mvm(programmed, profile, layout, clean scales)`` — the same prepared weights
+  noise.py's hooks compute — refreshed once per draw, so a call does only DAC → matmul → noise → ADC.
 """
 
 from __future__ import annotations
@@ -22,11 +26,10 @@ from onnx import ModelProto
 
 from cimconvert.noise import tensor_generator
 from cimconvert.onnx import analog_op
-from cimconvert.onnx.analog_op import SCALES_SUFFIX
 from cimconvert.onnx.export import clean_scales
 from cimconvert.profiles.schema import ChipProfile
-from cimconvert.runtime.session import initializer_arrays, make_session, prepare_model
-from cimconvert.simulator import program_weight
+from cimconvert.runtime.session import MvmInput, initializer_arrays, make_session, mvm_inputs, prepare_model
+from cimconvert.simulator import prepare_mvm, program_weight
 
 
 @dataclass(frozen=True)
@@ -78,52 +81,86 @@ class OrtNoiseRunner:
         self.mvm = profile.mvm.active and not profile.is_ideal if mvm is None else mvm
         names = [t.name for t in self.tensors]
         self.clean_weights = initializer_arrays(model, names)
-        bound = dict(self.clean_weights)
-        if self.mvm:
-            bound.update(self._scales(model))
-        prepared = prepare_model(model, list(bound), profile if self.mvm else None, noise_seed)
+        prepared = prepare_model(model, names, profile if self.mvm else None, noise_seed)
+        declared = {i.name for i in prepared.graph.input}
+        #: analog tensors read directly by the graph (all of them without per-MVM effects).
+        self.raw = [t.name for t in self.tensors if t.name in declared]
+        #: tensor → the per-MVM inputs its prepared weights feed.
+        self.mvm_inputs: dict[str, list[MvmInput]] = {}
+        for spec in mvm_inputs(prepared):
+            self.mvm_inputs.setdefault(spec.tensor, []).append(spec)
+        self.scales = {name: self._clean_scales(name) for name in self.mvm_inputs}
+        self.buffers = {name: np.array(self.clean_weights[name], copy=True) for name in self.raw}
+        for specs in self.mvm_inputs.values():
+            for spec in specs:
+                self.buffers[spec.weight] = np.zeros(spec.weight_shape, np.float32)
+                self.buffers[spec.scales] = np.zeros(spec.scales_shape, np.float32)
+                if spec.abs_weight:
+                    self.buffers[spec.abs_weight] = np.zeros(spec.weight_shape, np.float32)
         self.session = make_session(prepared, threads)
-        self.buffers = {name: np.array(value, copy=True) for name, value in bound.items()}
         self.binding = self.session.io_binding()
         for name, buffer in self.buffers.items():
             self.binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(buffer))
+        self.weights: dict[str, np.ndarray] = {}
         self.seed: int | None = None
+        self.clean()
 
-    def _scales(self, model: ModelProto) -> dict[str, np.ndarray]:
-        """Clean-weight digital scales under ``self.profile`` for every AnalogMatMul's S input."""
-        present = {t.name for t in model.graph.initializer}
-        out: dict[str, np.ndarray] = {}
-        for tensor in self.tensors:
-            key = tensor.name + SCALES_SUFFIX
-            if key in present:
-                w = torch.from_numpy(self.clean_weights[tensor.name])
-                out[key] = clean_scales(w, tensor.layout, self.profile).numpy()
-        return out
+    def _layout(self, name: str) -> str:
+        return next(t.layout for t in self.tensors if t.name == name)
+
+    def _clean_scales(self, name: str) -> torch.Tensor:
+        """Digital scales of the clean weight under ``self.profile`` (fixed at mapping, as in noise.py)."""
+        return clean_scales(torch.from_numpy(self.clean_weights[name]), self._layout(name), self.profile)
+
+    def _write(self, name: str, weight: np.ndarray) -> None:
+        """Bind ``weight`` (programmed or clean) for tensor ``name``: raw and/or prepared per-MVM inputs."""
+        if name in self.raw:
+            np.copyto(self.buffers[name], weight)
+        specs = self.mvm_inputs.get(name)
+        if not specs:
+            return
+        # a copy: prepare_mvm may scale its ``scales`` argument in place (a view of it, one input tile)
+        scales = self.scales[name].clone()
+        mw = prepare_mvm(torch.from_numpy(weight), self.profile, self._layout(name), scales)  # type: ignore[arg-type]
+        for spec in specs:
+            part = mw.expert(spec.expert) if spec.expert >= 0 else mw
+            np.copyto(self.buffers[spec.weight], part.weight_t.numpy().reshape(spec.weight_shape))
+            np.copyto(self.buffers[spec.scales], part.scales.numpy().reshape(spec.scales_shape))
+            if spec.abs_weight and part.abs_weight_t is not None:
+                np.copyto(self.buffers[spec.abs_weight], part.abs_weight_t.numpy().reshape(spec.weight_shape))
 
     def program(self, seed: int) -> dict[str, np.ndarray]:
-        """Write the weights programmed with ``seed`` into the bound buffers; returns them (views)."""
+        """Bind the weights programmed with ``seed`` (and their prepared forms); returns the former."""
+        self.weights = {}
         for tensor in self.tensors:
             clean = self.clean_weights[tensor.name]
             noisy = programmed(clean, tensor.layout, self.profile, seed, tensor.name)
-            np.copyto(self.buffers[tensor.name], noisy)
+            self._write(tensor.name, noisy)
+            self.weights[tensor.name] = noisy
         self.seed = seed
-        return {t.name: self.buffers[t.name] for t in self.tensors}
+        return dict(self.weights)
 
     def clean(self) -> None:
         """Bind the clean weights again (per-MVM effects, if any, stay on)."""
         for tensor in self.tensors:
-            np.copyto(self.buffers[tensor.name], self.clean_weights[tensor.name])
+            self._write(tensor.name, self.clean_weights[tensor.name])
+        self.weights = dict(self.clean_weights)
         self.seed = None
+
+    def run(self, feeds: Mapping[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        """Run with the bound weights plus ``feeds`` (CPU arrays); returns ``outputs``."""
+        for name, value in feeds.items():
+            self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name in outputs:
+            self.binding.bind_output(name)
+        self.session.run_with_iobinding(self.binding)
+        return self.binding.copy_outputs_to_cpu()
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
         """Logits for one batch ``[batch, seq]`` with the currently bound weights."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         mask = np.ones_like(ids) if attention_mask is None else np.ascontiguousarray(attention_mask, np.int64)
-        self.binding.bind_cpu_input("input_ids", ids)
-        self.binding.bind_cpu_input("attention_mask", mask)
-        self.binding.bind_output("logits")
-        self.session.run_with_iobinding(self.binding)
-        return self.binding.copy_outputs_to_cpu()[0]
+        return self.run({"input_ids": ids, "attention_mask": mask}, ["logits"])[0]
 
 
 class OrtCausalLM:

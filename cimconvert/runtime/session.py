@@ -4,9 +4,12 @@ One graph serves every mode. :func:`prepare_model` derives the variant a session
 
 * ``overridable``: the named initializers are also declared as graph inputs, so an IO binding can feed
   programmed weights each draw without rebuilding the session (ORT then keeps them non-constant);
-* ``mvm_profile``: the AnalogMatMul local function gets the standard-op body of
-  :func:`cimconvert.onnx.analog_op.mvm_function` (DAC, per-MVM noise, ADC), with per-node noise seeds
-  and the profile's tile grid written into the node attributes.
+* ``mvm_profile``: every AnalogMatMul node becomes one of the per-MVM ops of
+  :func:`cimconvert.onnx.analog_op.mvm_functions` (DAC, per-MVM noise, ADC in standard ops), with the
+  profile's tile grid and a noise seed in its attributes. Its weight and scale inputs are new graph
+  inputs (:class:`MvmInput`) that take the weights *prepared* once per programming
+  (``simulator.prepare_mvm``: tiled, normalised, in ADC units), so a call does only
+  DAC → matmul → noise → ADC; initializers no node reads any more are dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,21 +101,117 @@ def retile(model: ModelProto, profile: ChipProfile, noise_seed: int = 0) -> None
         _set_attr(node, "noise_seed", _noise_seed(noise_seed, spec.tensor, spec.expert))
 
 
+@dataclass(frozen=True)
+class MvmInput:
+    """The prepared-weight inputs of one per-MVM node: ``prepare_mvm`` output of (tensor, expert).
+
+    ``weight``: Ŵ/unit, ``[max_in, out]`` (one input tile) or ``[n_in, max_in, out]``; ``scales``:
+    s·unit, ``[1, out]`` or ``[n_in, 1, out]``; ``abs_weight``: |Ŵ|/unit² like ``weight`` (``pcm_read``
+    w_noise only).
+    """
+
+    tensor: str
+    expert: int
+    weight: str
+    scales: str
+    abs_weight: str | None
+    weight_shape: tuple[int, ...]
+    scales_shape: tuple[int, ...]
+
+
+def _mvm_input(attrs: dict[str, object], abs_weights: bool) -> MvmInput:
+    tensor, expert = str(attrs["tensor"]), int(attrs["expert"])  # type: ignore[call-overload]
+    sizes = [int(v) for v in attrs["tile_in_sizes"]]  # type: ignore[attr-defined]
+    out = int(attrs["out_features"])  # type: ignore[call-overload]
+    suffix = "" if expert < 0 else f"[{expert}]"
+    single = len(sizes) == 1
+    return MvmInput(
+        tensor=tensor,
+        expert=expert,
+        weight=f"{tensor}::mvm_w{suffix}",
+        scales=f"{tensor}::mvm_s{suffix}",
+        abs_weight=f"{tensor}::mvm_abs{suffix}" if abs_weights else None,
+        weight_shape=(sizes[0], out) if single else (len(sizes), max(sizes), out),
+        scales_shape=(1, out) if single else (len(sizes), 1, out),
+    )
+
+
+def _used_names(graph: onnx.GraphProto, into: set[str]) -> set[str]:
+    """Every value name a node of ``graph`` (or of a subgraph, e.g. a Scan body) reads."""
+    for node in graph.node:
+        into.update(node.input)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                _used_names(sub, into)
+    return into
+
+
+def use_prepared_weights(model: ModelProto, profile: ChipProfile) -> list[MvmInput]:
+    """Switch every AnalogMatMul of ``model`` (already :func:`retile`'d) to its per-MVM op in place.
+
+    Each node reads new graph inputs for its prepared weights (declared once per (tensor, expert));
+    initializers no longer read by any node are removed. Returns the inputs to bind.
+    """
+    abs_weights = analog_op.mvm_uses_abs_weights(profile)
+    inputs: dict[str, MvmInput] = {}
+    for node in analog_op.analog_nodes(model):
+        attrs = analog_op.node_attrs(node)
+        spec = _mvm_input(attrs, abs_weights)
+        names = [spec.weight, spec.scales] + ([spec.abs_weight] if spec.abs_weight else [])
+        del node.input[1:]
+        node.input.extend(names)
+        node.op_type = analog_op.mvm_op_type([int(v) for v in attrs["tile_in_sizes"]])  # type: ignore[attr-defined]
+        inputs.setdefault(spec.weight, spec)
+    for spec in inputs.values():
+        declared = [(spec.weight, spec.weight_shape), (spec.scales, spec.scales_shape)]
+        if spec.abs_weight:
+            declared.append((spec.abs_weight, spec.weight_shape))
+        for name, shape in declared:
+            model.graph.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
+    used = _used_names(model.graph, set()) | {o.name for o in model.graph.output}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return list(inputs.values())
+
+
+def mvm_inputs(model: ModelProto) -> list[MvmInput]:
+    """The :class:`MvmInput` of a model prepared with an ``mvm_profile`` (read back from its graph)."""
+    shapes = {i.name: tuple(d.dim_value for d in i.type.tensor_type.shape.dim) for i in model.graph.input}
+    out: dict[str, MvmInput] = {}
+    for node in model.graph.node:
+        if node.domain != analog_op.DOMAIN or node.op_type not in analog_op.MVM_OPS:
+            continue
+        attrs = analog_op.node_attrs(node)
+        weight, scales = node.input[1], node.input[2]
+        out.setdefault(weight, MvmInput(
+            tensor=str(attrs["tensor"]), expert=int(attrs["expert"]), weight=weight, scales=scales,  # type: ignore[call-overload]
+            abs_weight=node.input[3] if len(node.input) > 3 else None,
+            weight_shape=shapes[weight], scales_shape=shapes[scales],
+        ))  # fmt: skip
+    return list(out.values())
+
+
 def prepare_model(
     model: ModelProto,
     overridable: Sequence[str] = (),
     mvm_profile: ChipProfile | None = None,
     noise_seed: int = 0,
 ) -> ModelProto:
-    """A copy of ``model`` set up for a session mode (see the module docstring)."""
+    """A copy of ``model`` set up for a session mode (see the module docstring).
+
+    With ``mvm_profile``, names in ``overridable`` that no node reads any more (the weights of the
+    rewritten analog nodes) are not declared; :func:`mvm_inputs` lists the prepared-weight inputs.
+    """
     out = ModelProto()
     out.CopyFrom(model)
-    if overridable:
-        _make_overridable(out, overridable)
     if mvm_profile is not None:
         retile(out, mvm_profile, noise_seed)
+        use_prepared_weights(out, mvm_profile)
         opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 18)
-        analog_op.attach_function(out, analog_op.mvm_function(mvm_profile, opset))
+        analog_op.attach_function(out, analog_op.mvm_functions(mvm_profile, opset))
+    present = {t.name for t in out.graph.initializer}
+    _make_overridable(out, [name for name in overridable if name in present])
     return out
 
 
