@@ -91,7 +91,7 @@ def prepare_mvm(
     abs_w = None
     if spec.w_noise > 0 and spec.w_noise_type == "pcm_read":
         abs_w = normalised.abs().mul_(1.0 / unit**2)
-    return MvmWeights(normalised.mul_(1.0 / unit), abs_w, scales_t.mul_(unit), grid.in_sizes, spec, unit)
+    return MvmWeights(normalised.mul_(1.0 / unit), abs_w, scales_t * unit, grid.in_sizes, spec, unit)
 
 
 def quantise_(x: torch.Tensor, bits: int | None, bound: float) -> torch.Tensor:
