@@ -60,6 +60,38 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def to_pivot(rows: list[dict], dataset: str) -> str:
+    """One line per model: clean PPL, then noisy mean ± std per profile, for one dataset."""
+    profiles = list(dict.fromkeys(r["profile"] for r in rows if r["dataset"] == dataset))
+    lines = [
+        "| model | clean | " + " | ".join(profiles) + " |",
+        "|---|---|" + "---|" * len(profiles),
+    ]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        cells = {r["profile"]: r for r in rows if r["model"] == model and r["dataset"] == dataset}
+        if not cells:
+            continue
+        clean = next(iter(cells.values()))["clean_ppl"]
+        noisy = [
+            f"{cells[p]['noisy_ppl_mean']:.1f} ± {cells[p]['noisy_ppl_std']:.1f} "
+            f"({cells[p]['degradation_pct']:+.1f}%)" if p in cells else "—"
+            for p in profiles
+        ]
+        lines.append(f"| {model} | {clean:.1f} | " + " | ".join(noisy) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(rows: list[dict]) -> str:
+    """Write the JSON and markdown results; returns the markdown."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "demo_eval.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    parts = [f"### {d}\n\n{to_pivot(rows, d)}" for d in datasets]
+    text = "\n".join(parts) + "\n### all rows\n\n" + to_markdown(rows)
+    (RESULTS / "demo_eval.md").write_text(text, encoding="utf-8")
+    return text
+
+
 def main() -> None:
     """Parse options, evaluate, write results."""
     parser = argparse.ArgumentParser(
@@ -70,13 +102,14 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--datasets", nargs="+", default=["heldout", "wikitext2"])
     parser.add_argument("--profiles", nargs="+", default=PROFILES)
+    parser.add_argument("--from-json", action="store_true", help="only re-render the markdown")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    rows = run(args.seeds, args.datasets, args.max_tokens, args.profiles)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "demo_eval.json").write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
-    (RESULTS / "demo_eval.md").write_text(to_markdown(rows), encoding="utf-8")
-    print(to_markdown(rows))
+    if args.from_json:
+        rows = json.loads((RESULTS / "demo_eval.json").read_text(encoding="utf-8"))
+    else:
+        rows = run(args.seeds, args.datasets, args.max_tokens, args.profiles)
+    print(write_results(rows))
 
 
 if __name__ == "__main__":
