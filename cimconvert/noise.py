@@ -30,6 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 
+from cimconvert.arch.experts import dispatch_experts
 from cimconvert.errors import ModelInputError
 from cimconvert.profiles.schema import ChipProfile
 from cimconvert.simulator import (
@@ -244,27 +245,10 @@ def analog_experts_forward(
     state = _EXPERTS.get(self)
     if state is None:
         return _fallback_experts(self)(self, hidden_states, top_k_index, top_k_weights)
-    num_top_k = top_k_index.shape[-1]
-    flat = top_k_index.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=self.num_experts)[: self.num_experts].tolist()
-    routing = top_k_weights.reshape(-1)
-    first = "gate_up_proj" if getattr(self, "has_gate", True) else "up_proj"
-    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
-    start = 0
-    for expert, count in enumerate(counts):
-        if count == 0:
-            continue
-        pairs = order[start : start + count]
-        start += count
-        tokens = pairs // num_top_k
-        h = _expert_linear(self, state, first, expert, hidden_states[tokens])
-        h = self._apply_gate(h) if getattr(self, "has_gate", True) else self.act_fn(h)
-        h = _expert_linear(self, state, "down_proj", expert, h)
-        if getattr(self, "has_post_expert_norm", False):
-            h = self.post_expert_norm(h)
-        out.index_add_(0, tokens, (h * routing[pairs, None]).float())
-    return out.to(hidden_states.dtype)
+    return dispatch_experts(
+        self, hidden_states, top_k_index, top_k_weights,
+        lambda name, expert, x: _expert_linear(self, state, name, expert, x),
+    )
 
 
 def _switch_experts(handle: NoiseHandle, module: nn.Module) -> None:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 
 #: Tensor kinds that adapters assign. Matmul kinds can be analog; the rest always stay digital.
-MATMUL_KINDS = (
+MatmulKind = Literal[
     "attention",
     "mlp",
     "expert",
@@ -29,28 +29,12 @@ MATMUL_KINDS = (
     "ssm_dt_proj",
     "ssm_out_proj",
     "lm_head",
-)
-DIGITAL_ONLY_KINDS = ("embedding", "norm", "bias", "conv", "ssm_param", "other")
-TENSOR_KINDS = MATMUL_KINDS + DIGITAL_ONLY_KINDS
-TensorKind = Literal[
-    "attention",
-    "mlp",
-    "expert",
-    "shared_expert",
-    "shared_expert_gate",
-    "router",
-    "ssm_in_proj",
-    "ssm_x_proj",
-    "ssm_dt_proj",
-    "ssm_out_proj",
-    "lm_head",
-    "embedding",
-    "norm",
-    "bias",
-    "conv",
-    "ssm_param",
-    "other",
 ]
+DigitalOnlyKind = Literal["embedding", "norm", "bias", "conv", "ssm_param", "other"]
+TensorKind = MatmulKind | DigitalOnlyKind
+MATMUL_KINDS: tuple[str, ...] = get_args(MatmulKind)
+DIGITAL_ONLY_KINDS: tuple[str, ...] = get_args(DigitalOnlyKind)
+TENSOR_KINDS = MATMUL_KINDS + DIGITAL_ONLY_KINDS
 
 
 class Strict(BaseModel):
