@@ -163,6 +163,9 @@ def convert(
         net, result = _apply_method(resolved, source, adapter, chip, options, progress)
         report = result.report
         out_dir.parent.mkdir(parents=True, exist_ok=True)
+        analog = [*analog, *result.analog]
+        digital = [*digital, *result.digital]
+        extra["overrides"] = {"analog": analog, "digital": digital}
         with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.src-", dir=out_dir.parent) as tmp:
             transformed = _save_transformed(net, source, Path(tmp))
             placement = _plan(transformed, adapter, chip, analog, digital)

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -481,18 +481,26 @@ def build_meta_model(folder: Path, model_type: str, trust_remote_code: bool = Fa
 
 
 def load_hf_model(
-    folder: Path, model_type: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+    folder: Path,
+    model_type: str,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    expected_key_changes: tuple[Sequence[str], Sequence[str]] = ((), ()),
 ) -> torch.nn.Module:
     """Load a model folder (a checkpoint or a bundle) with its weights, in eval mode.
 
-    Library code only (the registered class; DeepSeek v1 through our own module) and strict keys.
+    Library code only (the registered class; DeepSeek v1 through our own module) and strict keys, except
+    ``expected_key_changes`` = (missing, unexpected) keys that a recorded transform re-loads itself.
     Remote code runs only when ``trust_remote_code`` is given, through ``AutoModelForCausalLM``.
     """
     from cimconvert.arch import get_adapter, load_pretrained
 
     get_adapter(model_type)
     if not trust_remote_code:
-        return load_pretrained(folder, dtype=dtype).eval()
+        missing, unexpected = expected_key_changes
+        return load_pretrained(
+            folder, dtype=dtype, expected_missing=missing, expected_unexpected=unexpected
+        ).eval()
     from transformers import AutoModelForCausalLM
 
     try:

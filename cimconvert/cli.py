@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -86,20 +87,21 @@ def method_options(func: Callable) -> Callable:
 @click.option("--digital", multiple=True, help="keep tensors digital: exact name or regex (repeatable)")
 @click.option("--dry-run", is_flag=True, help="print the placement table and totals; write nothing")
 @click.option("--force", is_flag=True, help="replace a non-empty OUT")
+@click.option("--onnx/--no-onnx", default=True, show_default=True, help="also export onnx/model.onnx")
 @click.option("--seed", default=0, show_default=True, help="seed for every random draw (recorded)")
 @click.option("--trust-remote-code", is_flag=True, help="allow the checkpoint's own Python code (off)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable summary on stdout")
 @method_options
 def convert_cmd(model: str, profile: str, out: Path | None, method: str, analog: tuple[str, ...],
-                digital: tuple[str, ...], dry_run: bool, force: bool, seed: int, trust_remote_code: bool,
-                as_json: bool, **method_opts: Any) -> None:
+                digital: tuple[str, ...], dry_run: bool, force: bool, onnx: bool, seed: int,
+                trust_remote_code: bool, as_json: bool, **method_opts: Any) -> None:
     """Convert MODEL (local HF folder or cached hub id) into a bundle for the chip PROFILE."""
     from cimconvert import api
 
     res = api.convert(
         model, profile, out=out, method=method, analog=analog, digital=digital, dry_run=dry_run,
         force=force, seed=seed, trust_remote_code=trust_remote_code, progress=not as_json,
-        method_options=method_opts,
+        method_options=method_opts, onnx=onnx,
     )
     emit(res, as_json, _format_convert)
 
@@ -145,6 +147,30 @@ def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: st
     emit(res, as_json, _format_eval)
 
 
+# ---------------------------------------------------------------------------------------- validate
+@cli.command("validate", context_settings=CONTEXT)
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--profile", "-p", default=None, help="chip profile [the bundle's own]")
+@click.option("--seeds", default=5, show_default=True, type=click.IntRange(1), help="number of noise draws")
+@click.option("--seed", default=1000, show_default=True, help="first noise seed (seed, seed+1, ...)")
+@click.option("--dataset", default="heldout", show_default=True, help="dataset name or text file")
+@click.option("--max-tokens", default=4096, show_default=True, type=click.IntRange(16), help="token budget")
+@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(2))
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="torch/ORT CPU threads")
+@click.option("--profile-mismatch-ok", is_flag=True, help="allow a profile other than the bundle's")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable result on stdout")
+def validate_cmd(out: Path, profile: str | None, seeds: int, seed: int, dataset: str, max_tokens: int,
+                 seq_len: int, threads: int, profile_mismatch_ok: bool, as_json: bool) -> None:
+    """Run bundle OUT's ONNX graph in onnxruntime under chip noise and compare with the torch simulator."""
+    from cimconvert.validate import format_validate, validate
+
+    res = validate(out, profile, seeds=seeds, seed=seed, dataset=dataset, max_tokens=max_tokens,
+                   seq_len=seq_len, threads=threads, profile_mismatch_ok=profile_mismatch_ok)
+    emit(res, as_json, format_validate)
+    if not res["summary"]["passed"]:
+        sys.exit(1)
+
+
 # ----------------------------------------------------------------------------------------- inspect
 def _format_inspect(res: dict) -> str:
     status = "checksums OK" if res["verified"] else "ALTERED: " + "; ".join(res["problems"])
@@ -175,6 +201,48 @@ def inspect_cmd(out: Path, as_json: bool) -> None:
     emit(res, as_json, _format_inspect)
     if not res["verified"]:
         sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------- analyze
+def _format_analyze(res: dict) -> str:
+    from cimconvert.analysis import format_table
+
+    return format_table(res) + "\n\nwrote " + ", ".join(res["files"].values())
+
+
+@cli.command("analyze", context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--profile", "-p", default=None, help="chip profile [a bundle's own profile, else required]")
+@click.option("--seeds", default=3, show_default=True, type=click.IntRange(1), help="noise draws per layer")
+@click.option("--seed", default=1000, show_default=True, help="first noise seed (then seed+1, ...)")
+@click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True,
+              help="noise in one analog tensor (layer) or one decoder block at a time")
+@click.option("-o", "--out", type=click.Path(path_type=Path),
+              help="folder for sensitivity.json/.md/.png [./<model>-sensitivity-<profile>/]")
+@click.option("--dataset", default="heldout", show_default=True, help="dataset name or text file")
+@click.option("--max-tokens", default=4096, show_default=True, type=click.IntRange(16), help="token budget")
+@click.option("--seq-len", default=256, show_default=True, type=click.IntRange(2))
+@click.option("--analog", multiple=True, help="force tensors analog: exact name or regex (repeatable)")
+@click.option("--digital", multiple=True, help="keep tensors digital: exact name or regex (repeatable)")
+@click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable result on stdout")
+def analyze_cmd(model: str, profile: str | None, seeds: int, seed: int, granularity: str, out: Path | None,
+                dataset: str, max_tokens: int, seq_len: int, analog: tuple[str, ...],
+                digital: tuple[str, ...], threads: int | None, as_json: bool) -> None:
+    """Noise sensitivity of MODEL: chip noise in one layer (or block) at a time, PPL change over seeds.
+
+    The JSON it writes feeds `--method hpd --hpd-layers auto --hpd-scan OUT/sensitivity.json`.
+    """
+    from cimconvert.analysis import analyze
+
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    res = analyze(model, profile, seeds=seeds, seed=seed, granularity=granularity, out=out, dataset=dataset,
+                  max_tokens=max_tokens, seq_len=seq_len, analog=analog, digital=digital,
+                  progress=not as_json)
+    emit(res, as_json, _format_analyze)
 
 
 # ---------------------------------------------------------------------------------------- profiles
@@ -215,8 +283,68 @@ def profiles_schema_cmd() -> None:
     click.echo(json.dumps(ChipProfile.model_json_schema(), indent=2))
 
 
+# ---------------------------------------------------------------------------------------- finetune
+def _format_finetune(res: dict) -> str:
+    method = res["method"]
+    loss = "n/a" if res["loss_first"] is None else f"{res['loss_first']:.4f} -> {res['loss_last']:.4f}"
+    speed = "" if res["tokens_per_second"] is None else (
+        f", {res['seconds_per_step']:.3f} s/step, {res['tokens_per_second']:.0f} tokens/s")
+    return (
+        f"wrote {res['out']}\n"
+        f"  method {method['method']} ({method['forward']}; backward {method['backward']})\n"
+        f"  profile {res['profile']}, {res['analog_tensors']} analog tensors\n"
+        f"  steps {res['start_step']} -> {res['steps']}, loss {loss}{speed}"
+    )
+
+
+@cli.command("finetune", context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--profile", "-p", required=True, help="chip profile: shipped name or YAML path")
+@click.option("--method", type=click.Choice(["ste", "nat", "none"]), default="ste", show_default=True,
+              help="ste: full chip model forward, straight-through backward; nat: differentiable noise; "
+                   "none: clean fine-tuning (control)")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="output model folder")
+@click.option("--data", default="gutenberg-train", show_default=True, help="dataset name or text file")
+@click.option("--steps", default=100, show_default=True, type=click.IntRange(1), help="total optimizer steps")
+@click.option("--lr", default=3e-4, show_default=True, type=float, help="peak learning rate (AdamW)")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
+@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(2))
+@click.option("--seed", default=0, show_default=True, help="seed of data order and every noise draw")
+@click.option("--grad-clip", default=1.0, show_default=True, type=float, help="max grad norm (0: off)")
+@click.option("--distill", is_flag=True, help="distil from the clean model (KL at --temperature)")
+@click.option("--temperature", default=1.0, show_default=True, type=float, help="distillation temperature")
+@click.option("--nat-noise", type=click.Choice(["gaussian", "chip"]), default="gaussian", show_default=True,
+              help="nat only: W + sigma*max|W_row|*eps, or the chip's weight chain inside autograd")
+@click.option("--nat-sigma", default=None, type=float, help="nat gaussian sigma [matched to the profile]")
+@click.option("--save-every", default=50, show_default=True, type=click.IntRange(0),
+              help="write the resumable state every N steps (0: only at the end)")
+@click.option("--max-tokens", default=None, type=click.IntRange(16), help="use at most N training tokens")
+@click.option("--resume", is_flag=True, help="continue the run whose state is in OUT")
+@click.option("--force", is_flag=True, help="write into a non-empty OUT")
+@click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable summary on stdout")
+def finetune_cmd(model: str, profile: str, method: str, out: Path, data: str, steps: int, lr: float,
+                 batch_size: int, seq_len: int, seed: int, grad_clip: float, distill: bool,
+                 temperature: float, nat_noise: str, nat_sigma: float | None, save_every: int,
+                 max_tokens: int | None, resume: bool, force: bool, threads: int | None,
+                 as_json: bool) -> None:
+    """Noise-aware fine-tuning of MODEL for the chip PROFILE; writes a HF checkpoint to OUT."""
+    from cimconvert.finetune import finetune
+
+    res = finetune(
+        model, profile, method=method, out=out, data=data, steps=steps, lr=lr, batch_size=batch_size,
+        seq_len=seq_len, seed=seed, grad_clip=grad_clip, distill=distill, temperature=temperature,
+        resume=resume, nat_noise=nat_noise, nat_sigma=nat_sigma, save_every=save_every,
+        max_tokens=max_tokens, threads=threads, force=force, progress=not as_json,
+    )
+    res = {k: v for k, v in res.items() if k != "losses"} if not as_json else res
+    emit(res, as_json, _format_finetune)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI; bad input is one line on stderr and exit code 2, never a traceback."""
+    # transformers' load reports and kernel fallbacks are noise here: cimconvert checks keys itself.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         cli.main(args=argv, prog_name="cimconvert", standalone_mode=False)
     except CimError as exc:

@@ -32,6 +32,9 @@ ExpertRole = Literal["gate", "up", "down"]
 #: Name components that mark a normalisation layer (weight and bias of any norm are kind ``norm``).
 _NORM_COMPONENT = r"[^.]*(?:norm|ln_)[^.]*"
 
+#: Parameter names of a layer split by a method into a digital and an analog factor.
+SPLIT_FACTOR = re.compile(r"^(.*)\.(analog|digital)\.(weight|bias)$")
+
 
 @dataclass(frozen=True)
 class Rule:
@@ -213,9 +216,16 @@ class ArchAdapter:
     def classify(self, name: str, shape: tuple[int, ...] | None = None) -> tuple[TensorKind, Layout]:
         """Kind and layout of a tensor, from an in-memory parameter name or an on-disk safetensors key.
 
-        Unknown names are ``("other", "none")`` (always digital). A matmul kind whose ``shape`` is not
+        Unknown names are ``("other", "none")`` (always digital). A method's split of a layer
+        (``<module>.analog.weight`` / ``<module>.digital.weight``, HPD) gives the analog factor the layer's
+        own kind and layout and keeps the digital factor digital. A matmul kind whose ``shape`` is not
         2-D (3-D for fused experts) is also ``other``: it cannot be mapped onto a crossbar.
         """
+        split = SPLIT_FACTOR.match(name)
+        if split is not None:  # a method's split of a layer (HPD): the analog factor keeps the layer's kind
+            if split.group(2) == "digital":
+                return "other", "none"
+            name = f"{split.group(1)}.{split.group(3)}"
         kind, layout = self._match(name)
         if kind in MATMUL_KINDS and shape is not None and len(shape) not in (2, 3):
             return "other", "none"

@@ -9,6 +9,7 @@ DeepSeek v1 (``model_type "deepseek"``) goes through :mod:`cimconvert.arch.deeps
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,13 +87,20 @@ def build_model(config: Any, *, seed: int | None = None, dtype: torch.dtype | No
 
 
 def load_pretrained(
-    path: str | Path, *, dtype: torch.dtype | str | None = None, strict: bool = True, **kwargs: Any
+    path: str | Path,
+    *,
+    dtype: torch.dtype | str | None = None,
+    strict: bool = True,
+    expected_missing: Sequence[str] = (),
+    expected_unexpected: Sequence[str] = (),
+    **kwargs: Any,
 ) -> PreTrainedModel:
     """Load a model folder (safetensors) with library code only, in eval mode.
 
     ``strict``: missing, unexpected or shape-mismatched keys are a ModelInputError (otherwise transformers
-    would silently leave randomly initialised weights). Extra keyword arguments go to ``from_pretrained``
-    (e.g. ``experts_implementation``); ``trust_remote_code`` is refused.
+    would silently leave randomly initialised weights), except the ``expected_*`` keys, which a recorded
+    transform (e.g. an HPD split) replaces and re-loads itself. Extra keyword arguments go to
+    ``from_pretrained`` (e.g. ``experts_implementation``); ``trust_remote_code`` is refused.
     """
     if kwargs.pop("trust_remote_code", False):
         raise ModelInputError(
@@ -107,6 +115,9 @@ def load_pretrained(
     except (OSError, ValueError) as exc:
         raise ModelInputError(f"cannot load model from {path}: {_first_line(exc)}") from None
     problems = {k: info.get(k) or [] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    expected = set(expected_missing) | set(expected_unexpected)
+    for key in ("missing_keys", "unexpected_keys"):
+        problems[key] = [k for k in problems[key] if k not in expected]
     if strict and any(problems.values()):
         detail = "; ".join(f"{k}: {', '.join(map(str, sorted(v)[:3]))}" for k, v in problems.items() if v)
         raise ModelInputError(f"checkpoint {path} does not match {cls.__name__} ({detail})")

@@ -21,6 +21,23 @@ from cimconvert.errors import BundleError
 
 #: transform type → fn(model, transform_entry, bundle_dir) that re-applies it on load (in place).
 TRANSFORM_LOADERS: dict[str, Callable[[torch.nn.Module, TransformEntry, Path], None]] = {}
+#: Transform type → fn(params) -> (keys the stock class reports missing, keys it reports unexpected).
+TRANSFORM_KEY_CHANGES: dict[str, Callable[[dict[str, Any]], tuple[list[str], list[str]]]] = {}
+
+
+def expected_key_changes(manifest: Manifest) -> tuple[list[str], list[str]]:
+    """Keys a stock ``from_pretrained`` of the bundle will miss / not expect, because transforms own them."""
+    import cimconvert.methods  # noqa: F401  (registers the methods' loaders and key changes)
+
+    missing: list[str] = []
+    unexpected: list[str] = []
+    for entry in manifest.transforms:
+        changes = TRANSFORM_KEY_CHANGES.get(entry.type)
+        if changes is not None:
+            gone, added = changes(entry.params)
+            missing += gone
+            unexpected += added
+    return missing, unexpected
 
 
 def read_manifest(out: str | Path) -> Manifest:
@@ -74,6 +91,8 @@ def _raise_problems(out: Path, problems: list[str]) -> None:
 
 def apply_transforms(model: torch.nn.Module, manifest: Manifest, out: Path) -> torch.nn.Module:
     """Re-apply the manifest's transforms through :data:`TRANSFORM_LOADERS`, in order."""
+    import cimconvert.methods  # noqa: F401  (registers the methods' loaders)
+
     for entry in manifest.transforms:
         loader = TRANSFORM_LOADERS.get(entry.type)
         if loader is None:
@@ -92,7 +111,9 @@ def load_bundle(out: str | Path, dtype: torch.dtype = torch.float32, verify: boo
     manifest = read_manifest(folder)
     if verify:
         _raise_problems(folder, verify_bundle(folder, manifest))
-    model = load_hf_model(folder, manifest.source.model_type, dtype)
+    model = load_hf_model(
+        folder, manifest.source.model_type, dtype, expected_key_changes=expected_key_changes(manifest)
+    )
     return apply_transforms(model, manifest, folder)
 
 

@@ -38,11 +38,17 @@ class MethodOption:
 
 @dataclass
 class MethodResult:
-    """What a method did: manifest transform entries, seeds it drew, and measurements for the report."""
+    """What a method did: manifest transform entries, seeds it drew, and measurements for the report.
+
+    ``analog`` / ``digital`` name tensors the method intends for a unit (e.g. HPD's analog factor of an
+    LM head, whose kind is digital by default); the pipeline adds them to the placement overrides.
+    """
 
     transforms: list[dict[str, Any]] = field(default_factory=list)
     seeds: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    analog: list[str] = field(default_factory=list)
+    digital: list[str] = field(default_factory=list)
 
 
 class Method(Protocol):

@@ -1,0 +1,115 @@
+"""Calibration text → token batches, shared by every method that fits something on unlabelled text.
+
+Options (declared once here so the CLI shows each flag once, whichever methods use it):
+``--calib-data`` (a shipped corpus name such as ``calib`` or a UTF-8 text file), ``--calib-samples``
+(number of sequences) and ``--calib-seq-len`` (tokens per sequence). The sequences are consecutive,
+non-overlapping windows from the start of the text, so a calibration set is reproducible and never
+overlaps the held-out evaluation text when the two corpora are disjoint (``calib`` / ``heldout``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from cimconvert.errors import CimError
+
+if TYPE_CHECKING:
+    from cimconvert.methods.base import MethodOption
+
+DEFAULT_CALIB_DATA = "calib"
+DEFAULT_CALIB_SAMPLES = 32
+DEFAULT_CALIB_SEQ_LEN = 256
+
+
+def calibration_options() -> tuple[MethodOption, ...]:
+    """The shared ``--calib-data/--calib-samples/--calib-seq-len`` options (imported lazily: no cycle)."""
+    from cimconvert.methods.base import MethodOption
+
+    return (
+        MethodOption(
+            "calib_data", str, DEFAULT_CALIB_DATA,
+            "calibration text: a shipped corpus name (calib, heldout, wikitext2, ...) or a UTF-8 text file",
+        ),
+        MethodOption("calib_samples", int, DEFAULT_CALIB_SAMPLES, "number of calibration sequences"),
+        MethodOption("calib_seq_len", int, DEFAULT_CALIB_SEQ_LEN, "tokens per calibration sequence"),
+    )  # fmt: skip
+
+
+def _token_ids(tokenizer: Any, text: str, limit: int) -> list[int]:
+    """Token ids of a prefix of ``text`` long enough for ``limit`` tokens (whole text if shorter)."""
+    chars = max(limit * 8, 4096)
+    while True:
+        ids = list(tokenizer(text[:chars], add_special_tokens=False)["input_ids"])
+        if len(ids) >= limit or chars >= len(text):
+            return ids[:limit]
+        chars *= 2
+
+
+def calibration_batches(
+    text: str, tokenizer: Any, samples: int, seq_len: int, name: str = "text"
+) -> torch.Tensor:
+    """``samples`` consecutive windows of ``seq_len`` tokens from ``text`` as a ``[samples, seq_len]`` tensor.
+
+    ``tokenizer`` is any Hugging Face style callable returning ``{"input_ids": [...]}``. Raises a
+    one-line CimError when the options are out of range or the text is too short.
+    """
+    if samples < 1:
+        raise CimError(f"--calib-samples must be at least 1 (got {samples})")
+    if seq_len < 2:
+        raise CimError(f"--calib-seq-len must be at least 2 (got {seq_len})")
+    need = samples * seq_len
+    ids = _token_ids(tokenizer, text, need)
+    if len(ids) < need:
+        raise CimError(
+            f"calibration data '{name}' has {len(ids)} tokens, too short for --calib-samples {samples} x "
+            f"--calib-seq-len {seq_len} = {need} tokens"
+        )
+    return torch.tensor(ids, dtype=torch.long).view(samples, seq_len)
+
+
+def resolve_tokenizer(model: torch.nn.Module, options: dict[str, Any]) -> Any:
+    """The tokenizer for calibration: ``options["tokenizer"]`` (object or folder), else the model's folder."""
+    given = options.get("tokenizer")
+    if given is not None and not isinstance(given, str):
+        return given
+    folder = given or getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+    if not folder:
+        raise CimError("calibration needs a tokenizer: the model was not loaded from a folder")
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise CimError(
+            f"calibration needs a tokenizer; none usable in {folder}: {str(exc).splitlines()[0]}"
+        ) from None
+
+
+def calibration_tokens(model: torch.nn.Module, options: dict[str, Any]) -> torch.Tensor:
+    """Calibration batches ``[samples, seq_len]`` for ``model`` from the ``calib_*`` options.
+
+    ``options["calib_tokens"]`` (a LongTensor ``[samples, seq_len]``) bypasses tokenisation (API use).
+    """
+    given = options.get("calib_tokens")
+    if given is not None:
+        tokens = torch.as_tensor(given, dtype=torch.long)
+        if tokens.dim() != 2 or tokens.shape[1] < 2:
+            raise CimError(f"calib_tokens must be a [samples, seq_len] tensor (got {tuple(tokens.shape)})")
+        return tokens
+    from cimconvert.data import load_text
+
+    data = str(options.get("calib_data", DEFAULT_CALIB_DATA))
+    samples = int(options.get("calib_samples", DEFAULT_CALIB_SAMPLES))
+    seq_len = int(options.get("calib_seq_len", DEFAULT_CALIB_SEQ_LEN))
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos and seq_len > max_pos:
+        raise CimError(f"--calib-seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
+    tokenizer = resolve_tokenizer(model, options)
+    return calibration_batches(load_text(data), tokenizer, samples, seq_len, name=data)
+
+
+def iter_batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Split ``[samples, seq_len]`` calibration tokens into batches of at most ``batch_size`` rows."""
+    return list(torch.split(tokens, max(1, batch_size), dim=0))

@@ -1,0 +1,130 @@
+"""The ROMER method: expert replacement + router calibration for MoE models under analog noise.
+
+``RomerMethod.apply`` runs the calibration text through the clean model and through the noisy model
+(simulated chip instances of the target profile, or one programmed instance for in-situ calibration),
+replaces under-activated experts, fits the router-logit calibration, installs the digital routing hooks
+and returns the manifest transform entries that :mod:`.loader` re-applies on ``load_bundle``.
+
+Besides the declared options, ``apply`` reads these keys of ``options`` when present (API use, not
+flags): ``analog`` / ``digital`` (the placement overrides, so that a router forced analog is noisy during
+calibration), ``tokenizer`` (object or folder; default: the model's folder) and ``calib_tokens``
+(a ``[samples, seq_len]`` LongTensor that replaces the calibration text).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from cimconvert.calibration import calibration_options, calibration_tokens
+from cimconvert.methods.base import MethodOption, MethodResult
+from cimconvert.methods.romer.core import (
+    CALIB_MODES,
+    CALIBRATIONS,
+    REPLACEMENTS,
+    SPLITS,
+    RomerConfig,
+    build_plan,
+    calibration_stats,
+    install,
+    moe_routers,
+)
+from cimconvert.methods.romer.loader import plan_transforms
+from cimconvert.profiles import ChipProfile
+
+_D = RomerConfig()
+
+OPTIONS: tuple[MethodOption, ...] = (
+    *calibration_options(),
+    MethodOption("calib_seeds", int, _D.calib_seeds,
+                 "ROMER: simulated noise draws used for fitting (cross-instance)"),
+    MethodOption("calib_seed", int, _D.calib_seed,
+                 "ROMER: first seed of the fitting draws (keep them apart from evaluation seeds)"),
+    MethodOption("calib_mode", str, _D.calib_mode,
+                 "ROMER: fit on simulated draws of the profile (cross-instance) or on one programmed chip "
+                 "(in-situ)",
+                 choices=CALIB_MODES),
+    MethodOption("insitu_seed", int, _D.insitu_seed, "ROMER in-situ: seed of the simulated chip instance"),
+    MethodOption("insitu_logits", str, _D.insitu_logits,
+                 "ROMER in-situ: safetensors file of router logits measured on the chip (docs/ROMER.md)"),
+    MethodOption("replacement", str, _D.replacement, "ROMER expert replacement", choices=REPLACEMENTS),
+    MethodOption("replace_tau", float, _D.replace_tau, "ROMER: expert is cold if its load < tau * k/E"),
+    MethodOption("replace_bottom", int, _D.replace_bottom,
+                 "ROMER: replace the r least-used experts (overrides tau)"),
+    MethodOption("replace_split", str, _D.replace_split,
+                 "ROMER replicate_split: donor tokens to both copies at half weight (mean) or alternate",
+                 choices=SPLITS),
+    MethodOption("router_calibration", str, _D.router_calibration, "ROMER router-logit calibration",
+                 choices=CALIBRATIONS),
+    MethodOption("router_p_lo", float, _D.router_p_lo, "ROMER affine: lower percentile matched"),
+    MethodOption("router_p_hi", float, _D.router_p_hi, "ROMER affine: upper percentile matched"),
+    MethodOption("router_deadband", float, _D.router_deadband,
+                 "ROMER affine: keep a layer uncalibrated when |a_e-1| and the shift are below this"),
+    MethodOption("router_q", float, _D.router_q, "ROMER token_norm: per-token spread P_q - P_(1-q)"),
+)  # fmt: skip
+
+
+def _noise_targets(model: torch.nn.Module, profile: ChipProfile, options: dict[str, Any]) -> list[Any]:
+    from cimconvert.placement import plan_model
+
+    analog = tuple(options.get("analog") or ())
+    digital = tuple(options.get("digital") or ())
+    return plan_model(model, profile, analog=analog, digital=digital).analog()
+
+
+class RomerMethod:
+    """ROMER (arXiv 2605.11800): expert replacement and router calibration, post-training, no labels."""
+
+    name = "romer"
+    families = ("moe",)
+    options = OPTIONS
+
+    def apply(
+        self,
+        model: torch.nn.Module,
+        adapter: Any,
+        profile: ChipProfile,
+        options: dict[str, Any],
+        progress: bool = True,
+    ) -> MethodResult:
+        """Calibrate on noisy statistics, replace experts, install the routing hooks; see module docs."""
+        start = time.perf_counter()
+        cfg = RomerConfig.from_options(options)
+        moe = moe_routers(model, adapter)
+        tokens = (
+            None
+            if (cfg.calib_mode == "in-situ" and cfg.insitu_logits)
+            else calibration_tokens(model, options)
+        )
+        targets = _noise_targets(model, profile, options)
+        if (not targets or profile.is_ideal) and not (cfg.calib_mode == "in-situ" and cfg.insitu_logits):
+            note = f"profile {profile.name} adds no analog noise: ROMER left the model unchanged"
+            return MethodResult(report={"config": dict(cfg.__dict__), "skipped": note})
+        with torch.no_grad():
+            stats = calibration_stats(model, moe, tokens, targets, profile, cfg, progress)
+            plan = build_plan(stats, moe, cfg)
+            install(moe, plan)
+        total = time.perf_counter() - start
+        passes = stats.noisy_runs if stats.source == "simulated" else [stats.clean]
+        one_pass = sum(r.seconds for r in passes) / max(len(passes), 1)
+        report = {
+            "config": dict(cfg.__dict__),
+            "calibration_tokens": int(stats.tokens.numel()),
+            "noise_seeds": stats.seeds,
+            "logits_source": stats.source,
+            "analog_tensors": len(targets),
+            "router_analog": any(t.kind == "router" for t in targets),
+            "seconds": {**{k: round(v, 3) for k, v in stats.seconds.items()}, "total": round(total, 3)},
+            "cost_vs_one_noisy_pass": round(total / max(one_pass, 1e-9), 2),
+            **plan.report,
+        }
+        return MethodResult(
+            transforms=plan_transforms(plan, moe, adapter),
+            seeds={"romer_calibration": stats.seeds},
+            report=report,
+        )
+
+
+METHOD = RomerMethod()
