@@ -151,7 +151,9 @@ def convert(
         return _dry_run_result(model, chip, resolved, placement)
     out_dir = Path(out) if out is not None else default_out_dir(model, chip)
     check_out_dir(out_dir, force)  # fail before any expensive work
-    options = {**option_values(resolved, dict(method_options or {})), "seed": seed}
+    # The method sees the placement overrides too (e.g. ROMER calibrates with an analog router noisy).
+    options = {**option_values(resolved, dict(method_options or {})), "seed": seed,
+               "analog": list(analog), "digital": list(digital)}
     extra: dict[str, Any] = {"method": resolved, "method_options": options,
                              "overrides": {"analog": list(analog), "digital": list(digital)}}
     if resolved == "none":

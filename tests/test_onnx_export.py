@@ -255,3 +255,20 @@ def test_mvm_op_equals_simulator_analog_matmul(in_features, chip):
     got = runner.run({"X": x.numpy()}, ["Y"])[0]
     want = analog_matmul(x, prepare_mvm(noisy, profile, "out_in", scales.clone()), None).numpy()
     assert np.abs(got - want).max() <= 1e-6
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "qwen2_moe"])
+def test_analog_router_exports_as_named_weight_only_initializer(model_type, chip):
+    """A router placed analog (no nn.Linear: weight-level noise only) keeps its name and layout in ONNX."""
+    model = build_tiny(model_type)
+    targets = plan_model(model, chip, analog=[r"re:.*mlp\.gate\.weight"]).analog()
+    routers = [t.name for t in targets if t.kind == "router"]
+    assert routers
+    proto, _, weight_only = build_onnx(model, targets, chip)
+    assert set(routers) <= set(weight_only)
+    inits = {t.name: list(t.dims) for t in proto.graph.initializer}
+    for name in routers:
+        assert inits[name] == list(dict(model.named_parameters())[name].shape)
+    session = make_session(proto)
+    ids = _ids((2, 9))
+    assert np.abs(_ort_logits(session, ids) - _torch_logits(model, ids)).max() <= ATOL

@@ -363,28 +363,39 @@ def _canonical_names(model: ModelProto, weight_only: Sequence[str]) -> list[str]
     return found
 
 
+def _find_initializer(model: ModelProto, data: bytes, dims: list[int]) -> Any:
+    return next(
+        (t for t in model.graph.initializer if t.raw_data == data and list(t.dims) == dims), None
+    )
+
+
 def _name_weight_only(model: ModelProto, net: nn.Module, names: Sequence[str]) -> None:
     """Give weight-only analog tensors (read directly, no AnalogMatMul) their parameter names.
 
-    The exporter may rename such an initializer (``onnx::MatMul_N``); it is found by its exact bytes.
+    The exporter may rename such an initializer (``onnx::MatMul_N``) or store it transposed (a router's
+    ``F.linear``); it is found by its exact bytes. A transposed copy is replaced by the named tensor in
+    its own layout followed by a Transpose node, so the runtime can bind programmed weights by name.
     """
     params = dict(net.named_parameters())
     by_name = {t.name: t for t in model.graph.initializer}
     for name in names:
         if name in by_name:
             continue
-        data = params[name].detach().float().contiguous().numpy().tobytes()
-        match = next(
-            (
-                t
-                for t in model.graph.initializer
-                if t.raw_data == data and list(t.dims) == list(params[name].shape)
-            ),
-            None,
-        )
+        weight = params[name].detach().float().contiguous()
+        match = _find_initializer(model, weight.numpy().tobytes(), list(weight.shape))
+        if match is not None:
+            _rename_value(model, match.name, name)
+            continue
+        if weight.dim() != 2:
+            raise CimError(f"ONNX export: analog tensor '{name}' did not survive as a named initializer")
+        flipped = weight.t().contiguous()
+        match = _find_initializer(model, flipped.numpy().tobytes(), list(flipped.shape))
         if match is None:
             raise CimError(f"ONNX export: analog tensor '{name}' did not survive as a named initializer")
-        _rename_value(model, match.name, name)
+        model.graph.initializer.remove(match)
+        model.graph.initializer.append(onnx.numpy_helper.from_array(weight.numpy(), name))
+        node = onnx.helper.make_node("Transpose", [name], [match.name], name=f"{name}::t", perm=[1, 0])
+        model.graph.node.insert(0, node)
 
 
 def _check_complete(specs: dict[str, list[AnalogSpec]], found: list[str], weight_only: list[str]) -> None:
