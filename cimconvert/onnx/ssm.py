@@ -108,7 +108,7 @@ def export_selective_scan(
 ) -> torch.Tensor:
     """Drop-in for transformers' ``mamba_selective_scan`` (no cache) that exports with a dynamic length."""
     if return_last_state:
-        raise NotImplementedError("export runs without cache")
+        raise ValueError("the exportable scan runs without a cache (use_cache=False)")
     dt = _dt(dt, delta_bias, delta_softplus, (..., None))
     u = hidden_states.float()
     y = _ScanFn.apply(u, dt.float(), A.float(), B.float(), C.float(), SELECTIVE)
@@ -136,7 +136,7 @@ def export_ssd_scan(
 ) -> torch.Tensor:
     """Drop-in for transformers' ``mamba2_chunk_scan`` (no cache) that exports with a dynamic length."""
     if return_final_states or initial_states is not None:
-        raise NotImplementedError("export runs without cache")
+        raise ValueError("the exportable scan runs without a cache (use_cache=False)")
     dt = _dt(dt, dt_bias, dt_softplus, ...)
     if dt_limit != (0.0, float("inf")):
         dt = torch.clamp(dt, min=dt_limit[0], max=dt_limit[1])
