@@ -161,9 +161,11 @@ def convert(
         summary = write_bundle(source, out_dir, chip, placement, seeds={"global": seed}, extra=extra,
                                force=force, progress=progress, finalize=hook)
         report: dict[str, Any] = {}
+        transform_types: list[str] = []
     else:
         net, result = _apply_method(resolved, source, adapter, chip, options, progress)
         report = result.report
+        transform_types = [t["type"] for t in result.transforms]
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         analog = [*analog, *result.analog]
         digital = [*digital, *result.digital]
@@ -186,6 +188,7 @@ def convert(
         "seed": seed,
         "totals": summary.totals,
         "placement_totals": placement.totals(),
+        "transforms": transform_types,
         "method_report": report,
         "files": summary.files,
     }

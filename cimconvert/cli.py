@@ -55,7 +55,7 @@ def _format_convert(res: dict) -> str:
     totals = res["totals"]
     return (
         f"wrote {res['out']}\n"
-        f"  profile {res['profile']}  method {res['method']}\n"
+        f"  profile {res['profile']}  method {res['method']}: {_method_line(res)}\n"
         f"  analog: {totals['analog_tensors']} tensors, {totals['analog_tiles']} crossbar arrays, "
         f"{totals['analog_bytes'] / 1e6:.2f} MB; "
         f"digital: {totals['digital_tensors']} tensors, {totals['digital_bytes'] / 1e6:.2f} MB"
@@ -71,6 +71,14 @@ def method_options(func: Callable) -> Callable:
         func = click.option(opt.flag, opt.name, type=kind, default=opt.default, multiple=opt.multiple,
                             show_default=not opt.multiple, help=opt.help)(func)
     return func
+
+
+def _method_line(res: dict) -> str:
+    if res["method"] == "none":
+        return "placement only"
+    if res["transforms"]:
+        return "applied " + ", ".join(res["transforms"])
+    return "nothing to apply for this profile (measurements in manifest.json extra.method_report)"
 
 
 @cli.command("convert", context_settings=CONTEXT)
