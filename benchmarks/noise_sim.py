@@ -47,11 +47,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--linear-reps", type=int, default=60)
     parser.add_argument("--model-reps", type=int, default=7)
     parser.add_argument("--models", nargs="*", default=["tiny-olmoe", "tiny-mamba"])
-    parser.add_argument(
-        "--from-config",
-        action="store_true",
-        help="when a demo folder is missing, time a randomly initialised model of the same configuration",
-    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     return parser.parse_args()
 
@@ -128,37 +123,15 @@ def bench_linear(profile: ChipProfile, reps: int) -> dict[str, Any]:
     return summarise("linear 1024x1024", times, setup, "nn.Linear, batch 64")
 
 
-def demo_config(name: str) -> Any:
-    """The configuration examples/train_tiny.py uses for a demo model (vocab 4096)."""
-    from transformers import MambaConfig, OlmoeConfig
-
-    common = {"vocab_size": 4096, "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
-    if name == "tiny-olmoe":
-        return OlmoeConfig(
-            hidden_size=128,
-            intermediate_size=192,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            num_experts=8,
-            num_experts_per_tok=2,
-            **common,
-        )
-    return MambaConfig(hidden_size=128, state_size=8, num_hidden_layers=8, expand=2, conv_kernel=4, **common)
-
-
-def load_demo(name: str, from_config: bool) -> tuple[nn.Module, str] | None:
-    """(model, label) for a demo folder, a config-built stand-in, or None (skipped)."""
+def load_demo(name: str) -> tuple[nn.Module, str] | None:
+    """(model, label) for a demo folder in examples/models, or None (skipped with a note)."""
     from transformers import AutoModelForCausalLM
 
     path = ROOT / "examples" / "models" / name
-    if (path / "config.json").is_file():
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), name
-    if not from_config or name not in ("tiny-olmoe", "tiny-mamba"):
-        print(f"note: examples/models/{name} does not exist yet; skipped")
+    if not (path / "config.json").is_file():
+        print(f"note: examples/models/{name} does not exist; skipped")
         return None
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(demo_config(name)).eval(), f"{name} (from config, random weights)"
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(), name
 
 
 @torch.no_grad()
@@ -199,14 +172,10 @@ def main() -> None:
     results = [bench_linear(profile, args.linear_reps)]
     notes = []
     for name in args.models:
-        loaded = load_demo(name, args.from_config)
+        loaded = load_demo(name)
         if loaded is None:
             notes.append(f"examples/models/{name} not present when run: skipped")
             continue
-        if "from config" in loaded[1]:
-            notes.append(
-                f"examples/models/{name} not present when run: timed a random-init model of its config"
-            )
         results.append(bench_model(*loaded, profile, args.model_reps))
     meta = {
         "profile": profile.name,
