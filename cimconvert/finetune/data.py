@@ -51,7 +51,8 @@ def tokenize(text: str, tokenizer: Any, max_tokens: int | None = None) -> torch.
     ids: list[int] = []
     chunk = 1 << 20
     for start in range(0, len(text), chunk):
-        ids.extend(tokenizer(text[start : start + chunk], add_special_tokens=False)["input_ids"])
+        piece = text[start : start + chunk]
+        ids.extend(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"])
         if max_tokens is not None and len(ids) >= max_tokens:
             break
     return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
