@@ -41,7 +41,7 @@ def _token_ids(tokenizer: Any, text: str, limit: int) -> list[int]:
     """Token ids of a prefix of ``text`` long enough for ``limit`` tokens (whole text if shorter)."""
     chars = max(limit * 8, 4096)
     while True:
-        ids = list(tokenizer(text[:chars], add_special_tokens=False, verbose=False)["input_ids"])
+        ids = list(tokenizer(text[:chars], add_special_tokens=False)["input_ids"])
         if len(ids) >= limit or chars >= len(text):
             return ids[:limit]
         chars *= 2
