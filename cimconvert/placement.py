@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from cimconvert.arch import ArchAdapter, Layout, get_adapter
+from cimconvert.arch.base import SPLIT_FACTOR
 from cimconvert.errors import ModelInputError
 from cimconvert.profiles.schema import MATMUL_KINDS, ChipProfile, TensorKind
 from cimconvert.simulator.tiles import split_sizes
@@ -249,7 +250,9 @@ def _check_patterns(patterns: Iterable[_Pattern]) -> None:
 def _candidates(name: str, memory_name: str, aliases: tuple[str, ...]) -> tuple[str, ...]:
     names = dict.fromkeys((name, memory_name, *aliases))
     modules = [n.rpartition(".")[0] for n in names]
-    return tuple(dict.fromkeys([*names, *(m for m in modules if m)]))
+    split = SPLIT_FACTOR.match(name)  # a pattern naming a split layer (HPD) selects its analog factor
+    owner = [split.group(1)] if split is not None and split.group(2) == "analog" else []
+    return tuple(dict.fromkeys([*names, *(m for m in modules if m), *owner]))
 
 
 def _decide(

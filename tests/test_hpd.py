@@ -154,3 +154,21 @@ def test_apply_hpd_rejects_unknown_factor() -> None:
     model = build_tiny("mamba")
     with pytest.raises(CimError, match="unknown hpd_factor"):
         apply_hpd(model, get_adapter(model.config), ["backbone.layers.1.mixer.out_proj"], "svd")
+
+
+@pytest.mark.parametrize(("override", "unit"), [((), "analog"), (("--analog", "lm_head"), "analog"),
+                                                (("--digital", "lm_head"), "digital")])  # fmt: skip
+def test_convert_lm_head_split_places_factors(tmp_path, override, unit) -> None:
+    """End to end: the analog factor of a split LM head follows the method, and user overrides win."""
+    import json
+
+    from cimconvert.cli import main
+    from tests.tiny_models import save_tiny
+
+    _, src = save_tiny("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    main([str(src), "--profile", "chipA", "--method", "hpd", "--hpd-layers", "lm_head", "-o", str(out),
+          "--no-onnx", "--json", *override])  # fmt: skip
+    units = {t["name"]: t["unit"] for t in json.loads((out / "manifest.json").read_text())["tensors"]}
+    assert units["lm_head.analog.weight"] == unit
+    assert units["lm_head.digital.weight"] == "digital"
