@@ -29,6 +29,16 @@ def _kind_rows(manifest: Manifest) -> list[str]:
     return lines
 
 
+def _method_rows(extra: dict) -> list[str]:
+    """The method and the scalar figures of its report (e.g. HPD's digital overhead per token)."""
+    method = extra.get("method")
+    if not method or method == "none":
+        return []
+    report = extra.get("method_report") or {}
+    scalars = {k: v for k, v in report.items() if isinstance(v, int | float | str) and k != "method"}
+    return ["", f"## Method: {method}", "", *[f"- {k}: {v}" for k, v in scalars.items()]]
+
+
 def render_report(manifest: Manifest) -> str:
     """Markdown report: source, profile, totals, a table per tensor kind, transforms, seeds."""
     t = manifest.totals
@@ -59,9 +69,11 @@ def render_report(manifest: Manifest) -> str:
     ]
     if manifest.transforms:
         for x in manifest.transforms:
-            lines.append(f"- `{x.id}`: {x.type} on {len(x.targets)} target(s), params {x.params}")
+            keys = ", ".join(sorted(x.params)) or "none"
+            lines.append(f"- `{x.id}`: {x.type} on {len(x.targets)} target(s); params: {keys}")
     else:
         lines.append("none (plain conversion)")
+    lines += _method_rows(manifest.extra)
     if manifest.seeds:
         lines += ["", "## Seeds", "", *[f"- {k}: {v}" for k, v in sorted(manifest.seeds.items())]]
     lines += ["", "Checksums of every file are in `manifest.json`; verify with `cimconvert inspect`.", ""]
