@@ -23,15 +23,17 @@ RESULTS = REPO / "benchmarks" / "results"
 PROFILES = ["chipA", "chipB", "hermes", "gaussian:sigma=0.05", "gaussian:sigma=0.1"]
 
 
-def demo_models() -> list[Path]:
-    """The demo checkpoints shipped in examples/models/."""
-    return sorted(p for p in (REPO / "examples" / "models").iterdir() if (p / "config.json").is_file())
+def demo_models(names: list[str] | None = None) -> list[Path]:
+    """The demo checkpoints shipped in examples/models/ (all, or those named)."""
+    found = sorted(p for p in (REPO / "examples" / "models").iterdir() if (p / "config.json").is_file())
+    return [p for p in found if names is None or p.name in names]
 
 
-def run(seeds: int, datasets: list[str], max_tokens: int, profiles: list[str]) -> list[dict]:
-    """Evaluate every demo model × dataset × profile; one row each."""
+def run(seeds: int, datasets: list[str], max_tokens: int, profiles: list[str],
+        models: list[str] | None = None) -> list[dict]:
+    """Evaluate every (or every named) demo model × dataset × profile; one row each."""
     rows = []
-    for model in demo_models():
+    for model in demo_models(models):
         for dataset in datasets:
             for profile in profiles:
                 start = time.perf_counter()
@@ -102,13 +104,18 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16384)
     parser.add_argument("--datasets", nargs="+", default=["heldout", "wikitext2"])
     parser.add_argument("--profiles", nargs="+", default=PROFILES)
+    parser.add_argument("--models", nargs="+", default=None, help="only these demo models (rows replaced)")
     parser.add_argument("--from-json", action="store_true", help="only re-render the markdown")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.from_json:
         rows = json.loads((RESULTS / "demo_eval.json").read_text(encoding="utf-8"))
     else:
-        rows = run(args.seeds, args.datasets, args.max_tokens, args.profiles)
+        rows = run(args.seeds, args.datasets, args.max_tokens, args.profiles, args.models)
+        if args.models and (RESULTS / "demo_eval.json").is_file():
+            kept = json.loads((RESULTS / "demo_eval.json").read_text(encoding="utf-8"))
+            rows = sorted([r for r in kept if r["model"] not in args.models] + rows,
+                          key=lambda r: r["model"])  # fmt: skip
     print(write_results(rows))
 
 

@@ -44,6 +44,9 @@ def cli() -> None:
     cimconvert MODEL --profile chipA [-o OUT]     convert (same as `cimconvert convert ...`)
     cimconvert eval MODEL --profile chipA        perplexity, clean and under chip noise
     cimconvert inspect OUT                       verify and summarise a bundle
+    cimconvert validate OUT --seeds 5            run the ONNX graph in onnxruntime under chip noise
+    cimconvert analyze MODEL --profile chipA     per-layer noise sensitivity (for HPD)
+    cimconvert finetune MODEL --profile chipA -o OUT_MODEL   noise-aware fine-tuning (STE / NAT)
     cimconvert profiles [show NAME]              list or print chip profiles
     """
 
