@@ -9,6 +9,7 @@ overlaps the held-out evaluation text when the two corpora are disjoint (``calib
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -104,8 +105,11 @@ def calibration_tokens(model: torch.nn.Module, options: dict[str, Any]) -> torch
     samples = int(options.get("calib_samples", DEFAULT_CALIB_SAMPLES))
     seq_len = int(options.get("calib_seq_len", DEFAULT_CALIB_SEQ_LEN))
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos and seq_len > max_pos:
-        raise CimError(f"--calib-seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
+    if max_pos and seq_len > max_pos:  # e.g. the default 256 on a model with a shorter context
+        warnings.warn(
+            f"calibration sequences shortened from {seq_len} to the model's {max_pos} positions", stacklevel=2
+        )
+        seq_len = int(max_pos)
     tokenizer = resolve_tokenizer(model, options)
     return calibration_batches(load_text(data), tokenizer, samples, seq_len, name=data)
 

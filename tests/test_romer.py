@@ -277,3 +277,17 @@ def test_trained_olmoe_calibration_recovers_drift_damage_on_unseen_draw() -> Non
 def test_ideal_profile_leaves_model_unchanged() -> None:
     res = METHOD.apply(build_tiny("olmoe"), get_adapter("olmoe"), load_profile("ideal"), _options(), False)
     assert res.transforms == [] and "skipped" in res.report
+
+
+def test_calibration_sequences_shortened_to_the_model_context() -> None:
+    """The default --calib-seq-len (256) on a model with a shorter context is clamped, with a warning."""
+    from transformers import AutoTokenizer
+
+    from cimconvert.calibration import calibration_tokens
+
+    model = build_tiny("olmoe")
+    model.config.max_position_embeddings = 64
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_OLMOE)
+    with pytest.warns(UserWarning, match="shortened from 256 to the model's 64"):
+        tokens = calibration_tokens(model, {"calib_samples": 3, "calib_seq_len": 256, "tokenizer": tokenizer})
+    assert tuple(tokens.shape) == (3, 64)
