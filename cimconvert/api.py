@@ -87,12 +87,36 @@ def _apply_method(
     return net, result
 
 
-def _save_transformed(net: torch.nn.Module, source: Any, folder: Path) -> Any:
+#: safetensors dtype strings of the floating-point formats a checkpoint may be stored in.
+_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+
+
+def _cast_to_source_dtype(net: torch.nn.Module, source: Any, keep: Sequence[str]) -> None:
+    """Store the transformed model in the source's float dtype (a bf16 checkpoint stays bf16).
+
+    Tensors a method created (``keep``, e.g. HPD's SVD factors) stay float32: rounding them would
+    break the exact reconstruction of the layer they replace.
+    """
+    counts: dict[str, int] = {}
+    for meta in source.tensor_shapes().values():
+        if meta.dtype in _FLOAT_DTYPES:
+            counts[meta.dtype] = counts.get(meta.dtype, 0) + meta.nbytes
+    if not counts:
+        return
+    dtype = _FLOAT_DTYPES[max(counts, key=counts.__getitem__)]
+    kept = set(keep)
+    for name, param in net.named_parameters():
+        if name not in kept and param.is_floating_point():
+            param.data = param.data.to(dtype)
+
+
+def _save_transformed(net: torch.nn.Module, source: Any, folder: Path, keep: Sequence[str]) -> Any:
     """Save a transformed model as a checkpoint (plus the source's tokenizer files) and resolve it."""
     import shutil
 
     from cimconvert.checkpoint import resolve_model
 
+    _cast_to_source_dtype(net, source, keep)
     net.save_pretrained(folder, safe_serialization=True)
     for name in source.aux_files:
         target = folder / name
@@ -171,10 +195,10 @@ def convert(
         digital = [*digital, *result.digital]
         extra["overrides"] = {"analog": analog, "digital": digital}
         with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.src-", dir=out_dir.parent) as tmp:
-            transformed = _save_transformed(net, source, Path(tmp))
+            transformed = _save_transformed(net, source, Path(tmp), keep=[*result.analog, *result.digital])
             placement = _plan(transformed, adapter, chip, analog, digital)
             extra["method_report"] = report
-            hook = _onnx_exporter(lambda: net, progress) if onnx else None
+            hook = _onnx_exporter(net.float, progress) if onnx else None  # as load_bundle gives it
             summary = write_bundle(transformed, out_dir, chip, placement, transforms=result.transforms,
                                    seeds={"global": seed, **result.seeds}, extra=extra, force=force,
                                    progress=progress, origin=source, finalize=hook)

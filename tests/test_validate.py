@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cimconvert import api
+from cimconvert.checkpoint import resolve_model
 from cimconvert.cli import main
 from cimconvert.errors import CimError
 from cimconvert.validate import validate
@@ -90,6 +91,10 @@ def test_every_demo_model_exports_and_validates(
                       method_options=options)  # fmt: skip
     expected = {"none": [], "auto": ["romer_routing"] if moe else ["hpd_split"]}[method]
     assert [t for t in res["transforms"] if t != "romer_replacement"] == expected
+    # The bundle keeps the source's storage dtype (bf16 demos stay bf16), whatever the method did.
+    source = {n: m.dtype for n, m in resolve_model(str(DEMO / model)).tensor_shapes().items()}
+    stored = {t["name"]: t["dtype"] for t in json.loads((out / "manifest.json").read_text())["tensors"]}
+    assert {n: stored[n] for n in source if n in stored} == {n: source[n] for n in source if n in stored}
     summary = validate(out, **{**FAST, "seeds": 1})["summary"]
     assert summary["clean_logits_max_abs_diff"] <= 1e-4
     assert summary["programmed_weights_bit_identical"]

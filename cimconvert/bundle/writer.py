@@ -430,7 +430,9 @@ def _write_scales(folder: Path, scales: dict[str, torch.Tensor], profile: ChipPr
     from safetensors.torch import save_file
 
     meta = {"format": "pt", "granularity": profile.mapping.scale, "profile": profile.name}
-    save_file({k: v.contiguous() for k, v in scales.items()}, str(folder / SCALES_NAME), metadata=meta)
+    path = folder / SCALES_NAME
+    save_file({k: v.contiguous() for k, v in scales.items()}, str(path), metadata=meta)
+    path.chmod(0o644)  # safetensors writes it owner-only; match the other bundle files
     return SCALES_NAME
 
 
