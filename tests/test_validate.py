@@ -10,9 +10,9 @@ import pytest
 
 from cimconvert import api
 from cimconvert.checkpoint import resolve_model
-from cimconvert.cli import main
 from cimconvert.errors import CimError
 from cimconvert.validate import validate
+from tests.test_cli import run_cli
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "models"
 FAST = {"seeds": 2, "max_tokens": 384, "seq_len": 64}
@@ -34,16 +34,6 @@ def _bundle(tmp_path_factory: pytest.TempPathFactory, model: str, method: str) -
 @pytest.fixture(scope="module")
 def olmoe_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _bundle(tmp_path_factory, "tiny-olmoe", "none")
-
-
-def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _assert_agreement(res: dict) -> None:
@@ -105,7 +95,7 @@ def test_every_demo_model_exports_and_validates(
 
 
 def test_cli_validate_json(olmoe_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _cli(capsys, "validate", str(olmoe_bundle), "--profile", "chipA", "--seeds", "1",
+    code, out, _ = run_cli(capsys, "validate", str(olmoe_bundle), "--profile", "chipA", "--seeds", "1",
                         "--max-tokens", "256", "--seq-len", "64", "--json")  # fmt: skip
     assert code == 0
     assert json.loads(out)["summary"]["outputs_match"] is True
@@ -129,7 +119,7 @@ def test_damaged_onnx_is_one_line_exit_2(
         data = json.loads((bundle / "manifest.json").read_text())
         data["files"] = [f for f in data["files"] if not f["name"].startswith("onnx/")]
         (bundle / "manifest.json").write_text(json.dumps(data))
-    code, out, err = _cli(capsys, "validate", str(bundle))
+    code, out, err = run_cli(capsys, "validate", str(bundle))
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "model.onnx" in err
 
@@ -137,7 +127,7 @@ def test_damaged_onnx_is_one_line_exit_2(
 def test_profile_mismatch_refused_unless_allowed(
     olmoe_bundle: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, _, err = _cli(capsys, "validate", str(olmoe_bundle), "--profile", "chipB")
+    code, _, err = run_cli(capsys, "validate", str(olmoe_bundle), "--profile", "chipB")
     assert code == 2 and "--profile-mismatch-ok" in err and err.count("\n") == 1
     res = validate(olmoe_bundle, "chipB", profile_mismatch_ok=True, **{**FAST, "seeds": 1})
     assert res["profile"] == "chipB" and res["summary"]["outputs_match"]
@@ -145,7 +135,7 @@ def test_profile_mismatch_refused_unless_allowed(
 
 
 def test_missing_dataset_is_one_line(olmoe_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = _cli(capsys, "validate", str(olmoe_bundle), "--dataset", "/nonexistent/text.txt")
+    code, _, err = run_cli(capsys, "validate", str(olmoe_bundle), "--dataset", "/nonexistent/text.txt")
     assert code == 2 and err.count("\n") == 1 and "dataset" in err
     with pytest.raises(CimError):
         validate(olmoe_bundle, dataset="/nonexistent/text.txt")
