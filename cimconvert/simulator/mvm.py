@@ -108,7 +108,7 @@ def _dac(xt: torch.Tensor, bits: int | None) -> tuple[torch.Tensor, torch.Tensor
     step = step_size(bits, 1.0)
     if step is None:
         return xt / alpha, alpha
-    return torch.round(xt / (alpha * step)).mul_(step), alpha
+    return xt.div(alpha * step).round_().mul_(step), alpha
 
 
 def _noise_sigma(xn: torch.Tensor, mw: MvmWeights) -> torch.Tensor | float:
