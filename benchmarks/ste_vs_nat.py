@@ -330,14 +330,14 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(memory_worker(args)))
         return
     torch.set_num_threads(args.threads)
-    from cimconvert.data import load_text
-    from cimconvert.finetune.data import tokenize, training_text
+    from cimconvert.data import load_text, token_ids
+    from cimconvert.finetune.data import training_text
 
     began = time.perf_counter()
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
     model, tokenizer = load(args.model)
-    train_tokens = tokenize(training_text(args.data), tokenizer)
-    eval_tokens = tokenize(load_text("heldout"), tokenizer)
+    train_tokens = token_ids(tokenizer, training_text(args.data))
+    eval_tokens = token_ids(tokenizer, load_text("heldout"))
     with tempfile.TemporaryDirectory() as tmp:
         tokens_file = str(Path(tmp) / "tokens.pt")
         torch.save(train_tokens, tokens_file)

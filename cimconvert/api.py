@@ -87,8 +87,8 @@ def _apply_method(
     return net, result
 
 
-#: safetensors dtype strings of the floating-point formats a checkpoint may be stored in.
-_FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}
+#: Storage formats a transformed model may be cast back to (8-bit floats are not: they need scales).
+_CASTABLE = ("F16", "BF16", "F32", "F64")
 
 
 def _cast_to_source_dtype(net: torch.nn.Module, source: Any, keep: Sequence[str]) -> None:
@@ -97,13 +97,15 @@ def _cast_to_source_dtype(net: torch.nn.Module, source: Any, keep: Sequence[str]
     Tensors a method created (``keep``, e.g. HPD's SVD factors) stay float32: rounding them would
     break the exact reconstruction of the layer they replace.
     """
+    from cimconvert.checkpoint import DTYPES
+
     counts: dict[str, int] = {}
     for meta in source.tensor_shapes().values():
-        if meta.dtype in _FLOAT_DTYPES:
+        if meta.dtype in _CASTABLE:
             counts[meta.dtype] = counts.get(meta.dtype, 0) + meta.nbytes
     if not counts:
         return
-    dtype = _FLOAT_DTYPES[max(counts, key=counts.__getitem__)]
+    dtype = DTYPES[max(counts, key=counts.__getitem__)][0]
     kept = set(keep)
     for name, param in net.named_parameters():
         if name not in kept and param.is_floating_point():
@@ -287,12 +289,13 @@ def manifest_overrides(manifest: Any) -> dict[str, list[str]]:
 
 
 def tokenize(tokenizer: Any, text: str, max_tokens: int) -> torch.Tensor:
-    """Token ids of ``text`` (truncated to ``max_tokens``) as a 1-D LongTensor."""
-    # Tokenise a prefix only: ~8 characters per token is a safe upper bound for BPE on prose.
-    ids = tokenizer(text[: max_tokens * 8], add_special_tokens=False, verbose=False)["input_ids"][:max_tokens]
-    if len(ids) < 16:
-        raise CimError(f"dataset too short: {len(ids)} tokens (need at least 16)")
-    return torch.tensor(ids, dtype=torch.long)
+    """Token ids of ``text`` (truncated to ``max_tokens``) as a 1-D LongTensor; too short is an error."""
+    from cimconvert.data import token_ids
+
+    ids = token_ids(tokenizer, text, max_tokens)
+    if ids.numel() < 16:
+        raise CimError(f"dataset too short: {ids.numel()} tokens (need at least 16)")
+    return ids
 
 
 def evaluate(

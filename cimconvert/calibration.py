@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cimconvert.data import token_ids
 from cimconvert.errors import CimError
 
 if TYPE_CHECKING:
@@ -38,16 +39,6 @@ def calibration_options() -> tuple[MethodOption, ...]:
     )  # fmt: skip
 
 
-def _token_ids(tokenizer: Any, text: str, limit: int) -> list[int]:
-    """Token ids of a prefix of ``text`` long enough for ``limit`` tokens (whole text if shorter)."""
-    chars = max(limit * 8, 4096)
-    while True:
-        ids = list(tokenizer(text[:chars], add_special_tokens=False)["input_ids"])
-        if len(ids) >= limit or chars >= len(text):
-            return ids[:limit]
-        chars *= 2
-
-
 def calibration_batches(
     text: str, tokenizer: Any, samples: int, seq_len: int, name: str = "text"
 ) -> torch.Tensor:
@@ -61,13 +52,13 @@ def calibration_batches(
     if seq_len < 2:
         raise CimError(f"--calib-seq-len must be at least 2 (got {seq_len})")
     need = samples * seq_len
-    ids = _token_ids(tokenizer, text, need)
-    if len(ids) < need:
+    ids = token_ids(tokenizer, text, need)
+    if ids.numel() < need:
         raise CimError(
-            f"calibration data '{name}' has {len(ids)} tokens, too short for --calib-samples {samples} x "
+            f"calibration data '{name}' has {ids.numel()} tokens, too short for --calib-samples {samples} x "
             f"--calib-seq-len {seq_len} = {need} tokens"
         )
-    return torch.tensor(ids, dtype=torch.long).view(samples, seq_len)
+    return ids.view(samples, seq_len)
 
 
 def resolve_tokenizer(model: torch.nn.Module, options: dict[str, Any]) -> Any:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from cimconvert.errors import CimError
 
@@ -65,3 +68,31 @@ def load_text(spec: str) -> str:
     if not text.strip():
         raise CimError(f"dataset '{spec}' is empty: {path}")
     return text
+
+
+#: Characters tokenised per call when a whole text is tokenised (keeps memory flat on large corpora).
+_CHUNK_CHARS = 1 << 20
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def token_ids(tokenizer: Any, text: str, max_tokens: int | None = None) -> torch.Tensor:
+    """Token ids of ``text`` (no special tokens) as a 1-D LongTensor.
+
+    With ``max_tokens`` only a prefix long enough for that many tokens is tokenised (doubling from
+    ~8 characters per token); without it the whole text is, in chunks. ``tokenizer`` is any Hugging Face
+    style callable returning ``{"input_ids": [...]}``.
+    """
+    if max_tokens is None:
+        ids: list[int] = []
+        for start in range(0, len(text), _CHUNK_CHARS):
+            ids += _encode(tokenizer, text[start : start + _CHUNK_CHARS])
+        return torch.tensor(ids, dtype=torch.long)
+    chars = max(max_tokens * 8, 4096)
+    while True:
+        ids = _encode(tokenizer, text[:chars])
+        if len(ids) >= max_tokens or chars >= len(text):
+            return torch.tensor(ids[:max_tokens], dtype=torch.long)
+        chars *= 2

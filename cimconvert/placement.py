@@ -29,8 +29,11 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
+import torch
+
 from cimconvert.arch import ArchAdapter, Layout, get_adapter
 from cimconvert.arch.base import SPLIT_FACTOR
+from cimconvert.checkpoint import DTYPES
 from cimconvert.errors import ModelInputError
 from cimconvert.profiles.schema import MATMUL_KINDS, ChipProfile, TensorKind
 from cimconvert.simulator.tiles import split_sizes
@@ -40,12 +43,6 @@ if TYPE_CHECKING:
 
 Unit = Literal["analog", "digital"]
 
-#: bytes per element of the safetensors dtype strings (and the torch dtype names)
-_ITEMSIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8,
-    "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
-}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -303,10 +300,14 @@ def _grid(shape: tuple[int, ...], layout: Layout, profile: ChipProfile) -> tuple
 
 
 def _itemsize(dtype: str) -> int:
+    """Bytes per element of a safetensors dtype string (``BF16``) or a torch dtype name (``bfloat16``)."""
     key = dtype.removeprefix("torch.")
-    if key not in _ITEMSIZE:
+    if key in DTYPES:
+        return DTYPES[key][1]
+    torch_dtype = getattr(torch, key, None)
+    if not isinstance(torch_dtype, torch.dtype):
         raise ModelInputError(f"unsupported tensor dtype '{dtype}'")
-    return _ITEMSIZE[key]
+    return torch_dtype.itemsize
 
 
 # ------------------------------------------------------------------ planning

@@ -46,18 +46,6 @@ def training_text(spec: str) -> str:
     return gutenberg_train_text() if spec == GUTENBERG_TRAIN else load_text(spec)
 
 
-def tokenize(text: str, tokenizer: Any, max_tokens: int | None = None) -> torch.Tensor:
-    """1-D LongTensor of token ids (fast tokenizer; chunked by paragraphs to keep memory flat)."""
-    ids: list[int] = []
-    chunk = 1 << 20
-    for start in range(0, len(text), chunk):
-        piece = text[start : start + chunk]
-        ids.extend(tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"])
-        if max_tokens is not None and len(ids) >= max_tokens:
-            break
-    return torch.tensor(ids[:max_tokens] if max_tokens else ids, dtype=torch.long)
-
-
 def check_tokens(tokens: Any, seq_len: int, vocab_size: int | None) -> torch.Tensor:
     """Validate a 1-D token tensor: long dtype, long enough for one window, ids inside the vocabulary."""
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.dtype != torch.long:

@@ -31,9 +31,10 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from cimconvert.data import token_ids
 from cimconvert.errors import CimError
 from cimconvert.finetune.base import NoiseMethod, NoNoise, Target, analog_targets, generator
-from cimconvert.finetune.data import GUTENBERG_TRAIN, check_tokens, sample_batch, tokenize, training_text
+from cimconvert.finetune.data import GUTENBERG_TRAIN, check_tokens, sample_batch, training_text
 from cimconvert.finetune.nat import NAT_KINDS, NatNoise
 from cimconvert.finetune.ste import SteNoise
 from cimconvert.profiles import ChipProfile, load_profile
@@ -292,7 +293,7 @@ def _tokens(
         return check_tokens(data, cfg.seq_len, vocab)
     if tokenizer is None:
         raise CimError("text training data needs a tokenizer (the model folder has none); pass token ids")
-    return check_tokens(tokenize(training_text(str(data)), tokenizer, max_tokens), cfg.seq_len, vocab)
+    return check_tokens(token_ids(tokenizer, training_text(str(data)), max_tokens), cfg.seq_len, vocab)
 
 
 def _prepare_out(out: Path | None, resume: bool | str | Path, force: bool) -> tuple[Path | None, Path | None]:

@@ -14,7 +14,6 @@ One graph serves every mode. :func:`prepare_model` derives the variant a session
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import onnx
 import onnxruntime as ort
 from onnx import ModelProto, helper, numpy_helper
 
+from cimconvert.noise import stable_seed
 from cimconvert.onnx import analog_op
 from cimconvert.onnx.analog_op import AnalogSpec
 from cimconvert.profiles.schema import ChipProfile
@@ -66,9 +66,9 @@ def _make_overridable(model: ModelProto, names: Sequence[str]) -> None:
 
 
 def _noise_seed(base: int, tensor: str, expert: int) -> float:
-    """Per-node RandomNormalLike seed (a float attribute) from (base seed, tensor, expert)."""
-    digest = hashlib.sha256(f"cimconvert-mvm:{base}:{tensor}:{expert}".encode()).digest()
-    return float(int.from_bytes(digest[:3], "little"))
+    """Per-node RandomNormalLike seed from (base seed, tensor, expert): the project's one seeding hash,
+    cut to 24 bits so the float attribute holds it exactly."""
+    return float(stable_seed(base, f"mvm:{tensor}:{expert}") & 0xFFFFFF)
 
 
 def _set_attr(node: onnx.NodeProto, name: str, value: object) -> None:
