@@ -173,7 +173,7 @@ class Placement:
                 r["kind"],
                 "x".join(map(str, r["shape"])),
                 str(r["tiles"]),
-                _human_bytes(r["bytes"]),
+                human_bytes(r["bytes"]),
             )
             for r in self.table()
         ]
@@ -186,7 +186,7 @@ class Placement:
         lines.append(
             f"analog: {tot['analog_tensors']} tensors, {tot['analog_params']:,} params, "
             f"{tot['analog_tiles']} tiles of {self.tile_rows}x{self.tile_cols}; "
-            f"digital: {tot['digital_tensors']} tensors, {_human_bytes(tot['digital_bytes'])}"
+            f"digital: {tot['digital_tensors']} tensors, {human_bytes(tot['digital_bytes'])}"
         )
         return "\n".join(lines)
 
@@ -431,9 +431,10 @@ def plan_tensors(
     return _plan(entries, adapter, profile, analog, digital)
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
+def human_bytes(n: float) -> str:
+    """``n`` bytes in B / KiB / MiB / GiB, one decimal above bytes (tables and reports)."""
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"

@@ -5,15 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 from cimconvert.bundle.manifest import Manifest
-
-
-def _size(nbytes: int) -> str:
-    value = float(nbytes)
-    for unit in ("B", "KB", "MB", "GB"):
-        if value < 1000 or unit == "GB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1000
-    return f"{value:.1f} TB"
+from cimconvert.placement import human_bytes
 
 
 def _kind_rows(manifest: Manifest) -> list[str]:
@@ -25,7 +17,7 @@ def _kind_rows(manifest: Manifest) -> list[str]:
         row[2] += entry.nbytes
     lines = ["| kind | unit | tensors | tiles | bytes |", "|---|---|---:|---:|---:|"]
     for (kind, unit), (count, tiles, nbytes) in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        lines.append(f"| {kind} | {unit} | {count} | {tiles} | {_size(nbytes)} |")
+        lines.append(f"| {kind} | {unit} | {count} | {tiles} | {human_bytes(nbytes)} |")
     return lines
 
 
@@ -57,8 +49,9 @@ def render_report(manifest: Manifest) -> str:
         "## Totals",
         "",
         f"- tensors: {t.tensors} ({t.analog_tensors} analog, {t.digital_tensors} digital)",
-        f"- analog: {_size(t.analog_bytes)} in {t.analog_tiles} crossbar tiles, {t.analog_shards} shard(s)",
-        f"- digital: {_size(t.digital_bytes)} in {t.digital_shards} shard(s)",
+        f"- analog: {human_bytes(t.analog_bytes)} in {t.analog_tiles} crossbar tiles, "
+        f"{t.analog_shards} shard(s)",
+        f"- digital: {human_bytes(t.digital_bytes)} in {t.digital_shards} shard(s)",
         "",
         "## Tensors by kind",
         "",
