@@ -239,7 +239,8 @@ def analyze(
 
     ``out`` defaults to ``./<model>-sensitivity-<profile>/``. Returns the scan plus the written paths.
     """
-    from cimconvert.api import is_bundle, load_for_eval, manifest_overrides, tokenize
+    from cimconvert.api import is_bundle, load_for_eval, tokenize
+    from cimconvert.bundle.reader import manifest_overrides, read_manifest
     from cimconvert.data import load_text
     from cimconvert.methods.hpd import hpd_placement
 
@@ -247,8 +248,6 @@ def analyze(
         raise CimError("--seeds must be at least 1")
     net, tokenizer, _, chip = load_for_eval(model, profile)
     if is_bundle(model) and not (analog or digital):
-        from cimconvert.bundle.reader import read_manifest
-
         overrides = manifest_overrides(read_manifest(Path(model)))
         analog, digital = overrides["analog"], overrides["digital"]
     targets = hpd_placement(net, chip, analog, digital).analog()

@@ -248,10 +248,10 @@ def load_for_eval(
     from cimconvert.placement import plan_model
 
     if is_bundle(model):
-        from cimconvert.bundle.reader import read_manifest
+        from cimconvert.bundle.reader import manifest_overrides, manifest_profile, read_manifest
 
         manifest = read_manifest(Path(model))
-        chip = load_profile(profile) if profile else load_profile_from_manifest(manifest)
+        chip = load_profile(profile) if profile else manifest_profile(manifest)
         net = load_bundle(model)
         overrides = manifest_overrides(manifest)
         targets = plan_model(net, chip, **overrides).analog()
@@ -271,21 +271,6 @@ def load_for_eval(
     except (OSError, ValueError) as exc:
         raise CimError(f"no usable tokenizer in {folder}: {str(exc).splitlines()[0]}") from None
     return net, tokenizer, targets, chip
-
-
-def load_profile_from_manifest(manifest: Any) -> ChipProfile:
-    """The profile a bundle was converted for, from its manifest."""
-    from cimconvert.profiles import profile_from_dict
-
-    data = manifest["profile"]["profile"] if isinstance(manifest, dict) else manifest.profile.profile
-    return profile_from_dict(dict(data), origin="manifest.json")
-
-
-def manifest_overrides(manifest: Any) -> dict[str, list[str]]:
-    """The --analog/--digital overrides recorded in a manifest (so eval reproduces the placement)."""
-    extra = manifest.get("extra", {}) if isinstance(manifest, dict) else getattr(manifest, "extra", {})
-    overrides = (extra or {}).get("overrides", {})
-    return {"analog": list(overrides.get("analog", [])), "digital": list(overrides.get("digital", []))}
 
 
 def tokenize(tokenizer: Any, text: str, max_tokens: int) -> torch.Tensor:

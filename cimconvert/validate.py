@@ -51,10 +51,10 @@ def check_onnx_files(out: Path, manifest: Any) -> Path:
 
 def resolve_profile(manifest: Any, profile: str | ChipProfile | None, mismatch_ok: bool) -> ChipProfile:
     """The validation profile; refuses one whose hash differs from the bundle's unless ``mismatch_ok``."""
-    from cimconvert.api import load_profile_from_manifest
+    from cimconvert.bundle.reader import manifest_profile
 
     if profile is None:
-        return load_profile_from_manifest(manifest)
+        return manifest_profile(manifest)
     chip = load_profile(profile)
     if chip.content_hash() != manifest.profile.content_hash and not mismatch_ok:
         raise CimError(

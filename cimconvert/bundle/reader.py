@@ -18,6 +18,7 @@ from pydantic import ValidationError
 from cimconvert.bundle.manifest import MANIFEST_NAME, Manifest, TransformEntry
 from cimconvert.checkpoint import load_hf_model, sha256_file
 from cimconvert.errors import BundleError
+from cimconvert.profiles import ChipProfile, profile_from_dict
 
 #: transform type → fn(model, transform_entry, bundle_dir) that re-applies it on load (in place).
 TRANSFORM_LOADERS: dict[str, Callable[[torch.nn.Module, TransformEntry, Path], None]] = {}
@@ -56,6 +57,17 @@ def read_manifest(out: str | Path) -> Manifest:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         raise BundleError(f"{path}: field '{field}': {err['msg']}") from None
+
+
+def manifest_profile(manifest: Manifest) -> ChipProfile:
+    """The chip profile a bundle was converted for (its full content is stored in the manifest)."""
+    return profile_from_dict(dict(manifest.profile.profile), origin="manifest.json")
+
+
+def manifest_overrides(manifest: Manifest) -> dict[str, list[str]]:
+    """The --analog/--digital overrides a bundle was placed with (so eval and export reproduce it)."""
+    overrides = (manifest.extra or {}).get("overrides", {})
+    return {"analog": list(overrides.get("analog", [])), "digital": list(overrides.get("digital", []))}
 
 
 def verify_bundle(out: str | Path, manifest: Manifest | None = None) -> list[str]:

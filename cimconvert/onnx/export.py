@@ -520,13 +520,13 @@ def export_bundle_onnx(
     is analog. Returns ``{"files": [FileEntry dicts, names relative to bundle_dir], "onnx": summary}``:
     append ``files`` to ``manifest.files`` and store ``onnx`` under ``manifest.extra["onnx"]``.
     """
-    from cimconvert.api import load_profile_from_manifest, manifest_overrides
     from cimconvert.bundle.manifest import Manifest
+    from cimconvert.bundle.reader import manifest_overrides, manifest_profile
     from cimconvert.placement import plan_model
 
     if isinstance(manifest, dict):
         manifest = Manifest.model_validate(manifest)
-    chip = load_profile_from_manifest(manifest)
+    chip = manifest_profile(manifest)
     targets = plan_model(model, chip, **manifest_overrides(manifest)).analog()
     if progress:
         print(f"exporting ONNX ({len(targets)} analog tensors) ...", file=sys.stderr, flush=True)
