@@ -42,8 +42,10 @@ def show_profile(spec: str) -> dict[str, Any]:
 
 
 def default_out_dir(model: str, profile: ChipProfile) -> Path:
-    """``./<model>-<profile>/`` with the model's last path component and a filesystem-safe profile name."""
-    model_name = Path(model.rstrip("/")).name or "model"
+    """``./<model>-<profile>/`` with the model's last path component (a GGUF file without its suffix)
+    and a filesystem-safe profile name."""
+    path = Path(model.rstrip("/"))
+    model_name = (path.stem if path.suffix.lower() == ".gguf" else path.name) or "model"
     safe_profile = re.sub(r"[^A-Za-z0-9_.=-]+", "_", profile.name).strip("_")
     return Path.cwd() / f"{model_name}-{safe_profile}"
 
@@ -153,6 +155,7 @@ def convert(
     progress: bool = True,
     method_options: dict[str, Any] | None = None,
     onnx: bool = True,
+    dtype: str | None = None,
 ) -> dict[str, Any]:
     """Convert a checkpoint into a bundle for ``profile`` (or only plan it with ``dry_run``).
 
@@ -160,6 +163,7 @@ def convert(
     transformed in place, saved to a temporary checkpoint beside OUT and bundled from there; the manifest
     names the original checkpoint as its source and records the method's transforms and seeds.
     ``onnx`` also writes ``onnx/model.onnx`` (analog matmuls as ``ai.cimconvert.AnalogMatMul`` nodes).
+    ``model`` may be a GGUF file, dequantised to ``dtype`` first (see :mod:`cimconvert.gguf`).
     """
     import tempfile
 
@@ -169,7 +173,7 @@ def convert(
     from cimconvert.methods import option_values, resolve_method
 
     chip = load_profile(profile)
-    source = resolve_model(model, trust_remote_code=trust_remote_code)
+    source = resolve_model(model, trust_remote_code=trust_remote_code, dtype=dtype, progress=progress)
     adapter = get_adapter(source.model_type)
     resolved = resolve_method(method, adapter.family)
     placement = _plan(source, adapter, chip, analog, digital)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from cimconvert.errors import ModelInputError
+from cimconvert.gguf import find_gguf_file, is_gguf_path, materialise, read_provenance
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -210,6 +211,10 @@ class SourceCheckpoint:
     aux_files: list[str]
     revision: str | None = None
     trust_remote_code: bool = False
+    #: Provenance of a checkpoint dequantised from a GGUF file (``gguf_source.json``), else None.
+    gguf: dict[str, Any] | None = None
+    #: The GGUF file the checkpoint was dequantised from, when it was given as MODEL.
+    gguf_file: Path | None = None
     headers: dict[str, SafetensorsHeader] = field(default_factory=dict, repr=False)
     _sha: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -217,6 +222,11 @@ class SourceCheckpoint:
     def tensor_shapes(self) -> dict[str, TensorMeta]:
         """Every tensor on disk (name → shape, dtype, file, offsets), from the headers only."""
         return {t.name: t for f in self.weight_files for t in self.headers[f].tensors}
+
+    @property
+    def origin_path(self) -> Path:
+        """What the user's MODEL resolved to: the GGUF file when one was given, else the folder."""
+        return self.gguf_file or self.dir
 
     @property
     def input_files(self) -> list[str]:
@@ -420,20 +430,37 @@ def _read_headers(folder: Path, files: list[str]) -> dict[str, SafetensorsHeader
     return headers
 
 
+def _locate_gguf(model: str, dtype: str | None, progress: bool) -> tuple[Path, Path] | None:
+    """(dequantised folder, GGUF file) when ``model`` is a GGUF file or a folder holding one."""
+    path = Path(model).expanduser()
+    if not path.exists() or not is_gguf_path(path):
+        if dtype is not None:
+            raise ModelInputError("--dtype applies to GGUF input only (the model is not a .gguf file)")
+        return None
+    return materialise(path, dtype, progress), find_gguf_file(path).resolve()
+
+
 def resolve_model(
     model: str | Path,
     trust_remote_code: bool = False,
     revision: str | None = None,
     check_shapes: bool = True,
+    dtype: str | None = None,
+    progress: bool = True,
 ) -> SourceCheckpoint:
-    """Find and validate a checkpoint: a local folder, or a hub id from the local HF cache only.
+    """Find and validate a checkpoint: a local folder, a GGUF file, or a hub id from the local HF cache.
+
+    A ``.gguf`` file (or a folder holding one and no config.json) is dequantised to ``dtype``
+    (default: its own float type, float32 for quantised files) into a temporary checkpoint folder first
+    (:mod:`cimconvert.gguf`); the result records the GGUF's provenance.
 
     Checks config.json (parseable, has ``model_type``), refuses pickled-only checkpoints, parses every
     safetensors header (corrupt/truncated files), checks the index names only present shards, and
     (``check_shapes``) compares tensor shapes with a ``meta``-device model built from the config.
     No tensor data is read. Raises ModelInputError with a one-line message.
     """
-    folder, cache_revision = _locate(str(model), revision)
+    gguf = _locate_gguf(str(model), dtype, progress)
+    folder, cache_revision = (gguf[0], None) if gguf else _locate(str(model), revision)
     config = _read_config(folder)
     files = _weight_files(folder)
     headers = _read_headers(folder, files)
@@ -448,6 +475,8 @@ def resolve_model(
         aux_files=aux,
         revision=revision or cache_revision,
         trust_remote_code=trust_remote_code,
+        gguf=read_provenance(folder),
+        gguf_file=gguf[1] if gguf else None,
         headers=headers,
     )
     if check_shapes:

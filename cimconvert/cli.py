@@ -106,18 +106,21 @@ def _method_line(res: dict) -> str:
 @click.option("--onnx/--no-onnx", default=True, show_default=True, help="also export onnx/model.onnx")
 @click.option("--seed", default=0, show_default=True, help="seed for every random draw (recorded)")
 @click.option("--trust-remote-code", is_flag=True, help="allow the checkpoint's own Python code (off)")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="GGUF input: dtype the weights are dequantised to [the GGUF's float type; float32 "
+              "for quantised files]")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable summary on stdout")
 @method_options
 def convert_cmd(model: str, profile: str, out: Path | None, method: str, analog: tuple[str, ...],
                 digital: tuple[str, ...], dry_run: bool, force: bool, onnx: bool, seed: int,
-                trust_remote_code: bool, as_json: bool, **method_opts: Any) -> None:
-    """Convert MODEL (local HF folder or cached hub id) into a bundle for the chip PROFILE."""
+                trust_remote_code: bool, dtype: str | None, as_json: bool, **method_opts: Any) -> None:
+    """Convert MODEL (local HF folder, .gguf file or cached hub id) into a bundle for the chip PROFILE."""
     from cimconvert import api
 
     res = api.convert(
         model, profile, out=out, method=method, analog=analog, digital=digital, dry_run=dry_run,
         force=force, seed=seed, trust_remote_code=trust_remote_code, progress=not as_json,
-        method_options=method_opts, onnx=onnx,
+        method_options=method_opts, onnx=onnx, dtype=dtype,
     )
     emit(res, as_json, _format_convert)
 

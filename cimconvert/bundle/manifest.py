@@ -57,6 +57,12 @@ class SourceInfo(Entry):
     revision: str | None = Field(default=None, description="hub commit (from the local cache), if known")
     model_type: str
     files: list[FileEntry]
+    gguf: dict[str, Any] | None = Field(
+        default=None,
+        description="when the checkpoint was dequantised from a GGUF file: its name, sha256, bytes, "
+        "architecture, general.file_type, tensor quantisation types (count per type) and the dtype "
+        "it was dequantised to",
+    )
 
 
 class ProfileInfo(Entry):

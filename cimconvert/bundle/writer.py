@@ -562,10 +562,11 @@ def _assemble(
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         source=SourceInfo(
             model=origin.model_id,
-            path=str(origin.dir),
+            path=str(origin.origin_path),
             revision=origin.revision,
             model_type=origin.model_type,
             files=[FileEntry(name=f.name, sha256=f.sha256, bytes=f.bytes) for f in origin.files()],
+            gguf=origin.gguf,
         ),
         profile=ProfileInfo(
             name=profile.name, content_hash=profile.content_hash(), profile=profile.model_dump(mode="json")
