@@ -137,6 +137,12 @@ def write(phase: str, payload: dict[str, Any], markdown: str) -> None:
     print(f"wrote benchmarks/results/real_{phase}.json and .md")
 
 
+def previous(phase: str) -> dict[str, Any]:
+    """The phase's earlier result file (so models measured in separate runs end up in one table)."""
+    path = RESULTS / f"real_{phase}.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 def meta(args: argparse.Namespace, phase: str) -> dict[str, Any]:
     """Run metadata recorded with every result file."""
     return {"command": command(phase, args), "seeds": list(range(FIRST_SEED, FIRST_SEED + args.seeds)),
@@ -167,6 +173,8 @@ def sensitivity(args: argparse.Namespace) -> None:
             ev = Evaluator(model, tokenize(tokenizer, load_text(dataset), args.max_tokens), seeds)
             for profile in SENSITIVITY_PROFILES:
                 rows.append({**ev.row(f"{name} · {dataset}", profile), "model": name, "dataset": dataset})
+    measured = {r["model"] for r in rows}
+    rows = [r for r in previous("sensitivity").get("rows", []) if r["model"] not in measured] + rows
     md = ["# Real models under chip noise", "", f"`{command('sensitivity', args)}`", "",
           f"{args.max_tokens} tokens per dataset, windows of 256, {args.seeds} unseen draws "
           f"(seeds {FIRST_SEED}…).", "", *table(rows, "model · dataset")]
@@ -279,10 +287,12 @@ def attribution(args: argparse.Namespace) -> None:
         where = _where_rows(ev, name, model.config.num_hidden_layers)
         stats = tensor_statistics(model, tokenize(tokenizer, load_text("calib"), 1024))
         payload["models"][name] = {"components": components, "where": where, "tensor_stats": stats}
-        md += ["", f"## {name}", "", "### Noise components", "", *table(components, "variant"),
-               "", "### Where", "", *table(where, "noise only in / mapping"),
+    payload["models"] = {**previous("attribution").get("models", {}), **payload["models"]}
+    for name, res in payload["models"].items():
+        md += ["", f"## {name}", "", "### Noise components", "", *table(res["components"], "variant"),
+               "", "### Where", "", *table(res["where"], "noise only in / mapping"),
                "", "### Weight and input statistics (calibration text, 1024 tokens)", "",
-               *_stats_by_kind(stats)]
+               *_stats_by_kind(res["tensor_stats"])]
     write("attribution", payload, "\n".join(md))
 
 
@@ -299,8 +309,11 @@ def analyze_phase(args: argparse.Namespace) -> None:
         scan = analyze(str(MODELS[name]), "chipA", seeds=args.seeds, seed=FIRST_SEED, granularity="block",
                        out=out, max_tokens=args.max_tokens, progress=False)
         payload["models"][name] = {k: v for k, v in scan.items() if k != "files"}
+    payload["models"] = {**previous("analyze").get("models", {}), **payload["models"]}
+    for name in payload["models"]:
+        table_md = (RESULTS / f"real_analyze_{name}" / "sensitivity.md").read_text(encoding="utf-8")
         md += [f"## {name}", "", f"![per-block sensitivity](real_analyze_{name}/sensitivity.png)", "",
-               (out / "sensitivity.md").read_text(encoding="utf-8"), ""]
+               table_md, ""]
     write("analyze", payload, "\n".join(md))
 
 
