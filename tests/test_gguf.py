@@ -229,3 +229,15 @@ def test_folder_with_two_ggufs_is_refused(tiny_gguf: Path, tmp_path: Path) -> No
         (tmp_path / name).symlink_to(tiny_gguf)
     with pytest.raises(ModelInputError, match=r"holds 2 \.gguf files"):
         convert(str(tmp_path), "chipA", out=tmp_path / "out", method="none", progress=False)
+
+
+def test_analyze_and_finetune_take_gguf(tiny_gguf: Path, tmp_path: Path) -> None:
+    from cimconvert.analysis import analyze
+    from cimconvert.finetune import finetune
+
+    scan = analyze(str(tiny_gguf), "chipB", seeds=1, granularity="block", out=tmp_path / "scan",
+                   max_tokens=128, seq_len=64, progress=False)
+    assert [row["name"] for row in scan["rows"]][:1] and (tmp_path / "scan" / "sensitivity.json").is_file()
+    res = finetune(str(tiny_gguf), "chipB", method="ste", out=tmp_path / "ft", data="calib", steps=2,
+                   batch_size=2, seq_len=32, max_tokens=2048, progress=False)
+    assert (tmp_path / "ft" / "config.json").is_file() and res["steps"] == 2 and len(res["losses"]) == 2
