@@ -125,8 +125,11 @@ def fmt(value: float | None) -> str:
 
 def command(phase: str, args: argparse.Namespace) -> str:
     """The command line that reproduces a phase."""
+    extra = "".join(f" --{k} {' '.join(v)}" for k, v in (("models", args.models), ("datasets", args.datasets),
+                                                          ("profiles", args.profiles)) if v)
+    extra += " --detail" if getattr(args, "detail", False) else ""
     return (f"CIMCONVERT_SHARED_DATA=<shared>/data .venv/bin/python benchmarks/real_models.py {phase} "
-            f"--seeds {args.seeds} --max-tokens {args.max_tokens} --threads {args.threads}")
+            f"--seeds {args.seeds} --max-tokens {args.max_tokens} --threads {args.threads}{extra}")
 
 
 def write(phase: str, payload: dict[str, Any], markdown: str) -> None:
@@ -171,13 +174,17 @@ def sensitivity(args: argparse.Namespace) -> None:
         for dataset in args.datasets:
             print(f"{name} / {dataset}", flush=True)
             ev = Evaluator(model, tokenize(tokenizer, load_text(dataset), args.max_tokens), seeds)
-            for profile in SENSITIVITY_PROFILES:
-                rows.append({**ev.row(f"{name} · {dataset}", profile), "model": name, "dataset": dataset})
-    measured = {r["model"] for r in rows}
-    rows = [r for r in previous("sensitivity").get("rows", []) if r["model"] not in measured] + rows
-    md = ["# Real models under chip noise", "", f"`{command('sensitivity', args)}`", "",
-          f"{args.max_tokens} tokens per dataset, windows of 256, {args.seeds} unseen draws "
-          f"(seeds {FIRST_SEED}…).", "", *table(rows, "model · dataset")]
+            for profile in args.profiles or SENSITIVITY_PROFILES:
+                rows.append({**ev.row(f"{name} · {dataset}", profile), "model": name, "dataset": dataset,
+                             "tokens": int(ev.tokens.numel()), "command": command("sensitivity", args)})
+    measured = {(r["model"], r["dataset"], r["profile"]) for r in rows}
+    kept = [r for r in previous("sensitivity").get("rows", [])
+            if (r["model"], r["dataset"], r["profile"]) not in measured]
+    rows = sorted(kept + rows, key=lambda r: (r["model"], r["dataset"]))
+    md = ["# Real models under chip noise", "", f"`{command('sensitivity', args)}` (rows measured by "
+          "earlier runs of other models, datasets or profiles are kept; each row records its own command)",
+          "", f"Windows of 256 tokens, {args.seeds} unseen draws (seeds {FIRST_SEED}…).", "",
+          *table(rows, "model · dataset")]
     write("sensitivity", {**meta(args, "sensitivity"), "rows": rows}, "\n".join(md))
 
 
@@ -197,7 +204,7 @@ def _component_rows(ev: Evaluator, name: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _where_rows(ev: Evaluator, name: str, blocks: int) -> list[dict[str, Any]]:
+def _where_rows(ev: Evaluator, name: str, blocks: int, detail: bool) -> list[dict[str, Any]]:
     adapter = get_adapter(ev.model.config)
     third = max(1, blocks // 3)
 
@@ -211,11 +218,13 @@ def _where_rows(ev: Evaluator, name: str, blocks: int) -> list[dict[str, Any]]:
         (f"blocks {third}-{blocks - third - 1} only", in_blocks(third, blocks - third)),
         (f"blocks {blocks - third}-{blocks - 1} only", in_blocks(blocks - third, blocks)),
     ]
-    for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "up", "down"):
-        groups.append((f"{proj} only", lambda t, p=proj: f".{p}" in t and ".mlp.gate.weight" not in t))
+    if detail:
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "up", "down"):
+            groups.append((f"{proj} only", lambda t, p=proj: f".{p}" in t and ".mlp.gate.weight" not in t))
     rows = [{**ev.row(f"{name}: {label}", "chipA", keep), "group": label} for label, keep in groups]
     rows.append({**ev.row(f"{name}: per-tensor mapping", "chipA:mapping.scale=tensor"), "group": "mapping"})
-    rows.append({**ev.row(f"{name}: per-tile mapping", "chipA:mapping.scale=tile"), "group": "mapping"})
+    if detail:
+        rows.append({**ev.row(f"{name}: per-tile mapping", "chipA:mapping.scale=tile"), "group": "mapping"})
     return rows
 
 
@@ -284,7 +293,7 @@ def attribution(args: argparse.Namespace) -> None:
         print(name, flush=True)
         ev = Evaluator(model, tokens, seeds)
         components = _component_rows(ev, name)
-        where = _where_rows(ev, name, model.config.num_hidden_layers)
+        where = _where_rows(ev, name, model.config.num_hidden_layers, args.detail)
         stats = tensor_statistics(model, tokenize(tokenizer, load_text("calib"), 1024))
         payload["models"][name] = {"components": components, "where": where, "tensor_stats": stats}
     payload["models"] = {**previous("attribution").get("models", {}), **payload["models"]}
@@ -374,6 +383,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="speed phase: interleaved repetitions")
     parser.add_argument("--models", nargs="*", choices=sorted(MODELS), help="default: every fetched model")
     parser.add_argument("--datasets", nargs="*", default=["heldout", "wikitext2"])
+    parser.add_argument("--profiles", nargs="*", help="sensitivity phase: profiles [the standard set]")
+    parser.add_argument("--detail", action="store_true",
+                        help="attribution phase: also one row per projection type and per-tile mapping")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     PHASES[args.phase](args)
