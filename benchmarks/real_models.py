@@ -166,31 +166,37 @@ def table(rows: list[dict[str, Any]], first: str) -> list[str]:
 
 # ------------------------------------------------------------------------------------ sensitivity
 def sensitivity(args: argparse.Namespace) -> None:
-    """Clean vs every profile, per model and dataset."""
+    """Clean vs every profile, per model and dataset (the result files are rewritten after every row)."""
     seeds = range(FIRST_SEED, FIRST_SEED + args.seeds)
-    rows: list[dict[str, Any]] = []
     for name in available_models(args.models):
         model, tokenizer = load_model(name)
         for dataset in args.datasets:
             print(f"{name} / {dataset}", flush=True)
             ev = Evaluator(model, tokenize(tokenizer, load_text(dataset), args.max_tokens), seeds)
             for profile in args.profiles or SENSITIVITY_PROFILES:
-                rows.append({**ev.row(f"{name} · {dataset}", profile), "model": name, "dataset": dataset,
-                             "tokens": int(ev.tokens.numel()), "command": command("sensitivity", args)})
-    measured = {(r["model"], r["dataset"], r["profile"]) for r in rows}
+                row = {**ev.row(f"{name} · {dataset}", profile), "model": name, "dataset": dataset,
+                       "tokens": int(ev.tokens.numel()), "command": command("sensitivity", args)}
+                _save_sensitivity_row(row, args)
+
+
+def _save_sensitivity_row(row: dict[str, Any], args: argparse.Namespace) -> None:
+    key = (row["model"], row["dataset"], row["profile"])
     kept = [r for r in previous("sensitivity").get("rows", [])
-            if (r["model"], r["dataset"], r["profile"]) not in measured]
-    rows = sorted(kept + rows, key=lambda r: (r["model"], r["dataset"]))
-    md = ["# Real models under chip noise", "", f"`{command('sensitivity', args)}` (rows measured by "
-          "earlier runs of other models, datasets or profiles are kept; each row records its own command)",
-          "", f"Windows of 256 tokens, {args.seeds} unseen draws (seeds {FIRST_SEED}…).", "",
-          *table(rows, "model · dataset")]
+            if (r["model"], r["dataset"], r["profile"]) != key]
+    rows = sorted([*kept, row], key=lambda r: (r["model"], r["dataset"]))
+    md = ["# Real models under chip noise", "", "Each row was measured by the command in its `command` field "
+          "(results JSON); windows of 256 tokens, unseen draws from seed 5000 on.", "",
+          "| model · dataset | tokens | profile | analog tensors | clean PPL | noisy PPL (mean ± std) | "
+          "noisy/clean | draws |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['label']} | {r['tokens']} | `{r['profile']}` | {r['analog_tensors']} | "
+                  f"{fmt(r['clean_ppl'])} | {fmt(r['noisy_ppl_mean'])} ± {fmt(r['noisy_ppl_std'])} | "
+                  f"{(r['ratio'] or float('nan')):.2f}× | {len(r['seeds'])} |")
     write("sensitivity", {**meta(args, "sensitivity"), "rows": rows}, "\n".join(md))
 
 
 # ------------------------------------------------------------------------------------ attribution
 def _component_rows(ev: Evaluator, name: str) -> list[dict[str, Any]]:
-    all_off = ",".join(COMPONENTS_OFF.values())
     rows = [ev.row(f"{name}: all chipA effects", "chipA")]
     for comp, off in COMPONENTS_OFF.items():
         others = ",".join(v for k, v in COMPONENTS_OFF.items() if k != comp and k != "drift")
@@ -200,7 +206,6 @@ def _component_rows(ev: Evaluator, name: str) -> list[dict[str, Any]]:
         rows.append({**ev.row(f"{name}: {comp} alone", f"chipA:{alone}"), "component": comp, "mode": "alone"})
         rows.append({**ev.row(f"{name}: all but {comp}", f"chipA:{off}"), "component": comp,
                      "mode": "all_but"})
-    rows.append(ev.row(f"{name}: none (all components off)", f"chipA:{all_off}"))
     return rows
 
 
@@ -292,13 +297,20 @@ def attribution(args: argparse.Namespace) -> None:
         tokens = tokenize(tokenizer, load_text("heldout"), args.max_tokens)
         print(name, flush=True)
         ev = Evaluator(model, tokens, seeds)
-        components = _component_rows(ev, name)
-        where = _where_rows(ev, name, model.config.num_hidden_layers, args.detail)
         stats = tensor_statistics(model, tokenize(tokenizer, load_text("calib"), 1024))
-        payload["models"][name] = {"components": components, "where": where, "tensor_stats": stats}
-    payload["models"] = {**previous("attribution").get("models", {}), **payload["models"]}
-    for name, res in payload["models"].items():
-        md += ["", f"## {name}", "", "### Noise components", "", *table(res["components"], "variant"),
+        result: dict[str, Any] = {"components": [], "where": [], "tensor_stats": stats}
+        _save_attribution(payload, md, name, result)
+        result["components"] = _component_rows(ev, name)
+        _save_attribution(payload, md, name, result)
+        result["where"] = _where_rows(ev, name, model.config.num_hidden_layers, args.detail)
+        _save_attribution(payload, md, name, result)
+
+
+def _save_attribution(payload: dict[str, Any], header: list[str], name: str, result: dict[str, Any]) -> None:
+    payload["models"] = {**previous("attribution").get("models", {}), **payload["models"], name: result}
+    md = list(header)
+    for model, res in payload["models"].items():
+        md += ["", f"## {model}", "", "### Noise components", "", *table(res["components"], "variant"),
                "", "### Where", "", *table(res["where"], "noise only in / mapping"),
                "", "### Weight and input statistics (calibration text, 1024 tokens)", "",
                *_stats_by_kind(res["tensor_stats"])]
