@@ -28,8 +28,8 @@ def draw_nu(
     assert drift.nu_mean is not None and drift.nu_std is not None
     x = g_target / g_max
     mean = eval_curve(drift.nu_mean, x)
-    std = eval_curve(drift.nu_std, x)
-    return (mean + std * randn(x.shape, generator, x)).abs() * drift.scale
+    nu = eval_curve(drift.nu_std, x).mul_(randn(x.shape, generator, x)).add_(mean).abs_()
+    return nu if drift.scale == 1.0 else nu.mul_(drift.scale)
 
 
 def drift_factor(nu: torch.Tensor, t: float, t0: float) -> torch.Tensor:
@@ -38,8 +38,9 @@ def drift_factor(nu: torch.Tensor, t: float, t0: float) -> torch.Tensor:
 
 
 def apply_drift(g_prog: torch.Tensor, nu: torch.Tensor, t: float, t0: float) -> torch.Tensor:
-    """g(t) = g_prog·((t + t0)/t0)^(−ν)."""
-    return g_prog * drift_factor(nu, t, t0)
+    """g(t) = g_prog·((t + t0)/t0)^(−ν); ``nu`` is consumed (overwritten)."""
+    base = torch.as_tensor((t + t0) / t0, dtype=nu.dtype, device=nu.device)
+    return torch.pow(base, nu.neg_(), out=nu).mul_(g_prog)
 
 
 def read_noise_time_factor(t: float, t0: float, t_read: float) -> float:
@@ -53,7 +54,7 @@ def read_noise_sigma(
     """σ_read = |g(t)|·Q_s(g_prog/g_max)·√ln((t + t0 + t_read)/(2 t_read))·scale, in µS."""
     assert read.q_s is not None
     q_s = eval_curve(read.q_s, g_prog / g_max)
-    return g_drift.abs() * q_s * (read_noise_time_factor(t, t0, read.t_read) * read.scale)
+    return q_s.mul_(g_drift.abs()).mul_(read_noise_time_factor(t, t0, read.t_read) * read.scale)
 
 
 def add_read_noise(
@@ -67,7 +68,7 @@ def add_read_noise(
 ) -> torch.Tensor:
     """g ← max(0, g(t) + σ_read·N(0, 1))."""
     sigma = read_noise_sigma(g_drift, g_prog, read, g_max, t, t0)
-    return (g_drift + sigma * randn(g_drift.shape, generator, g_drift)).clamp_min(0.0)
+    return sigma.mul_(randn(g_drift.shape, generator, g_drift)).add_(g_drift).clamp_min_(0.0)
 
 
 def compensation_gain(

@@ -39,14 +39,13 @@ def poly_sigma(x: torch.Tensor, profile: ChipProfile) -> torch.Tensor:
     prog = profile.programming
     assert prog.ref_g_max is not None
     gain = profile.mapping.g_max / prog.ref_g_max * prog.scale
-    return eval_poly(coeffs_at(prog, profile.t_inference), x).abs() * gain
+    return eval_poly(coeffs_at(prog, profile.t_inference), x).abs_().mul_(gain)
 
 
 def add_poly_noise(g: torch.Tensor, profile: ChipProfile, generator: torch.Generator) -> torch.Tensor:
     """g_prog = g + σ(g/g_max)·N(0, 1) on every device, clamped at 0 if the profile says so."""
-    sigma = poly_sigma(g / profile.mapping.g_max, profile)
-    g_prog = g + sigma * randn(g.shape, generator, g)
-    return g_prog.clamp_min(0.0) if profile.programming.clamp_nonnegative else g_prog
+    g_prog = poly_sigma(g / profile.mapping.g_max, profile).mul_(randn(g.shape, generator, g)).add_(g)
+    return g_prog.clamp_min_(0.0) if profile.programming.clamp_nonnegative else g_prog
 
 
 def add_relative_gaussian(
