@@ -349,6 +349,38 @@ def validate(
     }  # fmt: skip
 
 
+def _verdict_lines(s: dict[str, Any]) -> list[str]:
+    """The comparison part of the human report (exact or statistical)."""
+    test = s["test"]
+    if "rtol" in test:
+        diffs = " ".join(f"{100 * d:.3f}%" for d in test["per_seed_rel_diff"])
+        rtol = 100 * test["rtol"]
+        lines = [f"  noisy PPL per seed, |ort/torch - 1|: {diffs} (tolerance {rtol:.2f}% each)"]
+    else:
+        p = "n/a" if test["p_value"] is None else f"{test['p_value']:.3g}"
+        ci = "n/a"
+        if test["ci_low"] is not None:
+            ci = f"[{100 * test['ci_low']:+.2f}%, {100 * test['ci_high']:+.2f}%]"
+        lines = [
+            f"  paired t-test on ln(PPL ratio): p = {p} (alpha {test['alpha']}); "
+            f"{100 * (1 - 2 * test['alpha']):.0f}% CI of the ratio {ci} "
+            f"vs margin +-{100 * test['margin']:.1f}% -> {test['verdict']}"
+        ]
+    node = s.get("node_check")
+    if node:
+        lines.append(
+            f"  each analog node alone ({node['nodes']} nodes): worst "
+            f"{100 * node['max_mismatch_fraction']:.3f}% outputs differ ({node['worst_node']}; "
+            f"tolerance {100 * node['tolerance']:.1f}%)"
+        )
+    if not s["graph_matches_placement"]:
+        lines.append(
+            "  graph analog tensors differ from the placement: "
+            f"missing {s['analog_in_placement_not_graph']}, extra {s['analog_in_graph_not_placement']}"
+        )
+    return lines
+
+
 def format_validate(res: dict[str, Any]) -> str:
     """Human-readable report of :func:`validate`."""
     ort_r, torch_r, s = res["onnxruntime"], res["torch"], res["summary"]
@@ -356,7 +388,8 @@ def format_validate(res: dict[str, Any]) -> str:
     mode = "programmed weights + per-MVM DAC/ADC/noise in-graph" if res["per_mvm"] else "programmed weights"
     lines = [
         f"validate {res['bundle']}  profile {res['profile']}  dataset {res['dataset']} "
-        f"({res['tokens']} tokens, seq_len {res['seq_len']}, {res['analog_tensors']} analog tensors; {mode})",
+        f"({res['tokens']} tokens, seq_len {res['seq_len']}, {res['analog_tensors']} analog tensors; {mode}; "
+        f"{res['mvm_noise']} per-MVM draws, {res['comparison']} comparison)",
         f"  {'':<12}{'clean PPL':>12}{'noisy PPL (' + str(n) + ' draws)':>30}",
         f"  {'onnxruntime':<12}{ort_r['clean_ppl']:>12.4f}"
         f"{ort_r['noisy_ppl']['mean']:>20.4f} +- {ort_r['noisy_ppl']['std']:.4f}",
@@ -366,7 +399,8 @@ def format_validate(res: dict[str, Any]) -> str:
         f"(clean logits max|diff| {s['clean_logits_max_abs_diff']:.2e} <= {s['atol']:.0e})",
         f"  programmed weights bit-identical to torch: "
         f"{'yes' if s['programmed_weights_bit_identical'] else 'NO'}",
-        f"  noisy PPL rel. diff {100 * s['noisy_ppl_rel_diff']:.3f}% (tolerance {100 * s['ppl_rtol']:.1f}%)",
-        f"  result: {'PASS' if s['passed'] else 'FAIL'}",
+        *_verdict_lines(s),
+        f"  result: {'PASS' if s['passed'] else 'FAIL'}"
+        + (" (inconclusive: more seeds needed)" if s["test"]["verdict"] == "inconclusive" else ""),
     ]
     return "\n".join(lines)
