@@ -34,9 +34,11 @@ from cimconvert.simulator import rng
 LOG_LEVEL = 3
 
 
-def session_options(threads: int = 1) -> ort.SessionOptions:
-    """Session options: ``threads`` intra-op threads, one inter-op thread, all graph optimisations."""
+def session_options(threads: int = 1, arena: bool = True) -> ort.SessionOptions:
+    """Session options: ``threads`` intra-op threads, one inter-op thread, all graph optimisations;
+    ``arena=False``: no CPU memory arena (buffers are freed after each run instead of kept reserved)."""
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -263,14 +265,17 @@ EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 
 def make_session(
-    model: ModelProto | str | Path, threads: int = 1, external_dir: str | Path | None = None
+    model: ModelProto | str | Path,
+    threads: int = 1,
+    external_dir: str | Path | None = None,
+    arena: bool = True,
 ) -> ort.InferenceSession:
     """An onnxruntime CPU session of an in-memory model or of a ``.onnx`` file.
 
     An in-memory model either carries its external data or names the folder holding it
     (``external_dir``); onnxruntime then reads those initializers from the file itself.
     """
-    options = session_options(threads)
+    options = session_options(threads, arena)
     providers = ["CPUExecutionProvider"]
     if not isinstance(model, ModelProto):
         return ort.InferenceSession(str(model), options, providers=providers)
