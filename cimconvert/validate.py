@@ -9,9 +9,12 @@ per-MVM bodies on weights prepared once per draw by ``simulator.prepare_mvm``).
 The verdict does not depend on luck:
 
 * ``mvm_noise="counter"`` (default, *exact*): both runtimes draw the per-MVM noise from the same
-  counter-based generator (``simulator.rng.counter_normal``, mirrored in standard ONNX ops), so for each
-  seed they compute the same noisy model up to float32 rounding; every seed's noisy perplexities must
-  agree within ``ppl_rtol`` (a per-seed check: averaging cannot hide a wrong bundle);
+  counter-based generator (``simulator.rng.counter_normal``, mirrored in standard ONNX ops). Per seed,
+  every analog node of the runtime graph is run alone on the same input in both runtimes and must
+  agree up to rare ADC-step flips (:func:`node_check`, ``NODE_MISMATCH``), and the end-to-end noisy
+  perplexities must agree within ``ppl_rtol`` (a coarse guard: float32 ulp differences flip quantiser
+  steps that cascade through deep networks). Every check is per seed: averaging cannot hide a wrong
+  bundle. The graph's analog tensors must also be the bundle placement's;
 * ``mvm_noise="native"`` (*statistical*): onnxruntime's ``RandomNormalLike`` vs torch's generator,
   compared by a paired t-test with false-failure rate ``alpha`` plus an equivalence test with margin
   ``margin`` (:func:`cimconvert.evaluation.stats.paired_log_ratio_test`).

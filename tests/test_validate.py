@@ -176,7 +176,8 @@ def test_noise_scale_off_by_ten_percent_fails(
     _scaled_noise_bodies(monkeypatch, 1.1)
     summary = validate(olmoe_bundle, "chipA", **{**FAST, "seeds": seeds})["summary"]
     assert summary["outputs_match"] and summary["programmed_weights_bit_identical"]
-    assert summary["node_check"]["max_mismatch_fraction"] > 10 * NODE_MISMATCH
+    # ≈ 5 % of a node's outputs move (one ADC step) when σ is 10 % off; a correct node: 0 to 0.03 %
+    assert summary["node_check"]["max_mismatch_fraction"] > 2 * NODE_MISMATCH
     assert not summary["node_check"]["passed"] and not summary["passed"]
 
 
