@@ -134,7 +134,6 @@ class OrtNoiseRunner:
         self.mvm_nodes = [_copy_node(n) for n in prepared.graph.node if n.op_type in analog_op.MVM_OPS]
         self._functions = list(prepared.functions)
         self._opsets = list(prepared.opset_import)
-        self._node_sessions: dict[int, ort.InferenceSession] = {}
         self._threads = threads
         del prepared
         self.binding = self.session.io_binding()
@@ -205,21 +204,20 @@ class OrtNoiseRunner:
         self._reset(None)
 
     def _node_session(self, index: int) -> ort.InferenceSession:
-        """A one-node session running per-MVM node ``index`` on its bound inputs (cached)."""
-        if index not in self._node_sessions:
-            node = self.mvm_nodes[index]
-            inputs = [onnx.helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, None)]
-            for name in node.input[1:]:
-                dtype = onnx.helper.np_dtype_to_tensor_dtype(self.buffers[name].dtype)
-                inputs.append(onnx.helper.make_tensor_value_info(name, dtype, self.buffers[name].shape))
-            one = onnx.NodeProto()
-            one.CopyFrom(node)
-            one.input[0], one.output[0] = "X", "Y"
-            output = onnx.helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)
-            graph = onnx.helper.make_graph([one], "node", inputs, [output])
-            model = onnx.helper.make_model(graph, opset_imports=self._opsets, functions=self._functions)
-            self._node_sessions[index] = make_session(model, self._threads)
-        return self._node_sessions[index]
+        """A one-node session running per-MVM node ``index`` on its bound inputs (not cached: a few MB
+        each, and a large model has hundreds of nodes)."""
+        node = self.mvm_nodes[index]
+        inputs = [onnx.helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, None)]
+        for name in node.input[1:]:
+            dtype = onnx.helper.np_dtype_to_tensor_dtype(self.buffers[name].dtype)
+            inputs.append(onnx.helper.make_tensor_value_info(name, dtype, self.buffers[name].shape))
+        one = onnx.NodeProto()
+        one.CopyFrom(node)
+        one.input[0], one.output[0] = "X", "Y"
+        output = onnx.helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, None)
+        graph = onnx.helper.make_graph([one], "node", inputs, [output])
+        model = onnx.helper.make_model(graph, opset_imports=self._opsets, functions=self._functions)
+        return make_session(model, self._threads, arena=False)
 
     def node_output(self, index: int, x: np.ndarray, key: Sequence[int] | None = None) -> np.ndarray:
         """Output of per-MVM node ``index`` alone for input ``x``, with the bound weights.
