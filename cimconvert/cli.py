@@ -177,14 +177,23 @@ def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: st
 @click.option("--seq-len", default=128, show_default=True, type=click.IntRange(2))
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="torch/ORT CPU threads")
 @click.option("--profile-mismatch-ok", is_flag=True, help="allow a profile other than the bundle's")
+@click.option("--mvm-noise", default="counter", show_default=True,
+              help="per-MVM noise draws: counter = the same draws in both runtimes, compared per seed "
+                   "(exact); native = each runtime's own generator, compared by a paired statistical test")
+@click.option("--alpha", default=0.01, show_default=True, type=float,
+              help="native mode: false-failure rate of the test (and level of the equivalence test)")
+@click.option("--margin", default=0.01, show_default=True, type=float,
+              help="native mode: equivalence margin on the per-seed PPL ratio")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable result on stdout")
 def validate_cmd(out: Path, profile: str | None, seeds: int, seed: int, dataset: str, max_tokens: int,
-                 seq_len: int, threads: int, profile_mismatch_ok: bool, as_json: bool) -> None:
+                 seq_len: int, threads: int, profile_mismatch_ok: bool, mvm_noise: str, alpha: float,
+                 margin: float, as_json: bool) -> None:
     """Run bundle OUT's ONNX graph in onnxruntime under chip noise and compare with the torch simulator."""
     from cimconvert.validate import format_validate, validate
 
     res = validate(out, profile, seeds=seeds, seed=seed, dataset=dataset, max_tokens=max_tokens,
-                   seq_len=seq_len, threads=threads, profile_mismatch_ok=profile_mismatch_ok)
+                   seq_len=seq_len, threads=threads, profile_mismatch_ok=profile_mismatch_ok,
+                   mvm_noise=mvm_noise, alpha=alpha, margin=margin)
     emit(res, as_json, format_validate)
     if not res["summary"]["passed"]:
         sys.exit(1)

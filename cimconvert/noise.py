@@ -42,6 +42,7 @@ from cimconvert.simulator import (
     weight_scales,
 )
 from cimconvert.simulator.program import Layout, to_out_in
+from cimconvert.simulator.rng import CounterClock, CounterNoise, NoiseSource, node_key
 
 #: Name of the experts implementation registered in ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``.
 EXPERTS_IMPLEMENTATION = "cimconvert_analog"
@@ -76,6 +77,13 @@ class _ExpertsState:
     generator: torch.Generator
     calls: Counter[str]
     prefix: str
+    clock: CounterClock | None = None
+
+    def source(self, pname: str, expert: int) -> NoiseSource:
+        """Per-MVM noise source of one expert's projection (the shared generator, or its counter key)."""
+        if self.clock is None:
+            return self.generator
+        return CounterNoise(self.clock, node_key(f"{self.prefix}{pname}", expert))
 
 
 #: experts module → its analog state, while a handle is active.
@@ -90,7 +98,9 @@ class NoiseHandle:
 
     ``perturbed``: analog tensors written with programmed values; ``mvm_simulated``: tensors whose
     matmuls run the per-MVM simulation; ``weight_only``: analog tensors with weight-level noise only;
-    ``mvm_calls``: simulated matmul calls per tensor since the handle was created.
+    ``mvm_calls``: simulated matmul calls per tensor since the handle was created; ``mvm_weights``:
+    the prepared per-MVM weights of each simulated tensor (what its hooks use); ``clock``: the forward
+    counter in counter noise mode (None otherwise).
     """
 
     seed: int
@@ -100,6 +110,8 @@ class NoiseHandle:
     mvm_simulated: list[str] = field(default_factory=list)
     weight_only: list[str] = field(default_factory=list)
     mvm_calls: Counter[str] = field(default_factory=Counter)
+    mvm_weights: dict[str, MvmWeights] = field(default_factory=dict, repr=False)
+    clock: CounterClock | None = None
     _params: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)
     _clean: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _hooks: list[RemovableHandle] = field(default_factory=list, repr=False)
@@ -122,6 +134,7 @@ class NoiseHandle:
             config._experts_implementation_internal = previous
             _PREVIOUS_IMPL.pop(id(config), None)
         self._clean.clear()
+        self.mvm_weights.clear()
         self._hooks.clear()
         self._experts.clear()
         self._configs.clear()
@@ -153,7 +166,7 @@ class NoiseHandle:
 class _LinearMvm:
     """Pre/post forward hooks that replace a Linear/Conv1D matmul by the analog simulation."""
 
-    def __init__(self, name: str, mw: MvmWeights, generator: torch.Generator, calls: Counter[str]) -> None:
+    def __init__(self, name: str, mw: MvmWeights, generator: NoiseSource, calls: Counter[str]) -> None:
         self.name = name
         self.mw = mw
         self.generator = generator
@@ -194,7 +207,7 @@ class _LinearMvm:
 
 
 def _hook_linear(
-    module: nn.Module, name: str, mw: MvmWeights, generator: torch.Generator, calls: Counter[str]
+    module: nn.Module, name: str, mw: MvmWeights, generator: NoiseSource, calls: Counter[str]
 ) -> list[RemovableHandle]:
     sim = _LinearMvm(name, mw, generator, calls)
     return [
@@ -215,7 +228,7 @@ def _expert_linear(
     weights = state.weights.get(pname)
     if weights is not None:
         state.calls[f"{state.prefix}{pname}"] += 1
-        y = analog_matmul(x, weights.expert(expert), state.generator)
+        y = analog_matmul(x, weights.expert(expert), state.source(pname, expert))
     else:
         w = getattr(module, pname)[expert]
         y = x @ w if getattr(module, "is_transposed", False) else nn.functional.linear(x, w)
@@ -291,17 +304,23 @@ def _attach_mvm(
     mw: MvmWeights,
     generator: torch.Generator,
     experts_state: dict[int, _ExpertsState],
+    clock: CounterClock | None = None,
 ) -> None:
-    """Route the matmul that owns ``name`` through the simulation (or record it as weight-only)."""
+    """Route the matmul that owns ``name`` through the simulation (or record it as weight-only).
+
+    Per-MVM noise comes from ``generator`` or, with a ``clock`` (counter mode), from the counter
+    generator keyed by (clock, ``name``, expert).
+    """
     module_path, _, attr = name.rpartition(".")
     owner = model.get_submodule(module_path) if module_path else model
     last = module_path.rpartition(".")[2]
     if isinstance(owner, (nn.Linear, Conv1D)) and attr == "weight" and last not in WEIGHT_ONLY_MODULES:
-        handle._hooks.extend(_hook_linear(owner, name, mw, generator, handle.mvm_calls))
+        source: NoiseSource = generator if clock is None else CounterNoise(clock, node_key(name, -1))
+        handle._hooks.extend(_hook_linear(owner, name, mw, source, handle.mvm_calls))
     elif attr in EXPERT_PARAMS and mw.weight_t.dim() == 4 and hasattr(owner, "config"):
         state = experts_state.get(id(owner))
         if state is None:
-            state = _ExpertsState({}, generator, handle.mvm_calls, f"{module_path}.")
+            state = _ExpertsState({}, generator, handle.mvm_calls, f"{module_path}.", clock)
             experts_state[id(owner)] = state
             _EXPERTS[owner] = state
             handle._experts.append(owner)
@@ -311,6 +330,7 @@ def _attach_mvm(
         handle.weight_only.append(name)
         return
     handle.mvm_simulated.append(name)
+    handle.mvm_weights[name] = mw
 
 
 def _unique_targets(targets: Iterable[AnalogTarget]) -> list[tuple[str, str]]:
@@ -320,16 +340,37 @@ def _unique_targets(targets: Iterable[AnalogTarget]) -> list[tuple[str, str]]:
     return list(seen.items())
 
 
+def _tick_hook(clock: CounterClock) -> Callable[..., None]:
+    """Forward pre-hook of the root model: one counter step per forward (counter mode)."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        clock.tick()
+
+    return hook
+
+
+#: Per-MVM noise modes: ``native`` (one torch.Generator per handle), ``counter`` (counter generator).
+MVM_NOISE_MODES = ("native", "counter")
+
+
 @torch.no_grad()
 def apply_chip_noise(
-    model: nn.Module, targets: Iterable[AnalogTarget], profile: ChipProfile, seed: int
+    model: nn.Module,
+    targets: Iterable[AnalogTarget],
+    profile: ChipProfile,
+    seed: int,
+    mvm_noise: str = "native",
 ) -> NoiseHandle:
     """Program the analog ``targets`` of ``model`` in place under ``profile``; returns the handle.
 
     ``targets``: objects with ``.name`` (a name in ``model.named_parameters()``) and ``.layout``
     (``out_in`` or ``in_out``), e.g. ``Placement.analog()``. Each tensor draws from its own generator
-    seeded from sha256(seed, name); the per-MVM generator is seeded once from the seed.
+    seeded from sha256(seed, name). Per-MVM noise (``mvm_noise``): ``native`` — one generator seeded
+    once from the seed; ``counter`` — ``simulator.rng.counter_normal`` keyed by (seed, index of the
+    ``model`` forward, tensor, expert), the draws onnxruntime's counter-mode bodies make too.
     """
+    if mvm_noise not in MVM_NOISE_MODES:
+        raise ValueError(f"mvm_noise must be one of {MVM_NOISE_MODES}, not {mvm_noise!r}")
     if ALL_EXPERTS_FUNCTIONS.get(EXPERTS_IMPLEMENTATION) is not analog_experts_forward:
         ALL_EXPERTS_FUNCTIONS[EXPERTS_IMPLEMENTATION] = analog_experts_forward
     handle = NoiseHandle(seed=seed, profile_name=profile.name, profile_hash=profile.content_hash())
@@ -342,8 +383,12 @@ def apply_chip_noise(
         return handle
     device = checked[0][2].device
     mvm_generator = tensor_generator(seed, "<per-mvm>", device)
+    clock = CounterClock(seed) if mvm_noise == "counter" and profile.mvm.active else None
+    handle.clock = clock
     experts_state: dict[int, _ExpertsState] = {}
     try:
+        if clock is not None:
+            handle._hooks.append(model.register_forward_pre_hook(_tick_hook(clock)))
         for name, layout, param in checked:
             clean = param.detach().to("cpu", copy=True)
             handle._params[name] = param
@@ -356,7 +401,7 @@ def apply_chip_noise(
             if profile.mvm.active:
                 scales = _clean_scales(clean.to(param.device), profile, layout)  # type: ignore[arg-type]
                 mw = prepare_mvm(noisy, profile, layout, scales)  # type: ignore[arg-type]
-                _attach_mvm(handle, model, name, mw, mvm_generator, experts_state)
+                _attach_mvm(handle, model, name, mw, mvm_generator, experts_state, clock)
             else:
                 handle.weight_only.append(name)
     except BaseException:

@@ -30,6 +30,13 @@ def windows(n_tokens: int, seq_len: int, stride: int) -> Iterator[tuple[int, int
             break
 
 
+def _row_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token NLL of one window (``logits [seq, vocab]``): one window's log-softmax at a time, so
+    only one ``[seq, vocab]`` float32 temporary exists besides the model's logits."""
+    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
+    return -logprobs.gather(-1, ids[1:, None]).squeeze(-1)
+
+
 @torch.no_grad()
 def perplexity(
     model: torch.nn.Module,
@@ -51,12 +58,11 @@ def perplexity(
         for length in sorted({e - b for b, e, _ in group}):
             same = [s for s in group if s[1] - s[0] == length]
             batch = torch.stack([tokens[b:e] for b, e, _ in same])
-            logits = model(input_ids=batch, use_cache=False).logits.float()
-            logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-            nll = -logprobs.gather(-1, batch[:, 1:, None]).squeeze(-1)
+            logits = model(input_ids=batch, use_cache=False).logits
             for row, (_, _, scored) in enumerate(same):
-                total_nll += float(nll[row, -scored:].sum())
+                total_nll += float(_row_nll(logits[row], batch[row])[-scored:].sum())
                 total_count += scored
+            del logits
         bar.update(len(group))
     bar.close()
     return math.exp(total_nll / max(total_count, 1))

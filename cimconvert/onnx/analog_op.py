@@ -19,6 +19,7 @@ import torch
 from onnx import FunctionProto, ModelProto, helper
 
 from cimconvert.profiles.schema import ChipProfile
+from cimconvert.simulator import rng
 from cimconvert.simulator.mvm import step_size
 from cimconvert.simulator.tiles import split_sizes
 
@@ -31,8 +32,12 @@ SCALES_SUFFIX = "::cim_scales"
 ATTRIBUTES = (
     "tensor", "kind", "layout", "expert", "w_perm", "w_shape3", "s_shape3", "in_features",
     "out_features", "tile_in_sizes", "tile_out_sizes", "tile_index", "tile_shape_x", "tile_shape_w",
-    "manifest_tensors", "scales_key", "scales_keys", "profile", "profile_hash", "noise_seed",
+    "manifest_tensors", "scales_key", "scales_keys", "profile", "profile_hash", "noise_seed", "noise_key",
 )  # fmt: skip
+#: Graph input of runtime copies in counter noise mode: the run key (uint32 ``[3]``) of the current forward.
+NOISE_KEY_INPUT = "cim::noise_key"
+#: Per-MVM noise modes of the runtime bodies: ``native`` (``RandomNormalLike``), ``counter`` (shared draws).
+MVM_NOISE_MODES = ("native", "counter")
 
 
 @dataclass(frozen=True)
@@ -294,11 +299,128 @@ def _random_normal_like(inp: str, out: str, scale: float = 1.0) -> onnx.NodeProt
     return node
 
 
-def _noise_nodes(profile: ChipProfile, unit: float) -> tuple[list[onnx.NodeProto], str]:
+def _scalar(name: str, dtype: int, value: int) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, dtype, [], [value]))
+
+
+def _u32(name: str, value: int) -> onnx.NodeProto:
+    """uint32 scalar ``Constant``."""
+    return _scalar(name, onnx.TensorProto.UINT32, value)
+
+
+def _i64(name: str, value: int) -> onnx.NodeProto:
+    """int64 scalar ``Constant``."""
+    return _scalar(name, onnx.TensorProto.INT64, value)
+
+
+def _hash32_nodes(x: str, out: str) -> list[onnx.NodeProto]:
+    """lowbias32 of uint32 ``x`` (``simulator.rng.hash32_``): xor-shift, ·, xor-shift, ·, xor-shift."""
+    nodes: list[onnx.NodeProto] = []
+    cur = x
+    for i, shift in enumerate(rng.HASH_SHIFTS):
+        nodes += [
+            _u32(f"{out}_s{i}", shift),
+            helper.make_node("BitShift", [cur, f"{out}_s{i}"], [f"{out}_r{i}"], direction="RIGHT"),
+            helper.make_node("BitwiseXor", [cur, f"{out}_r{i}"], [f"{out}_x{i}" if i < 2 else out]),
+        ]
+        if i < 2:
+            nodes += [
+                _u32(f"{out}_m{i}", rng.HASH_MULTIPLIERS[i]),
+                helper.make_node("Mul", [f"{out}_x{i}", f"{out}_m{i}"], [f"{out}_p{i}"]),
+            ]
+            cur = f"{out}_p{i}"
+    return nodes
+
+
+def _uniform_nodes(h: str, out: str) -> list[onnx.NodeProto]:
+    """(0, 1) float32 uniforms: top 24 bits of ``h``, lowest bit forced to 1, times 2⁻²⁴."""
+    return [
+        _u32(f"{out}_sh", rng.UNIFORM_SHIFT),
+        helper.make_node("BitShift", [h, f"{out}_sh"], [f"{out}_hi"], direction="RIGHT"),
+        _u32(f"{out}_one", 1),
+        helper.make_node("BitwiseOr", [f"{out}_hi", f"{out}_one"], [f"{out}_odd"]),
+        helper.make_node("Cast", [f"{out}_odd"], [f"{out}_f"], to=onnx.TensorProto.FLOAT),
+        _c(f"{out}_scale", rng.UNIFORM_SCALE),
+        helper.make_node("Mul", [f"{out}_f", f"{out}_scale"], [out]),
+    ]
+
+
+def _counter_key_nodes() -> list[onnx.NodeProto]:
+    """Key words ``ck0, ck1, ck2`` (uint32 scalars) = run key input ``K`` XOR the node's ``noise_key``."""
+    nodes = [
+        _const_ints("nk_i64", "noise_key"),
+        helper.make_node("Cast", ["nk_i64"], ["nk"], to=onnx.TensorProto.UINT32),
+        helper.make_node("BitwiseXor", ["K", "nk"], ["ck"]),
+    ]
+    for i in range(3):
+        nodes += [
+            _i64(f"ck_i{i}", i),
+            helper.make_node("Gather", ["ck", f"ck_i{i}"], [f"ck{i}"], axis=0),
+        ]
+    return nodes
+
+
+def _counter_normal_nodes(like: str, out: str) -> list[onnx.NodeProto]:
+    """Standard normals shaped like ``like`` from the counter generator (``simulator.rng.counter_normal``)."""
+    return [
+        *_counter_key_nodes(),
+        helper.make_node("Size", [like], ["cn_n"]),
+        _i64("cn_z", 0),
+        _i64("cn_o", 1),
+        _i64("cn_t", 2),
+        helper.make_node("Add", ["cn_n", "cn_o"], ["cn_n1"]),
+        helper.make_node("Div", ["cn_n1", "cn_t"], ["cn_m"]),  # ⌈n/2⌉ pairs (int64 scalars)
+        helper.make_node("Range", ["cn_z", "cn_m", "cn_o"], ["cn_j64"]),
+        helper.make_node("Cast", ["cn_j64"], ["cn_j"], to=onnx.TensorProto.UINT32),
+        helper.make_node("Add", ["cn_j", "ck0"], ["cn_a0"]),
+        *_hash32_nodes("cn_a0", "cn_a"),
+        helper.make_node("BitwiseXor", ["cn_a", "ck1"], ["cn_b0"]),
+        *_hash32_nodes("cn_b0", "cn_b"),
+        helper.make_node("BitwiseXor", ["cn_b", "ck2"], ["cn_c0"]),
+        *_hash32_nodes("cn_c0", "cn_c"),
+        *_uniform_nodes("cn_b", "cn_ub"),
+        *_uniform_nodes("cn_c", "cn_uc"),
+        helper.make_node("Log", ["cn_ub"], ["cn_log"]),
+        _c("cn_m2", -2.0),
+        helper.make_node("Mul", ["cn_log", "cn_m2"], ["cn_r2"]),
+        helper.make_node("Sqrt", ["cn_r2"], ["cn_r"]),
+        _c("cn_2pi", rng.TWO_PI),
+        helper.make_node("Mul", ["cn_uc", "cn_2pi"], ["cn_theta"]),
+        helper.make_node("Cos", ["cn_theta"], ["cn_cos"]),
+        helper.make_node("Sin", ["cn_theta"], ["cn_sin"]),
+        helper.make_node("Mul", ["cn_r", "cn_cos"], ["cn_z0"]),
+        helper.make_node("Mul", ["cn_r", "cn_sin"], ["cn_z1"]),
+        helper.make_node("Concat", ["cn_z0", "cn_z1"], ["cn_zz"], axis=0),
+        _c("cn_start", [0]),
+        _c("cn_len", [1]),
+        helper.make_node("Reshape", ["cn_n", "cn_len"], ["cn_end"]),
+        helper.make_node("Slice", ["cn_zz", "cn_start", "cn_end"], ["cn_flat"]),
+        helper.make_node("Shape", [like], ["cn_shape"]),
+        helper.make_node("Reshape", ["cn_flat", "cn_shape"], [out]),
+    ]
+
+
+def _standard_normal_nodes(like: str, out: str, counter: bool, scale: float = 1.0) -> list[onnx.NodeProto]:
+    """``out`` = scale·N(0, 1) shaped like ``like``: ``RandomNormalLike`` or the counter generator."""
+    if not counter:
+        return [_random_normal_like(like, out, scale)]
+    if scale == 1.0:
+        return _counter_normal_nodes(like, out)
+    return [
+        *_counter_normal_nodes(like, f"{out}_eps"),
+        _c(f"{out}_scale", scale),
+        helper.make_node("Mul", [f"{out}_eps", f"{out}_scale"], [out]),
+    ]
+
+
+def _noise_nodes(
+    profile: ChipProfile, unit: float, counter: bool = False
+) -> tuple[list[onnx.NodeProto], str]:
     """Per-MVM output noise (out_noise, w_noise) added to ``y_adc``; returns (nodes, output name).
 
-    Constant σ (out_noise only): one ``RandomNormalLike`` with ``scale`` = σ and one ``Add``. With
-    w_noise, σ depends on x̂ (and |Ŵ| = input ``A`` for ``pcm_read``), as in ``simulator.mvm._noise_sigma``.
+    Constant σ (out_noise only): normals scaled by σ and one ``Add``. With w_noise, σ depends on x̂
+    (and |Ŵ| = input ``A`` for ``pcm_read``), as in ``simulator.mvm._noise_sigma``. ``counter``: the
+    normals come from the counter generator keyed by input ``K`` and attribute ``noise_key``.
     """
     spec = profile.mvm
     const = (spec.out_noise / unit) ** 2
@@ -306,7 +428,7 @@ def _noise_nodes(profile: ChipProfile, unit: float) -> tuple[list[onnx.NodeProto
         if const == 0:
             return [], "y_adc"
         return [
-            _random_normal_like("y_adc", "noise", const**0.5),
+            *_standard_normal_nodes("y_adc", "noise", counter, const**0.5),
             helper.make_node("Add", ["y_adc", "noise"], ["y_noisy"]),
         ], "y_noisy"
     nodes = [helper.make_node("Mul", ["xn", "xn"], ["xsq"])]
@@ -325,20 +447,25 @@ def _noise_nodes(profile: ChipProfile, unit: float) -> tuple[list[onnx.NodeProto
         _c("var0", const),
         helper.make_node("Add", ["read_var", "var0"], ["var"]),
         helper.make_node("Sqrt", ["var"], ["sigma"]),
-        _random_normal_like("y_adc", "eps"),
+        *_standard_normal_nodes("y_adc", "eps", counter),
         helper.make_node("Mul", ["eps", "sigma"], ["noise"]),
         helper.make_node("Add", ["y_adc", "noise"], ["y_noisy"]),
     ]
     return nodes, "y_noisy"
 
 
-def _mvm_function(profile: ChipProfile, op_type: str, opset: int) -> FunctionProto:
+def mvm_function_inputs(profile: ChipProfile, counter: bool = False) -> list[str]:
+    """Formal inputs of the per-MVM bodies: ``X, W, S`` [+ ``A`` (pcm_read |Ŵ|)] [+ ``K`` (run key)]."""
+    return ["X", "W", "S"] + (["A"] if mvm_uses_abs_weights(profile) else []) + (["K"] if counter else [])
+
+
+def _mvm_function(profile: ChipProfile, op_type: str, opset: int, counter: bool = False) -> FunctionProto:
     spec = profile.mvm
     unit = step_size(spec.adc_bits, spec.out_bound) or 1.0
     bound = spec.out_bound / unit
     tiled = op_type != MVM_OP
     x = "Xt" if tiled else "X"
-    noise, y_name = _noise_nodes(profile, unit)
+    noise, y_name = _noise_nodes(profile, unit, counter)
     nodes = [
         *(_tile_x_nodes(op_type == MVM_PADDED_OP) if tiled else []),
         *_dac_nodes(x, step_size(spec.dac_bits, 1.0)),
@@ -359,20 +486,20 @@ def _mvm_function(profile: ChipProfile, op_type: str, opset: int) -> FunctionPro
             helper.make_node("Concat", ["lead", "out_dim"], ["y_shape"], axis=0),
             helper.make_node("Reshape", ["y_sum", "y_shape"], ["Y"]),
         ]
-    inputs = ["X", "W", "S", "A"] if mvm_uses_abs_weights(profile) else ["X", "W", "S"]
     return helper.make_function(
         DOMAIN,
         op_type,
-        inputs=inputs,
+        inputs=mvm_function_inputs(profile, counter),
         outputs=["Y"],
         nodes=nodes,
         opset_imports=[helper.make_opsetid("", opset)],
         attributes=list(ATTRIBUTES),
-        doc_string=f"per-MVM analog simulation for profile {profile.name} ({op_type})",
+        doc_string=f"per-MVM analog simulation for profile {profile.name} ({op_type}"
+        f"{', counter noise' if counter else ''})",
     )
 
 
-def mvm_functions(profile: ChipProfile, opset: int = 18) -> list[FunctionProto]:
+def mvm_functions(profile: ChipProfile, opset: int = 18, counter: bool = False) -> list[FunctionProto]:
     """Bodies simulating the per-MVM effects of ``profile`` in standard ops (cf. simulator/mvm.py).
 
     They run on weights prepared once per programming by ``simulator.prepare_mvm`` (the runtime
@@ -382,8 +509,12 @@ def mvm_functions(profile: ChipProfile, opset: int = 18) -> list[FunctionProto]:
     α = max|x|, DAC rounding, ``x̂·W`` (ADC units), per-MVM noise (``RandomNormalLike``), clip to
     ±out_bound, ADC rounding, then ``Σ_j y_j·α_j·S_j``: the float32 operations of
     ``simulator.analog_matmul`` in the same order.
+
+    ``counter``: the per-MVM normals come from the counter generator (``simulator.rng.counter_normal``)
+    keyed by a fifth (or fourth) input ``K`` = the run key (uint32 ``[3]``) and the node's ``noise_key``
+    attribute, instead of ``RandomNormalLike``: torch's counter mode then draws the same values.
     """
-    return [_mvm_function(profile, op, opset) for op in MVM_OPS]
+    return [_mvm_function(profile, op, opset, counter) for op in MVM_OPS]
 
 
 # ----------------------------------------------------------------------------------------------

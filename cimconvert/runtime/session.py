@@ -28,14 +28,17 @@ from cimconvert.noise import stable_seed
 from cimconvert.onnx import analog_op
 from cimconvert.onnx.analog_op import AnalogSpec
 from cimconvert.profiles.schema import ChipProfile
+from cimconvert.simulator import rng
 
 #: onnxruntime log level for our sessions (3 = errors only: overridable initializers warn otherwise).
 LOG_LEVEL = 3
 
 
-def session_options(threads: int = 1) -> ort.SessionOptions:
-    """Session options: ``threads`` intra-op threads, one inter-op thread, all graph optimisations."""
+def session_options(threads: int = 1, arena: bool = True) -> ort.SessionOptions:
+    """Session options: ``threads`` intra-op threads, one inter-op thread, all graph optimisations;
+    ``arena=False``: no CPU memory arena (buffers are freed after each run instead of kept reserved)."""
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -43,15 +46,40 @@ def session_options(threads: int = 1) -> ort.SessionOptions:
     return options
 
 
-def load_model(path: str | Path) -> ModelProto:
-    """Load a graph with its external data."""
-    return onnx.load(str(path), load_external_data=True)
+def load_model(path: str | Path, external_data: bool = True) -> ModelProto:
+    """Load a graph, with its external data unless ``external_data=False`` (then only references)."""
+    return onnx.load(str(path), load_external_data=external_data)
 
 
 def initializer_arrays(model: ModelProto, names: Iterable[str]) -> dict[str, np.ndarray]:
-    """The values of the named initializers (copies, float32 as stored)."""
+    """The values of the named initializers (copies, float32 as stored; external data already loaded)."""
     wanted = set(names)
     return {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer if t.name in wanted}
+
+
+def initializer_protos(model: ModelProto, names: Iterable[str]) -> dict[str, onnx.TensorProto]:
+    """Detached copies of the named initializers (only references when their data is external)."""
+    wanted = set(names)
+    out: dict[str, onnx.TensorProto] = {}
+    for tensor in model.graph.initializer:
+        if tensor.name in wanted:
+            out[tensor.name] = onnx.TensorProto()
+            out[tensor.name].CopyFrom(tensor)
+    return out
+
+
+def initializer_value(tensor: onnx.TensorProto, base_dir: Path | None = None) -> np.ndarray:
+    """A fresh array of ``tensor``'s value; external data is read from ``base_dir`` (tensor untouched)."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor).copy()
+    if base_dir is None:
+        raise ValueError(f"initializer {tensor.name} has external data: pass the model's folder")
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    offset = int(info.get("offset", 0))
+    value = np.fromfile(base_dir / info["location"], dtype=dtype, count=count, offset=offset)
+    return value.reshape(tuple(tensor.dims))
 
 
 def _make_overridable(model: ModelProto, names: Sequence[str]) -> None:
@@ -80,7 +108,8 @@ def _set_attr(node: onnx.NodeProto, name: str, value: object) -> None:
 
 
 def retile(model: ModelProto, profile: ChipProfile, noise_seed: int = 0) -> None:
-    """Rewrite every AnalogMatMul's tile attributes for ``profile`` and give it a noise seed."""
+    """Rewrite every AnalogMatMul's tile attributes for ``profile`` and give it its noise seed
+    (``RandomNormalLike``) and noise key (counter generator: ``simulator.rng.node_key``)."""
     for node in analog_op.analog_nodes(model):
         attrs = analog_op.node_attrs(node)
         spec = AnalogSpec(
@@ -99,6 +128,7 @@ def retile(model: ModelProto, profile: ChipProfile, noise_seed: int = 0) -> None
         ):
             _set_attr(node, key, spec.attributes()[key])
         _set_attr(node, "noise_seed", _noise_seed(noise_seed, spec.tensor, spec.expert))
+        _set_attr(node, "noise_key", list(rng.node_key(spec.tensor, spec.expert)))
 
 
 @dataclass(frozen=True)
@@ -146,11 +176,12 @@ def _used_names(graph: onnx.GraphProto, into: set[str]) -> set[str]:
     return into
 
 
-def use_prepared_weights(model: ModelProto, profile: ChipProfile) -> list[MvmInput]:
+def use_prepared_weights(model: ModelProto, profile: ChipProfile, counter: bool = False) -> list[MvmInput]:
     """Switch every AnalogMatMul of ``model`` (already :func:`retile`'d) to its per-MVM op in place.
 
     Each node reads new graph inputs for its prepared weights (declared once per (tensor, expert));
-    initializers no longer read by any node are removed. Returns the inputs to bind.
+    initializers no longer read by any node are removed. ``counter``: every node also reads the run
+    key input ``analog_op.NOISE_KEY_INPUT`` (uint32 ``[3]``). Returns the prepared-weight inputs to bind.
     """
     abs_weights = analog_op.mvm_uses_abs_weights(profile)
     inputs: dict[str, MvmInput] = {}
@@ -158,6 +189,7 @@ def use_prepared_weights(model: ModelProto, profile: ChipProfile) -> list[MvmInp
         attrs = analog_op.node_attrs(node)
         spec = _mvm_input(attrs, abs_weights)
         names = [spec.weight, spec.scales] + ([spec.abs_weight] if spec.abs_weight else [])
+        names += [analog_op.NOISE_KEY_INPUT] if counter else []
         del node.input[1:]
         node.input.extend(names)
         node.op_type = analog_op.mvm_op_type([int(v) for v in attrs["tile_in_sizes"]])  # type: ignore[attr-defined]
@@ -168,6 +200,9 @@ def use_prepared_weights(model: ModelProto, profile: ChipProfile) -> list[MvmInp
             declared.append((spec.abs_weight, spec.weight_shape))
         for name, shape in declared:
             model.graph.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
+    if counter:
+        key = helper.make_tensor_value_info(analog_op.NOISE_KEY_INPUT, onnx.TensorProto.UINT32, [3])
+        model.graph.input.append(key)
     used = _used_names(model.graph, set()) | {o.name for o in model.graph.output}
     kept = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
@@ -184,9 +219,10 @@ def mvm_inputs(model: ModelProto) -> list[MvmInput]:
             continue
         attrs = analog_op.node_attrs(node)
         weight, scales = node.input[1], node.input[2]
+        extra = node.input[3] if len(node.input) > 3 else analog_op.NOISE_KEY_INPUT
         out.setdefault(weight, MvmInput(
             tensor=str(attrs["tensor"]), expert=int(attrs["expert"]), weight=weight, scales=scales,  # type: ignore[call-overload]
-            abs_weight=node.input[3] if len(node.input) > 3 else None,
+            abs_weight=extra if extra != analog_op.NOISE_KEY_INPUT else None,
             weight_shape=shapes[weight], scales_shape=shapes[scales],
         ))  # fmt: skip
     return list(out.values())
@@ -197,29 +233,55 @@ def prepare_model(
     overridable: Sequence[str] = (),
     mvm_profile: ChipProfile | None = None,
     noise_seed: int = 0,
+    mvm_noise: str = "native",
+    copy: bool = True,
 ) -> ModelProto:
-    """A copy of ``model`` set up for a session mode (see the module docstring).
+    """``model`` set up for a session mode (see the module docstring); a copy unless ``copy=False``.
 
     With ``mvm_profile``, names in ``overridable`` that no node reads any more (the weights of the
     rewritten analog nodes) are not declared; :func:`mvm_inputs` lists the prepared-weight inputs.
+    ``mvm_noise``: ``native`` (``RandomNormalLike`` seeded from ``noise_seed``) or ``counter`` (the
+    counter generator, keyed per run through the graph input ``analog_op.NOISE_KEY_INPUT``).
     """
-    out = ModelProto()
-    out.CopyFrom(model)
+    if mvm_noise not in analog_op.MVM_NOISE_MODES:
+        raise ValueError(f"mvm_noise must be one of {analog_op.MVM_NOISE_MODES}, not {mvm_noise!r}")
+    out = model
+    if copy:
+        out = ModelProto()
+        out.CopyFrom(model)
     if mvm_profile is not None:
+        counter = mvm_noise == "counter"
         retile(out, mvm_profile, noise_seed)
-        use_prepared_weights(out, mvm_profile)
+        use_prepared_weights(out, mvm_profile, counter)
         opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 18)
-        analog_op.attach_function(out, analog_op.mvm_functions(mvm_profile, opset))
+        analog_op.attach_function(out, analog_op.mvm_functions(mvm_profile, opset, counter))
     present = {t.name for t in out.graph.initializer}
     _make_overridable(out, [name for name in overridable if name in present])
     return out
 
 
-def make_session(model: ModelProto, threads: int = 1) -> ort.InferenceSession:
-    """An onnxruntime CPU session of an in-memory model (external data already loaded)."""
-    return ort.InferenceSession(
-        model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"]
-    )
+#: Session config key: folder from which a model given as bytes reads its external initializers.
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
+def make_session(
+    model: ModelProto | str | Path,
+    threads: int = 1,
+    external_dir: str | Path | None = None,
+    arena: bool = True,
+) -> ort.InferenceSession:
+    """An onnxruntime CPU session of an in-memory model or of a ``.onnx`` file.
+
+    An in-memory model either carries its external data or names the folder holding it
+    (``external_dir``); onnxruntime then reads those initializers from the file itself.
+    """
+    options = session_options(threads, arena)
+    providers = ["CPUExecutionProvider"]
+    if not isinstance(model, ModelProto):
+        return ort.InferenceSession(str(model), options, providers=providers)
+    if external_dir is not None:
+        options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(external_dir))
+    return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
 
 
 def default_threads() -> int:

@@ -26,7 +26,7 @@ import torch
 from cimconvert.profiles.schema import ChipProfile, MvmSpec
 from cimconvert.simulator.mapping import weight_scales
 from cimconvert.simulator.program import Layout, to_out_in
-from cimconvert.simulator.rng import randn
+from cimconvert.simulator.rng import NoiseSource, mvm_normal
 from cimconvert.simulator.tiles import tile_grid, to_tiles
 
 
@@ -124,18 +124,19 @@ def _noise_sigma(xn: torch.Tensor, mw: MvmWeights) -> torch.Tensor | float:
     return var.sqrt_() if isinstance(var, torch.Tensor) else var**0.5
 
 
-def _add_noise_(y: torch.Tensor, xn: torch.Tensor, mw: MvmWeights, generator: torch.Generator | None) -> None:
-    """Add out_noise and w_noise (one normal per output and MVM) in place."""
+def _add_noise_(y: torch.Tensor, xn: torch.Tensor, mw: MvmWeights, source: NoiseSource | None) -> None:
+    """Add out_noise and w_noise (one normal per output and MVM) in place.
+
+    ``y += ε·σ`` as a multiply then an add (no fused multiply-add), the float32 operations of the ONNX
+    per-MVM body, so that with counter noise both runtimes round alike.
+    """
     sigma = _noise_sigma(xn, mw)
     if isinstance(sigma, float) and sigma == 0:
         return
-    if generator is None:
-        raise ValueError("per-MVM noise needs a generator")
-    noise = randn(y.shape, generator, y)
-    if isinstance(sigma, float):
-        y.add_(noise, alpha=sigma)
-    else:
-        y.addcmul_(noise, sigma)
+    if source is None:
+        raise ValueError("per-MVM noise needs a generator or a counter noise source")
+    noise = mvm_normal(y.shape, source, y)
+    y.add_(noise.mul_(sigma))
 
 
 def _digital_sum(y: torch.Tensor, alpha: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -147,10 +148,11 @@ def _digital_sum(y: torch.Tensor, alpha: torch.Tensor, scales: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def analog_matmul(x: torch.Tensor, mw: MvmWeights, generator: torch.Generator | None) -> torch.Tensor:
+def analog_matmul(x: torch.Tensor, mw: MvmWeights, generator: NoiseSource | None) -> torch.Tensor:
     """Simulated analog y = x·Wᵀ for ``x [..., in]`` → ``[..., out]`` in x's dtype (no bias).
 
-    ``generator`` drives the per-MVM noise (required when out_noise or w_noise is on).
+    ``generator`` drives the per-MVM noise (required when out_noise or w_noise is on): a
+    ``torch.Generator`` or a :class:`~cimconvert.simulator.rng.CounterNoise` (counter mode).
     """
     spec = mw.spec
     lead = x.shape[:-1]
