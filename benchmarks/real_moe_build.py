@@ -7,8 +7,10 @@ Usage (from the repository root; CIMCONVERT_SHARED_DATA must point at the shared
 Fits each (experts E, router) configuration once on the ``calib`` text, then builds the Mixtral model for
 every k of the ladder (the fit does not depend on k) and measures clean perplexity on the first
 ``--eval-tokens`` tokens of ``heldout`` (and ``wikitext2`` for the dense model and the chosen
-configuration). The chosen configuration is the smallest k, over E=8 and both routers, whose heldout
-PPL is within ``--budget`` (20 %) of the dense model's. For it: expert load per layer on heldout, router
+configuration). The chosen configuration is the sparsest (smallest k/E, k < E) whose heldout PPL is
+within ``--budget`` (20 %) of the dense model's. A diagnostic row per E also routes by the true top-k
+activation mass (``OracleRouting``), to separate partition loss from router loss. For the chosen
+configuration: expert load per layer on heldout, router
 entropy per layer, a PNG. Writes ``benchmarks/results/real_moe_build.{json,md}`` and ``..._load.png``.
 Every row carries the ``examples/moefy.py`` command that builds and evaluates that model on its own.
 """
@@ -146,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget", type=float, default=0.20, help="allowed relative clean-PPL increase")
     p.add_argument("--out", type=Path, default=RESULTS / "real_moe_build")
+    p.add_argument("--cache", type=Path, default=None, help="JSON cache of measured rows (resume)")
     p.add_argument("--render", action="store_true", help="only rewrite the .md from the .json")
     a = p.parse_args(argv)
     if a.render:
@@ -161,69 +164,88 @@ def main(argv: list[str] | None = None) -> int:
     inputs = moefy.collect_ffn_inputs(dense, ids)
     moefy.log(f"calibration inputs collected ({ids.numel()} tokens)")
     res: dict[str, Any] = {"eval_tokens": a.eval_tokens, "calib_tokens": a.calib_tokens, "seed": a.seed}
-    res["dense"] = moefy.evaluate(dense, tok, ["heldout", "wikitext2"], a.eval_tokens)
+    cache: dict[str, Any] = json.loads(a.cache.read_text()) if a.cache and a.cache.is_file() else {}
+    if "dense" not in cache:
+        cache["dense"] = moefy.evaluate(dense, tok, ["heldout", "wikitext2"], a.eval_tokens)
+    res["dense"] = cache["dense"]
     res["dense_command"] = (
         f"cimconvert eval {DENSE_REL} --profile chipA --seeds 1 --max-tokens {a.eval_tokens} --json"
         " [--dataset wikitext2]  # clean_ppl"
     )
     moefy.log(f"dense {res['dense']}")
     ladders = {
-        (8, "lsq"): (2, 4, 6, 8),
-        (8, "centroid"): (4, 6),
-        (16, "lsq"): (4, 8, 12),
-        (16, "centroid"): (8, 12),
+        (8, "lsq"): (2, 4, 6, 7, 8),
+        (8, "centroid"): (6, 7),
+        (16, "lsq"): (12, 14),
+        (16, "centroid"): (14,),
     }
-    rows: list[dict] = []
+    oracle_k = {8: (6, 7), 16: (14,)}
     fits_by: dict[tuple[int, str], list] = {}
-    for (n_exp, router), ks in ladders.items():
-        opts = replace(base, experts=n_exp, router=router, top_k=ks[len(ks) // 2])
-        fits = moefy.fit_all(dense, inputs, opts, progress=False)
-        fits_by[(n_exp, router)] = fits
-        for k in ks:
-            o = replace(opts, top_k=k)
-            moe = moefy.build_moe(dense, fits, o)
-            ppl = moefy.evaluate(moe, tok, ["heldout"], a.eval_tokens)["heldout"]
-            row = {
-                "experts": n_exp,
-                "router": router,
-                "top_k": k,
-                "logit_spread": o.logit_spread,
-                "active_ffn_fraction": k / n_exp,
-                "heldout_ppl": ppl,
-                "rel_to_dense": ppl / res["dense"]["heldout"] - 1,
-                "command": command(o),
-            }
-            rows.append(row)
-            moefy.log(f"E={n_exp} {router} k={k}: heldout PPL {ppl:.3f} ({row['rel_to_dense']:+.1%})")
-            del moe
-    ok = [r for r in rows if r["experts"] == 8 and r["rel_to_dense"] <= a.budget]
-    chosen = (
-        min(ok, key=lambda r: (r["top_k"], r["heldout_ppl"]))
-        if ok
-        else min(rows, key=lambda r: r["heldout_ppl"])
-    )
-    copts = replace(base, experts=chosen["experts"], router=chosen["router"], top_k=chosen["top_k"])
-    cfits = fits_by[(copts.experts, copts.router)]
-    # the other combination design at the chosen k: a soft weighted top-k (not exact at k = E)
-    for spread in (0.1, 1.0):
-        o = replace(copts, logit_spread=spread)
-        moe = moefy.build_moe(dense, moefy.fit_all(dense, inputs, o, progress=False), o)
-        ppl = moefy.evaluate(moe, tok, ["heldout"], a.eval_tokens)["heldout"]
-        rows.append(
-            {
-                "experts": o.experts,
-                "router": o.router,
-                "top_k": o.top_k,
-                "logit_spread": spread,
-                "active_ffn_fraction": o.top_k / o.experts,
-                "heldout_ppl": ppl,
-                "rel_to_dense": ppl / res["dense"]["heldout"] - 1,
-                "command": command(o),
-            }
+
+    def fits_for(n_exp: int, router: str, stats_k: int) -> list:
+        if (n_exp, router) not in fits_by:
+            o = replace(base, experts=n_exp, router=router, top_k=stats_k)
+            fits_by[(n_exp, router)] = moefy.fit_all(dense, inputs, o, progress=False)
+            moefy.log(f"fitted E={n_exp} {router} (k-dependent statistics at k={stats_k})")
+        return fits_by[(n_exp, router)]
+
+    def measure(o: Any, oracle: bool) -> dict:
+        key = f"{o.experts}-{o.router}-{o.top_k}-{o.logit_spread:g}"
+        if key in cache and (not oracle or "oracle_heldout_ppl" in cache[key]):
+            return cache[key]
+        fits = fits_for(o.experts, o.router, max(k for k in ladders[(o.experts, o.router)] if k < o.experts))
+        if o.logit_spread != base.logit_spread:  # the router temperature only rescales the router
+            f = o.logit_spread / base.logit_spread
+            fits = [moefy.LayerFit(x.clusters, x.router * f, x.stats) for x in fits]
+        moe = moefy.build_moe(dense, fits, o)
+        got = {"heldout_ppl": moefy.evaluate(moe, tok, ["heldout"], a.eval_tokens)["heldout"]}
+        if oracle:
+            with moefy.OracleRouting(moe):
+                got["oracle_heldout_ppl"] = moefy.evaluate(moe, tok, ["heldout"], a.eval_tokens)["heldout"]
+        cache[key] = got
+        if a.cache:
+            a.cache.write_text(json.dumps(cache, indent=1))
+        return got
+
+    def row(o: Any, oracle: bool = False) -> dict:
+        got = measure(o, oracle)
+        r = {
+            "experts": o.experts,
+            "router": o.router,
+            "top_k": o.top_k,
+            "logit_spread": o.logit_spread,
+            "active_ffn_fraction": o.top_k / o.experts,
+            **got,
+            "rel_to_dense": got["heldout_ppl"] / res["dense"]["heldout"] - 1,
+            "command": command(o),
+        }
+        extra = f", oracle {r['oracle_heldout_ppl']:.3f}" if "oracle_heldout_ppl" in r else ""
+        moefy.log(
+            f"E={o.experts} {o.router} k={o.top_k} spread {o.logit_spread:g}: heldout PPL "
+            f"{r['heldout_ppl']:.3f} ({r['rel_to_dense']:+.1%}){extra}"
         )
-        moefy.log(f"chosen with logit spread {spread}: heldout PPL {ppl:.3f}")
-        del moe
-    cfits = moefy.fit_all(dense, inputs, copts, progress=False)  # stats at the chosen k
+        return r
+
+    rows = [
+        row(replace(base, experts=n, router=rt, top_k=k), rt == "lsq" and k in oracle_k[n])
+        for (n, rt), ks in ladders.items()
+        for k in ks
+    ]
+    # the sparsest configuration (smallest k/E, k < E) within the budget; ties: lower PPL
+    ok = [r for r in rows if r["top_k"] < r["experts"] and r["rel_to_dense"] <= a.budget]
+    chosen = (
+        min(ok, key=lambda r: (r["active_ffn_fraction"], r["heldout_ppl"]))
+        if ok
+        else min((r for r in rows if r["top_k"] < r["experts"]), key=lambda r: r["heldout_ppl"])
+    )
+    res["within_budget"] = bool(ok)
+    copts = replace(base, experts=chosen["experts"], router=chosen["router"], top_k=chosen["top_k"])
+    # the other combination design at the chosen k: a soft weighted top-k (not exact at k = E)
+    rows += [row(replace(copts, logit_spread=spread)) for spread in (0.1, 1.0)]
+    stats_k = max(k for k in ladders[(copts.experts, copts.router)] if k < copts.experts)
+    if stats_k != copts.top_k:
+        fits_by.pop((copts.experts, copts.router), None)
+    cfits = fits_for(copts.experts, copts.router, copts.top_k)
     moe = moefy.build_moe(dense, cfits, copts)
     res["chosen"] = {
         "options": vars(copts),
@@ -293,14 +315,16 @@ def render(res: dict, png: str) -> str:
         "",
         "## k ladder (heldout, clean)",
         "",
-        "| E | router | k | active FFN | logit spread | heldout PPL | vs dense | command |",
-        "|---|---|---|---|---|---|---|---|",
+        "| E | router | k | active FFN | logit spread | heldout PPL | vs dense | oracle-routed PPL "
+        "| command |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in res["ladder"]:
+        oracle = f"{r['oracle_heldout_ppl']:.3f}" if "oracle_heldout_ppl" in r else "–"
         lines.append(
             f"| {r['experts']} | {r['router']} | {r['top_k']} | {r['active_ffn_fraction']:.0%} "
-            f"| {r['logit_spread']:g} "
-            f"| {r['heldout_ppl']:.3f} | {r['rel_to_dense']:+.1%} | `{r['command']}` |"
+            f"| {r['logit_spread']:g} | {r['heldout_ppl']:.3f} | {r['rel_to_dense']:+.1%} | {oracle} "
+            f"| `{r['command']}` |"
         )
     lines += [
         "",

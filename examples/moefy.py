@@ -355,6 +355,43 @@ def set_top_k(moe: torch.nn.Module, k: int) -> None:
     moe.config.num_experts_per_tok = k
 
 
+class OracleRouting:
+    """Context manager: route every MoE layer of a built model by the true top-k activation mass.
+
+    A diagnostic only (it needs every expert's activations, so it saves no compute): it replaces each
+    router's output with the k experts of largest ``sum_i |a_i(x)| * ||down[:, i]||`` at weight ``1/k``,
+    which separates the loss due to the neuron partition from the loss due to the linear router.
+    """
+
+    def __init__(self, moe: torch.nn.Module) -> None:
+        self.moe = moe
+        self.hooks: list[Any] = []
+
+    @staticmethod
+    def _hook(block: torch.nn.Module) -> Any:
+        def fn(_m: torch.nn.Module, args: tuple, out: tuple) -> tuple:
+            x = args[0].reshape(-1, args[0].shape[-1])
+            ex = block.experts
+            gate, up = torch.einsum("th,efh->tef", x, ex.gate_up_proj).chunk(2, dim=-1)
+            mass = (ex.act_fn(gate) * up).abs().mul(ex.down_proj.norm(dim=1)).sum(-1)
+            k = block.gate.top_k
+            idx = mass.topk(k, dim=-1).indices
+            return out[0], torch.full(idx.shape, 1.0 / k, dtype=out[1].dtype), idx
+
+        return fn
+
+    def __enter__(self) -> OracleRouting:
+        self.hooks = [
+            layer.mlp.gate.register_forward_hook(self._hook(layer.mlp)) for layer in self.moe.model.layers
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
 def calibration_ids(tokenizer: Any, opts: MoefyOptions) -> torch.Tensor:
     """``[calib_tokens / calib_seq_len, calib_seq_len]`` windows from the start of ``opts.calib_data``."""
     from cimconvert.calibration import calibration_batches
