@@ -109,11 +109,10 @@ def _kmeans_pp(x: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
 def _balanced_assign(dist: torch.Tensor, capacity: int) -> torch.Tensor:
     """Greedy equal-capacity assignment: (point, cluster) pairs in order of increasing distance."""
     n_points, n_clusters = dist.shape
-    labels = torch.full((n_points,), -1, dtype=torch.long)
+    labels = [-1] * n_points
     room = [capacity] * n_clusters
-    order = torch.argsort(dist.flatten(), stable=True)
     left = n_points
-    for flat in order.tolist():
+    for flat in torch.argsort(dist.flatten(), stable=True).tolist():
         p, c = divmod(flat, n_clusters)
         if labels[p] >= 0 or room[c] == 0:
             continue
@@ -122,7 +121,7 @@ def _balanced_assign(dist: torch.Tensor, capacity: int) -> torch.Tensor:
         left -= 1
         if left == 0:
             break
-    return labels
+    return torch.tensor(labels, dtype=torch.long)
 
 
 def balanced_kmeans(
