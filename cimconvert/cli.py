@@ -62,7 +62,7 @@ def _format_convert(res: dict) -> str:
         f"  analog: {totals['analog_tensors']} tensors, {totals['analog_tiles']} crossbar arrays, "
         f"{totals['analog_bytes'] / 1e6:.2f} MB; "
         f"digital: {totals['digital_tensors']} tensors, {totals['digital_bytes'] / 1e6:.2f} MB"
-    )
+    ) + "".join(f"\n  recovered: {line}" for line in res.get("recovered", []))
 
 
 def method_options(func: Callable) -> Callable:
@@ -193,6 +193,8 @@ def validate_cmd(out: Path, profile: str | None, seeds: int, seed: int, dataset:
 # ----------------------------------------------------------------------------------------- inspect
 def _format_inspect(res: dict) -> str:
     status = "checksums OK" if res["verified"] else "ALTERED: " + "; ".join(res["problems"])
+    if res.get("signed"):
+        status += ", signature OK" if res.get("signature_verified") else ", signed (no key set: not checked)"
     lines = [
         f"bundle {res['bundle']}: {status}",
         f"  source     {res['model']} ({res['model_type']})",

@@ -22,3 +22,9 @@ class ModelInputError(CimError):
 
 class BundleError(CimError):
     """A bundle that is incomplete, altered or inconsistent."""
+
+
+def failure_detail(exc: BaseException) -> str:
+    """One line saying why an operation failed: an OSError's ``strerror``, else the message's first line."""
+    text = getattr(exc, "strerror", None) or str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
