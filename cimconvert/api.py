@@ -75,16 +75,22 @@ def _dry_run_result(model: str, chip: ChipProfile, method: str, placement: Any) 
     }
 
 
+def check_weights_finite(net: torch.nn.Module) -> torch.nn.Module:
+    """Return ``net``, or raise ModelInputError naming the first parameter or buffer with NaN/Inf."""
+    from cimconvert.checkpoint import check_finite
+
+    for pname, tensor in net.state_dict().items():
+        check_finite(pname, tensor)
+    return net
+
+
 def _apply_method(
     name: str, source: Any, adapter: Any, chip: ChipProfile, options: dict[str, Any], progress: bool
 ) -> tuple[torch.nn.Module, Any]:
     """Load the model, run the method on it in place; returns (model, MethodResult)."""
-    from cimconvert.checkpoint import check_finite
     from cimconvert.methods import METHODS
 
-    net = source.load_model(dtype=torch.float32)
-    for pname, tensor in net.state_dict().items():
-        check_finite(pname, tensor)
+    net = check_weights_finite(source.load_model(dtype=torch.float32))
     result = METHODS[name].apply(net, adapter, chip, options, progress=progress)
     return net, result
 
@@ -293,7 +299,7 @@ def load_for_eval(
 
         manifest = read_manifest(Path(model))
         chip = load_profile(profile) if profile else manifest_profile(manifest)
-        net = load_bundle(model)
+        net = check_weights_finite(load_bundle(model))
         overrides = manifest_overrides(manifest)
         targets = plan_model(net, chip, **overrides).analog()
         folder = Path(model)
@@ -304,7 +310,7 @@ def load_for_eval(
             raise CimError("--profile is required unless MODEL is a bundle")
         chip = load_profile(profile)
         source = resolve_model(model, trust_remote_code=trust_remote_code)
-        net = source.load_model(dtype=torch.float32)
+        net = check_weights_finite(source.load_model(dtype=torch.float32))
         targets = plan_model(net, chip).analog()
         folder = source.dir
     try:
@@ -359,7 +365,7 @@ def evaluate(
         stride=stride,
         batch_size=batch_size,
         progress=progress,
-    )
+    ).check_finite()
     return {
         "model": model,
         "dataset": dataset,

@@ -18,9 +18,14 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
 def emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
-    """Print ``result`` as indented JSON (stable keys) or through its human formatter."""
+    """Print ``result`` as indented strict JSON (stable keys) or through its human formatter.
+
+    JSON is always valid JSON: a NaN or infinite figure in it is an error (exit 2), never a literal.
+    """
+    from cimconvert.finite import dumps
+
     if as_json:
-        click.echo(json.dumps(result, indent=2, sort_keys=False, default=str))
+        click.echo(dumps(result, indent=2, sort_keys=False))
     else:
         click.echo(human(result))
 
@@ -181,11 +186,12 @@ def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: st
 def validate_cmd(out: Path, profile: str | None, seeds: int, seed: int, dataset: str, max_tokens: int,
                  seq_len: int, threads: int, profile_mismatch_ok: bool, as_json: bool) -> None:
     """Run bundle OUT's ONNX graph in onnxruntime under chip noise and compare with the torch simulator."""
+    from cimconvert.finite import nulls_for_non_finite
     from cimconvert.validate import format_validate, validate
 
     res = validate(out, profile, seeds=seeds, seed=seed, dataset=dataset, max_tokens=max_tokens,
                    seq_len=seq_len, threads=threads, profile_mismatch_ok=profile_mismatch_ok)
-    emit(res, as_json, format_validate)
+    emit(nulls_for_non_finite(res) if as_json else res, as_json, format_validate)  # a FAIL may hold NaN
     if not res["summary"]["passed"]:
         sys.exit(1)
 

@@ -22,6 +22,7 @@ import torch
 
 from cimconvert.errors import BundleError, CimError
 from cimconvert.evaluation.perplexity import perplexity
+from cimconvert.plausibility import fail_implausible
 from cimconvert.profiles import ChipProfile, load_profile
 
 ONNX_MODEL = "onnx/model.onnx"
@@ -112,6 +113,7 @@ def _torch_draws(
     return torch_ppl, ort_ppl, ort_seconds, identical
 
 
+@fail_implausible
 def validate(
     out: str | Path,
     profile: str | ChipProfile | None = None,
@@ -210,6 +212,7 @@ def format_validate(res: dict[str, Any]) -> str:
         f"  programmed weights bit-identical to torch: "
         f"{'yes' if s['programmed_weights_bit_identical'] else 'NO'}",
         f"  noisy PPL rel. diff {100 * s['noisy_ppl_rel_diff']:.3f}% (tolerance {100 * s['ppl_rtol']:.1f}%)",
+        *(f"  problem: {problem}" for problem in s.get("problems", [])),
         f"  result: {'PASS' if s['passed'] else 'FAIL'}",
     ]
     return "\n".join(lines)
