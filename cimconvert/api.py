@@ -299,8 +299,8 @@ def load_for_eval(
 
         manifest = read_manifest(Path(model))
         chip = load_profile(profile) if profile else manifest_profile(manifest)
+        overrides = manifest_overrides(manifest)  # every manifest field is checked before loading
         net = check_weights_finite(load_bundle(model))
-        overrides = manifest_overrides(manifest)
         targets = plan_model(net, chip, **overrides).analog()
         folder = Path(model)
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -372,21 +373,38 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI; bad input is one line on stderr and exit code 2, never a traceback."""
     # transformers' load reports and kernel fallbacks are noise here: cimconvert checks keys itself.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # cimconvert draws its own progress; transformers' "Loading weights" bars would add stderr lines.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already imported (in-process use): switch its bars off directly
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    with warnings.catch_warnings(record=True) as caught:
+        code = _run(argv)
+    if code != CimError.exit_code:  # a failed run says one line; a finished one shows its warnings too
+        for w in caught:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if code:
+        sys.exit(code)
+
+
+def _run(argv: list[str] | None) -> int:
+    """Run the click group; returns the exit code (errors printed as one ``error:`` line)."""
     try:
         cli.main(args=argv, prog_name="cimconvert", standalone_mode=False)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except CimError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(2)
+        return 130
+    except click.ClickException as exc:  # usage errors: one line too (``--help`` shows the usage)
+        click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+        return 2
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
-        sys.exit(130)
-
+        return 130
+    return 0
 
 if __name__ == "__main__":
     main()
