@@ -59,12 +59,6 @@ def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
             "TRANSFORMERS_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1", **(extra or {})}  # fmt: skip
 
 
-def python_subprocess(code: str, env: dict[str, str] | None = None, **kwargs: Any) -> subprocess.Popen:
-    """Start ``python -c CODE`` (see :func:`subprocess_env`) with stdout and stderr piped as text."""
-    return subprocess.Popen([sys.executable, "-c", code], env=subprocess_env(env), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
-
-
 def run_cli_subprocess(*args: str, env: dict[str, str] | None = None, **kwargs: Any) -> tuple[int, str, str]:
     """Run ``python -m cimconvert ARGS`` to completion; returns (exit code, stdout, stderr)."""
     proc = subprocess.run([sys.executable, "-m", "cimconvert", *args], env=subprocess_env(env), cwd=REPO,

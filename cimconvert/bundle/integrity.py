@@ -28,6 +28,7 @@ KEY_FILE_ENV = "CIMCONVERT_SIGNING_KEY_FILE"
 MAX_LOCK_BYTES = 64 * 1024
 MAX_MANIFEST_BYTES = 512 * 1024 * 1024
 _HMAC_DOMAIN = b"cimconvert-bundle-lock/1\n"
+_LOCK_KEYS = {"format", "version", "manifest", "manifest_bytes", "manifest_sha256", "hmac_sha256"}
 
 
 def signing_key(key: bytes | str | None = None) -> bytes | None:
@@ -71,6 +72,10 @@ def lock_text(manifest: bytes, key: bytes | None = None) -> str:
         "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
         "hmac_sha256": _mac(key, manifest) if key else None,
     }
+    return _lock_json(lock)
+
+
+def _lock_json(lock: dict[str, Any]) -> str:
     return json.dumps(lock, indent=2, sort_keys=True) + "\n"
 
 
@@ -107,12 +112,15 @@ def read_lock(folder: Path) -> dict[str, Any]:
             f"bundle {folder} has no {LOCK_NAME} (incomplete, altered, or written by an older cimconvert: "
             "convert again)"
         )
+    raw = _read_limited(path, MAX_LOCK_BYTES, LOCK_NAME)
     try:
-        lock = json.loads(_read_limited(path, MAX_LOCK_BYTES, LOCK_NAME).decode("utf-8"))
+        lock = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise BundleError(f"{path} is not valid JSON (altered)") from None
     valid = (
         isinstance(lock, dict)
+        and set(lock) == _LOCK_KEYS
+        and lock["manifest"] == "manifest.json"
         and lock.get("format") == LOCK_FORMAT
         and lock.get("version") == LOCK_VERSION
         and isinstance(lock.get("manifest_sha256"), str)
@@ -121,6 +129,8 @@ def read_lock(folder: Path) -> dict[str, Any]:
     )
     if not valid:
         raise BundleError(f"{path} is not a version-{LOCK_VERSION} bundle lock (altered or newer format)")
+    if raw != _lock_json(lock).encode():
+        raise BundleError(f"{path} is not in its canonical form (altered)")
     return lock
 
 
