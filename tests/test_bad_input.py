@@ -382,3 +382,47 @@ def test_real_process_stderr_is_one_line(name: str, sources: tuple[Path, Path], 
     assert (code, out) == (2, ""), err
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err
     assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------ finite results
+def test_strict_json_and_finite_results() -> None:
+    from cimconvert.errors import CimError
+    from cimconvert.evaluation.noisy import NoisyEvalResult
+    from cimconvert.finite import dumps, nulls_for_non_finite
+
+    assert json.loads(dumps({"a": [1.5, {"b": 2}]})) == {"a": [1.5, {"b": 2}]}
+    with pytest.raises(CimError, match=r"a\[1\]\.b is nan"):
+        dumps({"a": [1.5, {"b": float("nan")}]})
+    assert nulls_for_non_finite({"x": [float("inf"), 1.0]}) == {"x": [None, 1.0]}
+    ok = NoisyEvalResult("p", "sha256:" + "0" * 64, [1, 2], 10.0, [11.0, 12.0])
+    assert ok.check_finite() is ok
+    with pytest.raises(CimError, match="clean perplexity is nan"):
+        NoisyEvalResult("p", "h", [1], float("nan"), [1.0]).check_finite()
+    with pytest.raises(CimError, match="for seed 2"):
+        NoisyEvalResult("p", "h", [1, 2], 10.0, [11.0, float("inf")]).check_finite()
+
+
+def _validation(ort_noisy: list[float], torch_noisy: list[float], clean: float = 170.0) -> dict:
+    def part(values: list[float]) -> dict:
+        return {"clean_ppl": clean, "noisy_ppl": {"per_seed": values, "mean": sum(values) / len(values)}}
+
+    return {"seeds": [1000, 1001], "onnxruntime": part(ort_noisy), "torch": part(torch_noisy),
+            "summary": {"passed": True}}  # fmt: skip
+
+
+def test_validate_fails_implausible_perplexities(tmp_path: Path) -> None:
+    """Both runtimes agreeing is not enough: 7.8e7 (a 1-bit ADC zeroing every output) or NaN FAILs."""
+    from cimconvert.plausibility import fail_implausible, plausibility_problems
+
+    assert plausibility_problems(_validation([180.0, 190.0], [180.0, 190.0]), 4096) == []
+    absurd = plausibility_problems(_validation([7.8e7, 7.8e7], [7.8e7, 7.8e7]), 4096)
+    assert len(absurd) == 2 and "vocabulary size 4096" in absurd[0]
+    assert "is nan" in plausibility_problems(_validation([float("nan"), 1.0], [1.0, 1.0]), 4096)[0]
+    (tmp_path / "config.json").write_text(json.dumps({"vocab_size": 4096}))
+
+    @fail_implausible
+    def fake_validate() -> dict:
+        return {**_validation([7.8e7, 7.8e7], [7.8e7, 7.8e7]), "bundle": str(tmp_path)}
+
+    res = fake_validate()
+    assert res["summary"]["passed"] is False and res["summary"]["problems"]

@@ -187,24 +187,32 @@ def recover_stale(out: Path) -> list[str]:
     live process (not a cimconvert run on OUT: it would hold the lock) are reported and kept.
     """
     actions: list[str] = []
-    leftovers = _leftovers(out)
     if not out.exists() and not out.is_symlink():
-        for path, kind, pid in leftovers:
-            if kind != "old" or _alive(pid):
-                continue
-            new = tmp_path(out, "tmp", pid)
-            chosen = new if new.is_dir() and is_complete(new) else path
-            chosen.rename(out)
-            which = "its new bundle" if chosen == new else "the previous bundle"
-            actions.append(f"completed the replace of {out.name} by killed run PID {pid} ({which})")
-            break
+        for path, kind, pid in _leftovers(out):
+            if kind == "old" and not _alive(pid):
+                actions.append(_complete_replace(out, path, pid))
+                break
     for path, _kind, pid in _leftovers(out):
         if _alive(pid):
             actions.append(f"kept {path.name}: process {pid} is still running")
             continue
         _remove(path)
-        actions.append(f"removed {path.name} left by killed run PID {pid}")
+        verb = "could not remove" if path.exists() or path.is_symlink() else "removed"
+        actions.append(f"{verb} {path.name} left by killed run PID {pid}")
     return actions
+
+
+def _complete_replace(out: Path, old: Path, pid: int) -> str:
+    """Put the killed run's new bundle (if complete) or the previous one (``old``) back at OUT."""
+    new = tmp_path(out, "tmp", pid)
+    chosen = new if new.is_dir() and is_complete(new) else old
+    which = "its new bundle" if chosen == new else "the previous bundle"
+    try:
+        chosen.rename(out)
+    except OSError as exc:
+        raise BundleError(f"cannot complete the replace of {out} left by killed run PID {pid}: "
+                          f"moving {chosen.name} back failed ({exc.strerror})") from None
+    return f"completed the replace of {out.name} by killed run PID {pid} ({which})"
 
 
 # ------------------------------------------------------------------ moving the bundle into place
