@@ -341,3 +341,35 @@ def test_paths_outside_the_bundle_are_refused(micro_bundle: Path, tmp_path: Path
     with pytest.raises(BundleError, match="leaves the bundle"):
         inspect_bundle(bundle)
 
+
+
+@pytest.mark.skipif(not os.environ.get("CIMCONVERT_RANDOM_KILLS"),
+                    reason="set CIMCONVERT_RANDOM_KILLS=N for N kill -9 trials at random times")  # fmt: skip
+def test_kill_9_at_random_times(tmp_path: Path) -> None:
+    """``--force`` conversions of the demo OLMoE killed at a random moment after they took the lock: OUT
+    is always the previous or the new complete bundle, and the next run leaves nothing beside it."""
+    import random
+    import time
+
+    rng = random.Random(int(os.environ.get("CIMCONVERT_RANDOM_KILLS_SEED", "0")))
+    out = tmp_path / "out"
+    lock = tmp_path / ".out.lock"
+    api.convert(str(DEMO_OLMOE), "chipA", out=out, method="none", onnx=False, progress=False, seed=0)
+    previous, outcomes = "0", {"killed": 0, "finished": 0}
+    for trial in range(1, int(os.environ["CIMCONVERT_RANDOM_KILLS"]) + 1):
+        proc = subprocess.Popen([sys.executable, "-m", "cimconvert", *_args(DEMO_OLMOE, out, "--force"),
+                                 "--seed", str(trial)], env=subprocess_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        while not lock.exists() and proc.poll() is None:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 1.5))
+        proc.send_signal(signal.SIGKILL)
+        code = proc.wait()
+        outcomes["killed" if code == -signal.SIGKILL else "finished"] += 1
+        state = _bundle_state(out)
+        assert state in {previous, str(trial)}, (trial, state)
+        with outdir.out_lock(out):
+            pass
+        assert _strays(out) == [] and _bundle_state(out) == state
+        previous = state
+    print(f"random kills: {outcomes}")
