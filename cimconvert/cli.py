@@ -406,5 +406,6 @@ def _run(argv: list[str] | None) -> int:
         return 130
     return 0
 
+
 if __name__ == "__main__":
     main()

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from cimconvert.bundle.integrity import LOCK_NAME, member_path, signing_key, verified_manifest_bytes
 from cimconvert.bundle.manifest import MANIFEST_NAME, Manifest, TransformEntry
 from cimconvert.checkpoint import load_hf_model, sha256_file
-from cimconvert.errors import BundleError
+from cimconvert.errors import BundleError, failure_detail
 from cimconvert.profiles import ChipProfile, profile_from_dict
 
 #: transform type → fn(model, transform_entry, bundle_dir) that re-applies it on load (in place).
@@ -156,10 +156,9 @@ def _run_transform(entry: TransformEntry, fn: Callable[..., Any], *args: Any) ->
     try:
         return fn(*args)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BundleError(
             f"manifest transform '{entry.id}' ({entry.type}) has invalid params: "
-            f"{type(exc).__name__} {detail}"
+            f"{type(exc).__name__} {failure_detail(exc)}"
         ) from None
 
 
