@@ -279,11 +279,12 @@ def load_bundle(out: str | Path, dtype: torch.dtype = torch.float32, verify: boo
     return _load(Path(out), dtype=dtype, verify=verify)
 
 
-def inspect(out: str | Path) -> dict[str, Any]:
-    """Summary of a bundle plus ``verified`` (all checksums match) and ``problems``."""
+def inspect(out: str | Path, key: bytes | str | None = None) -> dict[str, Any]:
+    """Summary of a bundle plus ``verified`` (all checksums match) and ``problems``; with a signing
+    ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) its bundle.lock signature must match too."""
     from cimconvert.bundle.reader import inspect_bundle
 
-    return inspect_bundle(Path(out))
+    return inspect_bundle(Path(out), key=key)
 
 
 def load_for_eval(

@@ -31,6 +31,19 @@ def emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
         click.echo(human(result))
 
 
+KEY_OPTION = click.option(
+    "--key", "key_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+    help="file holding the bundle signing key (HMAC in bundle.lock) [$CIMCONVERT_SIGNING_KEY]",
+)
+
+
+def _key(key_file: Path | None) -> bytes | None:
+    """The signing key read from ``--key FILE`` (None: the environment's, if any)."""
+    from cimconvert.bundle.integrity import read_key_file
+
+    return read_key_file(key_file) if key_file is not None else None
+
+
 class DefaultToConvert(click.Group):
     """A group whose first argument, when it is not a subcommand, is a MODEL for ``convert``."""
 
@@ -115,18 +128,20 @@ def _method_line(res: dict) -> str:
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="GGUF input: dtype the weights are dequantised to [the GGUF's float type; float32 "
               "for quantised files]")
+@KEY_OPTION
 @click.option("--json", "as_json", is_flag=True, help="machine-readable summary on stdout")
 @method_options
 def convert_cmd(model: str, profile: str, out: Path | None, method: str, analog: tuple[str, ...],
                 digital: tuple[str, ...], dry_run: bool, force: bool, onnx: bool, seed: int,
-                trust_remote_code: bool, dtype: str | None, as_json: bool, **method_opts: Any) -> None:
+                trust_remote_code: bool, dtype: str | None, key_file: Path | None, as_json: bool,
+                **method_opts: Any) -> None:
     """Convert MODEL (local HF folder, .gguf file or cached hub id) into a bundle for the chip PROFILE."""
     from cimconvert import api
 
     res = api.convert(
         model, profile, out=out, method=method, analog=analog, digital=digital, dry_run=dry_run,
         force=force, seed=seed, trust_remote_code=trust_remote_code, progress=not as_json,
-        method_options=method_opts, onnx=onnx, dtype=dtype,
+        method_options=method_opts, onnx=onnx, dtype=dtype, key=_key(key_file),
     )
     emit(res, as_json, _format_convert)
 
@@ -220,12 +235,13 @@ def _format_inspect(res: dict) -> str:
 
 @cli.command("inspect", context_settings=CONTEXT)
 @click.argument("out", type=click.Path(path_type=Path))
+@KEY_OPTION
 @click.option("--json", "as_json", is_flag=True)
-def inspect_cmd(out: Path, as_json: bool) -> None:
+def inspect_cmd(out: Path, key_file: Path | None, as_json: bool) -> None:
     """Verify every checksum of bundle OUT and print a summary (exit 2 when a file was altered)."""
     from cimconvert import api
 
-    res = api.inspect(out)
+    res = api.inspect(out, key=_key(key_file))
     emit(res, as_json, _format_inspect)
     if not res["verified"]:
         sys.exit(2)
