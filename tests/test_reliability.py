@@ -373,3 +373,20 @@ def test_kill_9_at_random_times(tmp_path: Path) -> None:
         assert _strays(out) == [] and _bundle_state(out) == state
         previous = state
     print(f"random kills: {outcomes}")
+
+
+def test_key_file_on_the_command_line(
+    micro: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.test_cli import run_cli
+
+    good, bad = tmp_path / "good.key", tmp_path / "bad.key"
+    good.write_text("k-1\n")
+    bad.write_text("k-2\n")
+    out = tmp_path / "b"
+    code, _, err = run_cli(capsys, *_args(micro, out, "--key", str(good)))
+    assert code == 0, err
+    code, stdout, _ = run_cli(capsys, "inspect", str(out), "--key", str(good))
+    assert code == 0 and "signature OK" in stdout
+    code, stdout, err = run_cli(capsys, "inspect", str(out), "--key", str(bad))
+    assert code == 2 and stdout == "" and len(err.splitlines()) == 1 and "signature" in err
