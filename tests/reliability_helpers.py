@@ -48,11 +48,6 @@ def snapshot(root: Path) -> set[str]:
     return {p.relative_to(root).as_posix() for p in root.rglob("*")}
 
 
-def error_lines(err: str) -> list[str]:
-    """The lines of a stderr text."""
-    return err.splitlines()
-
-
 def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a child cimconvert: the repository on the path, one torch thread, offline."""
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",

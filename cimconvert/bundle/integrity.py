@@ -17,6 +17,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cimconvert.bundle.manifest import MANIFEST_NAME
 from cimconvert.errors import BundleError
 
 LOCK_NAME = "bundle.lock"
@@ -67,7 +68,7 @@ def lock_text(manifest: bytes, key: bytes | None = None) -> str:
     lock = {
         "format": LOCK_FORMAT,
         "version": LOCK_VERSION,
-        "manifest": "manifest.json",
+        "manifest": MANIFEST_NAME,
         "manifest_bytes": len(manifest),
         "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
         "hmac_sha256": _mac(key, manifest) if key else None,
@@ -89,7 +90,7 @@ def _write_synced(path: Path, data: bytes) -> None:
 def write_manifest_and_lock(folder: Path, manifest_json: str, key: bytes | str | None = None) -> None:
     """Write ``manifest.json`` then ``bundle.lock`` (the lock last: a bundle without it is incomplete)."""
     data = manifest_json.encode("utf-8")
-    _write_synced(folder / "manifest.json", data)
+    _write_synced(folder / MANIFEST_NAME, data)
     tmp = folder / f".{LOCK_NAME}.tmp"
     _write_synced(tmp, lock_text(data, signing_key(key)).encode())
     tmp.replace(folder / LOCK_NAME)
@@ -120,7 +121,7 @@ def read_lock(folder: Path) -> dict[str, Any]:
     valid = (
         isinstance(lock, dict)
         and set(lock) == _LOCK_KEYS
-        and lock["manifest"] == "manifest.json"
+        and lock["manifest"] == MANIFEST_NAME
         and lock.get("format") == LOCK_FORMAT
         and lock.get("version") == LOCK_VERSION
         and isinstance(lock.get("manifest_sha256"), str)
@@ -136,7 +137,7 @@ def read_lock(folder: Path) -> dict[str, Any]:
 
 def _digest_checked(folder: Path) -> tuple[bytes, dict[str, Any]]:
     lock = read_lock(folder)
-    data = _read_limited(folder / "manifest.json", MAX_MANIFEST_BYTES, "manifest.json")
+    data = _read_limited(folder / MANIFEST_NAME, MAX_MANIFEST_BYTES, MANIFEST_NAME)
     digest = hashlib.sha256(data).hexdigest()
     if len(data) != lock["manifest_bytes"] or not hmac.compare_digest(digest, lock["manifest_sha256"]):
         raise BundleError(
