@@ -14,8 +14,9 @@ import resource
 import shutil
 import signal
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -45,11 +46,11 @@ class Case:
     model: Path
     bundle: Path
     out: Path
+    keep: list[Any] = field(default_factory=list)
 
 
-def _convert(case: Case, *extra: str) -> list[str]:
-    return [str(case.model), "-p", "chipA", "-o", str(case.out), "--method", "none", "--no-onnx", "--json",
-            *extra]  # fmt: skip
+def _convert(case: Case, profile: str = "chipA") -> list[str]:
+    return [str(case.model), "-p", profile, "-o", str(case.out), "--method", "none", "--no-onnx", "--json"]
 
 
 def _weights(folder: Path) -> Path:
@@ -101,8 +102,7 @@ def _index(case: Case, weight_map: object) -> list[str]:
 def _profile_file(case: Case, text: str, suffix: str = "") -> list[str]:
     path = case.root / "p.yaml"
     path.write_text(text)
-    return [str(case.model), "-p", f"{path}{suffix}", "-o", str(case.out), "--method", "none", "--no-onnx",
-            "--json"]  # fmt: skip
+    return _convert(case, profile=f"{path}{suffix}")
 
 
 def _profile(spec: str) -> Callable[[Case], list[str]]:
@@ -122,11 +122,11 @@ def _out_is_file(case: Case) -> list[str]:
 
 def _locked_out(case: Case) -> list[str]:
     lock = case.root / f".{case.out.name}.lock"
-    handle = lock.open("w")  # closed (and the lock released) when the case's setup object is collected
+    handle = lock.open("w")  # held by the case until the test ends (then closed: the lock is released)
     fcntl.flock(handle, fcntl.LOCK_EX)
     handle.write("4242\n")
     handle.flush()
-    case.__dict__["keep_open"] = handle
+    case.keep.append(handle)
     return _convert(case)
 
 
@@ -271,7 +271,9 @@ CASES: dict[str, Callable[[Case], list[str]]] = {
     "files-entry-absolute": _inspect(lambda m: m["files"].append(
         {"name": "/outside.txt", "sha256": "0" * 64, "bytes": 1})),
     "shard-not-listed": _inspect(lambda m: m["tensors"][0].update(shard="other.safetensors")),
-    "manifest-without-rank": _eval_bundle(_transform({"module": "lm_head"})),
+    "manifest-without-rank": _eval_bundle(_transform({
+        "module": "lm_head", "digital": "lm_head.digital.weight", "analog": "lm_head.analog.weight",
+        "replaces": [], "in_features": 128, "out_features": 4096, "bias": False})),  # no "rank"
     "manifest-overrides-not-a-mapping": _eval_bundle(_set("extra.overrides", 5)),
     "manifest-placement-overrides-null": _eval_bundle(_set("placement_config.overrides", None)),
     "manifest-tensors-missing": _inspect(lambda m: m.pop("tensors")),
@@ -287,6 +289,28 @@ CASES: dict[str, Callable[[Case], list[str]]] = {
     "eval-nan-weights": lambda c: _eval_model(c, poison=float("nan")),
     "eval-inf-weights": lambda c: _eval_model(c, poison=float("-inf")),
     "eval-profile-inf": lambda c: _eval_model(c, profile="chipA:t_inference=.inf"),
+}
+
+
+#: What the one error line must name for some cases (the others only need to be one line, exit 2).
+NEEDLES = {
+    "out-locked-by-another-process": "PID 4242",
+    "bf16-labelled-i16": "dtype I16",
+    "f32-labelled-i32": "dtype I32",
+    "manifest-edited-noise-x20": "does not match its sha256",
+    "files-entry-escapes": "leaves the bundle",
+    "listed-file-symlinked-outside": "outside the bundle",
+    "dataset-nul-bytes": "NUL bytes",
+    "override-adc-1-bit": "greater than or equal to 2",
+    "profile-yaml-bomb": "anchors",
+    "profile-yaml-bomb-with-override": "anchors",
+    "override-python-object": "tags",
+    "override-t-inference-inf": "finite",
+    "profile-g-max-inf": "finite",
+    "eval-nan-weights": "NaN",
+    "hidden-size-string": "hidden_size",
+    "manifest-without-rank": "rank",
+    "bundle-lock-deleted": "no bundle.lock",
 }
 
 
@@ -340,6 +364,7 @@ def test_bad_input_is_one_line_exit_2_nothing_left(
     assert code == 2, (name, out, err)
     assert out == "" and err.endswith("\n") and len(err.splitlines()) == 1, (name, err)
     assert err.startswith("error: ") and "Traceback" not in err
+    assert NEEDLES.get(name, "") in err, (name, err)
     assert snapshot(tmp_path) == before, name  # nothing written, nothing left behind
 
 
