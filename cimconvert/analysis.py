@@ -10,7 +10,6 @@ every analog tensor) is the reference. :func:`write_scan` saves ``sensitivity.js
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -210,10 +209,13 @@ def _short(name: str) -> str:
 
 def write_scan(scan: dict[str, Any], out: str | Path) -> dict[str, str]:
     """Write ``sensitivity.json``, ``.md`` and ``.png`` into folder ``out``; returns their paths."""
+    from cimconvert.finite import dumps
+
+    text = dumps(scan, indent=2)  # a NaN/Inf figure fails here, before anything is written
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
     paths = {k: folder / f"sensitivity.{k}" for k in ("json", "md", "png")}
-    paths["json"].write_text(json.dumps(scan, indent=2), encoding="utf-8")
+    paths["json"].write_text(text, encoding="utf-8")
     paths["md"].write_text(format_table(scan) + "\n", encoding="utf-8")
     plot_scan(scan, paths["png"])
     return {k: str(v) for k, v in paths.items()}

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from cimconvert.errors import CimError
+from cimconvert.errors import BundleError, CimError, failure_detail
 from cimconvert.profiles import ChipProfile, list_profiles, load_profile
 
 
@@ -75,16 +75,22 @@ def _dry_run_result(model: str, chip: ChipProfile, method: str, placement: Any) 
     }
 
 
+def check_weights_finite(net: torch.nn.Module) -> torch.nn.Module:
+    """Return ``net``, or raise ModelInputError naming the first parameter or buffer with NaN/Inf."""
+    from cimconvert.checkpoint import check_finite
+
+    for pname, tensor in net.state_dict().items():
+        check_finite(pname, tensor)
+    return net
+
+
 def _apply_method(
     name: str, source: Any, adapter: Any, chip: ChipProfile, options: dict[str, Any], progress: bool
 ) -> tuple[torch.nn.Module, Any]:
     """Load the model, run the method on it in place; returns (model, MethodResult)."""
-    from cimconvert.checkpoint import check_finite
     from cimconvert.methods import METHODS
 
-    net = source.load_model(dtype=torch.float32)
-    for pname, tensor in net.state_dict().items():
-        check_finite(pname, tensor)
+    net = check_weights_finite(source.load_model(dtype=torch.float32))
     result = METHODS[name].apply(net, adapter, chip, options, progress=progress)
     return net, result
 
@@ -141,6 +147,47 @@ def _onnx_exporter(net_factory: Any, progress: bool) -> Any:
     return export
 
 
+def _bundle_transformed(
+    net: torch.nn.Module,
+    result: Any,
+    source: Any,
+    out_dir: Path,
+    chip: ChipProfile,
+    adapter: Any,
+    overrides: tuple[Sequence[str], Sequence[str]],
+    extra: dict[str, Any],
+    opts: dict[str, Any],
+) -> tuple[Any, Any]:
+    """Save a method's transformed model to ``.OUT.src-<pid>-*`` beside OUT, plan and bundle it from
+    there; returns (BundleSummary, placement). A full disk while saving is a one-line BundleError."""
+    import tempfile
+
+    from safetensors import SafetensorError
+
+    from cimconvert.bundle.outdir import tmp_path
+    from cimconvert.bundle.writer import write_bundle
+
+    analog = [*overrides[0], *result.analog]
+    digital = [*overrides[1], *result.digital]
+    extra["overrides"] = {"analog": analog, "digital": digital}
+    extra["method_report"] = result.report
+    prefix = f"{tmp_path(out_dir, 'src').name}-"
+    with tempfile.TemporaryDirectory(prefix=prefix, dir=out_dir.parent) as tmp:
+        try:
+            transformed = _save_transformed(net, source, Path(tmp), keep=[*result.analog, *result.digital])
+        except (OSError, SafetensorError) as exc:
+            detail = failure_detail(exc)
+            raise BundleError(f"writing the transformed model beside {out_dir} failed: {detail}") from None
+        placement = _plan(transformed, adapter, chip, analog, digital)
+        # the ONNX graph is exported from the model as load_bundle gives it
+        hook = _onnx_exporter(net.float, opts["progress"]) if opts["onnx"] else None
+        summary = write_bundle(transformed, out_dir, chip, placement, transforms=result.transforms,
+                               seeds={"global": opts["seed"], **result.seeds}, extra=extra,
+                               force=opts["force"], progress=opts["progress"], origin=source, finalize=hook,
+                               key=opts["key"])
+    return summary, placement
+
+
 def convert(
     model: str,
     profile: str | ChipProfile,
@@ -156,6 +203,7 @@ def convert(
     method_options: dict[str, Any] | None = None,
     onnx: bool = True,
     dtype: str | None = None,
+    key: bytes | str | None = None,
 ) -> dict[str, Any]:
     """Convert a checkpoint into a bundle for ``profile`` (or only plan it with ``dry_run``).
 
@@ -164,10 +212,11 @@ def convert(
     names the original checkpoint as its source and records the method's transforms and seeds.
     ``onnx`` also writes ``onnx/model.onnx`` (analog matmuls as ``ai.cimconvert.AnalogMatMul`` nodes).
     ``model`` may be a GGUF file, dequantised to ``dtype`` first (see :mod:`cimconvert.gguf`).
+    OUT is locked against other writers for the whole run; leftovers of killed runs on OUT are removed
+    first and listed under ``recovered``. ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) signs ``bundle.lock``.
     """
-    import tempfile
-
     from cimconvert.arch import get_adapter
+    from cimconvert.bundle.outdir import out_lock
     from cimconvert.bundle.writer import check_out_dir, write_bundle
     from cimconvert.checkpoint import resolve_model
     from cimconvert.methods import option_values, resolve_method
@@ -180,34 +229,27 @@ def convert(
     if dry_run:  # plan only: the method (and any tensors it adds) runs at conversion time
         return _dry_run_result(model, chip, resolved, placement)
     out_dir = Path(out) if out is not None else default_out_dir(model, chip)
-    check_out_dir(out_dir, force)  # fail before any expensive work
     # The method sees the placement overrides too (e.g. ROMER calibrates with an analog router noisy).
     options = {**option_values(resolved, dict(method_options or {})), "seed": seed,
                "analog": list(analog), "digital": list(digital)}
     extra: dict[str, Any] = {"method": resolved, "method_options": options,
                              "overrides": {"analog": list(analog), "digital": list(digital)}}
-    if resolved == "none":
-        hook = _onnx_exporter(lambda: source.load_model(dtype=torch.float32), progress) if onnx else None
-        summary = write_bundle(source, out_dir, chip, placement, seeds={"global": seed}, extra=extra,
-                               force=force, progress=progress, finalize=hook)
-        report: dict[str, Any] = {}
-        transform_types: list[str] = []
-    else:
-        net, result = _apply_method(resolved, source, adapter, chip, options, progress)
-        report = result.report
-        transform_types = [t["type"] for t in result.transforms]
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        analog = [*analog, *result.analog]
-        digital = [*digital, *result.digital]
-        extra["overrides"] = {"analog": analog, "digital": digital}
-        with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.src-", dir=out_dir.parent) as tmp:
-            transformed = _save_transformed(net, source, Path(tmp), keep=[*result.analog, *result.digital])
-            placement = _plan(transformed, adapter, chip, analog, digital)
-            extra["method_report"] = report
-            hook = _onnx_exporter(net.float, progress) if onnx else None  # as load_bundle gives it
-            summary = write_bundle(transformed, out_dir, chip, placement, transforms=result.transforms,
-                                   seeds={"global": seed, **result.seeds}, extra=extra, force=force,
-                                   progress=progress, origin=source, finalize=hook)
+    with out_lock(out_dir) as lock:  # one writer per OUT, from here to the final rename
+        check_out_dir(out_dir, force)  # fail before any expensive work
+        if resolved == "none":
+            hook = _onnx_exporter(lambda: source.load_model(dtype=torch.float32), progress) if onnx else None
+            summary = write_bundle(source, out_dir, chip, placement, seeds={"global": seed}, extra=extra,
+                                   force=force, progress=progress, finalize=hook, key=key)
+            report: dict[str, Any] = {}
+            transform_types: list[str] = []
+        else:
+            net, result = _apply_method(resolved, source, adapter, chip, options, progress)
+            report = result.report
+            transform_types = [t["type"] for t in result.transforms]
+            summary, placement = _bundle_transformed(
+                net, result, source, out_dir, chip, adapter, (analog, digital), extra,
+                dict(seed=seed, force=force, progress=progress, onnx=onnx, key=key),
+            )
     return {
         "dry_run": False,
         "model": model,
@@ -221,6 +263,7 @@ def convert(
         "transforms": transform_types,
         "method_report": report,
         "files": summary.files,
+        "recovered": lock.recovered,
     }
 
 
@@ -236,11 +279,12 @@ def load_bundle(out: str | Path, dtype: torch.dtype = torch.float32, verify: boo
     return _load(Path(out), dtype=dtype, verify=verify)
 
 
-def inspect(out: str | Path) -> dict[str, Any]:
-    """Summary of a bundle plus ``verified`` (all checksums match) and ``problems``."""
+def inspect(out: str | Path, key: bytes | str | None = None) -> dict[str, Any]:
+    """Summary of a bundle plus ``verified`` (all checksums match) and ``problems``; with a signing
+    ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) its bundle.lock signature must match too."""
     from cimconvert.bundle.reader import inspect_bundle
 
-    return inspect_bundle(Path(out))
+    return inspect_bundle(Path(out), key=key)
 
 
 def load_for_eval(
@@ -256,8 +300,8 @@ def load_for_eval(
 
         manifest = read_manifest(Path(model))
         chip = load_profile(profile) if profile else manifest_profile(manifest)
-        net = load_bundle(model)
-        overrides = manifest_overrides(manifest)
+        overrides = manifest_overrides(manifest)  # every manifest field is checked before loading
+        net = check_weights_finite(load_bundle(model))
         targets = plan_model(net, chip, **overrides).analog()
         folder = Path(model)
     else:
@@ -267,7 +311,7 @@ def load_for_eval(
             raise CimError("--profile is required unless MODEL is a bundle")
         chip = load_profile(profile)
         source = resolve_model(model, trust_remote_code=trust_remote_code)
-        net = source.load_model(dtype=torch.float32)
+        net = check_weights_finite(source.load_model(dtype=torch.float32))
         targets = plan_model(net, chip).analog()
         folder = source.dir
     try:
@@ -322,7 +366,7 @@ def evaluate(
         stride=stride,
         batch_size=batch_size,
         progress=progress,
-    )
+    ).check_finite()
     return {
         "model": model,
         "dataset": dataset,

@@ -308,6 +308,7 @@ class SourceCheckpoint:
         """Compare on-disk tensors with the shapes the config implies (model built on ``meta``)."""
         model = build_meta_model(self.dir, self.model_type, self.trust_remote_code)
         check_shapes_against(model, self.tensor_shapes())
+        check_dtypes_against(model, self.tensor_shapes())
 
 
 def as_tensor(meta: TensorMeta, raw: torch.Tensor) -> torch.Tensor:
@@ -505,7 +506,7 @@ def build_meta_model(folder: Path, model_type: str, trust_remote_code: bool = Fa
     try:
         with torch.device("meta"):
             return cls(config)
-    except (ValueError, KeyError, TypeError, AttributeError, RuntimeError) as exc:
+    except Exception as exc:  # any config value the model cannot be built from (e.g. hidden_size 0)
         raise ModelInputError(f"cannot build model type '{model_type}': {_first_line(exc)}") from None
 
 
@@ -591,6 +592,24 @@ def check_shapes_against(model: torch.nn.Module, tensors: dict[str, TensorMeta])
             continue
         missing = next(alt for alt in alternatives if alt not in tensors)
         raise ModelInputError(f"checkpoint lacks tensor '{missing}' that the config implies")
+
+
+def check_dtypes_against(model: torch.nn.Module, tensors: dict[str, TensorMeta]) -> None:
+    """Raise ModelInputError for an on-disk tensor whose dtype family differs from the config's model:
+    a floating-point parameter stored as an integer or boolean type (e.g. BF16 data labelled I16, which
+    has the same width and would pass every size check), or an integer buffer stored as a float."""
+    state = model.state_dict()
+    accepted, _ = expected_shapes(model)
+    for name, meta in tensors.items():
+        if name not in accepted:
+            continue
+        want_float = state[name].is_floating_point() if name in state else True  # on-disk-only names: weights
+        if want_float != (meta.dtype in FLOAT_DTYPES):
+            family = "floating-point" if want_float else "integer"
+            raise ModelInputError(
+                f"tensor '{name}' in {meta.file} has dtype {meta.dtype}, but the config implies a "
+                f"{family} tensor (wrong dtype in the safetensors header?)"
+            )
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,29 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 
 def emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
-    """Print ``result`` as indented JSON (stable keys) or through its human formatter."""
+    """Print ``result`` as indented strict JSON (stable keys) or through its human formatter.
+
+    JSON is always valid JSON: a NaN or infinite figure in it is an error (exit 2), never a literal.
+    """
+    from cimconvert.finite import dumps
+
     if as_json:
-        click.echo(json.dumps(result, indent=2, sort_keys=False, default=str))
+        click.echo(dumps(result, indent=2, sort_keys=False))
     else:
         click.echo(human(result))
+
+
+KEY_OPTION = click.option(
+    "--key", "key_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+    help="file holding the bundle signing key (HMAC in bundle.lock) [$CIMCONVERT_SIGNING_KEY]",
+)
+
+
+def _key(key_file: Path | None) -> bytes | None:
+    """The signing key read from ``--key FILE`` (None: the environment's, if any)."""
+    from cimconvert.bundle.integrity import read_key_file
+
+    return read_key_file(key_file) if key_file is not None else None
 
 
 class DefaultToConvert(click.Group):
@@ -62,7 +81,7 @@ def _format_convert(res: dict) -> str:
         f"  analog: {totals['analog_tensors']} tensors, {totals['analog_tiles']} crossbar arrays, "
         f"{totals['analog_bytes'] / 1e6:.2f} MB; "
         f"digital: {totals['digital_tensors']} tensors, {totals['digital_bytes'] / 1e6:.2f} MB"
-    )
+    ) + "".join(f"\n  recovered: {line}" for line in res.get("recovered", []))
 
 
 def method_options(func: Callable) -> Callable:
@@ -109,18 +128,20 @@ def _method_line(res: dict) -> str:
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="GGUF input: dtype the weights are dequantised to [the GGUF's float type; float32 "
               "for quantised files]")
+@KEY_OPTION
 @click.option("--json", "as_json", is_flag=True, help="machine-readable summary on stdout")
 @method_options
 def convert_cmd(model: str, profile: str, out: Path | None, method: str, analog: tuple[str, ...],
                 digital: tuple[str, ...], dry_run: bool, force: bool, onnx: bool, seed: int,
-                trust_remote_code: bool, dtype: str | None, as_json: bool, **method_opts: Any) -> None:
+                trust_remote_code: bool, dtype: str | None, key_file: Path | None, as_json: bool,
+                **method_opts: Any) -> None:
     """Convert MODEL (local HF folder, .gguf file or cached hub id) into a bundle for the chip PROFILE."""
     from cimconvert import api
 
     res = api.convert(
         model, profile, out=out, method=method, analog=analog, digital=digital, dry_run=dry_run,
         force=force, seed=seed, trust_remote_code=trust_remote_code, progress=not as_json,
-        method_options=method_opts, onnx=onnx, dtype=dtype,
+        method_options=method_opts, onnx=onnx, dtype=dtype, key=_key(key_file),
     )
     emit(res, as_json, _format_convert)
 
@@ -189,12 +210,13 @@ def validate_cmd(out: Path, profile: str | None, seeds: int, seed: int, dataset:
                  seq_len: int, threads: int, profile_mismatch_ok: bool, mvm_noise: str, alpha: float,
                  margin: float, as_json: bool) -> None:
     """Run bundle OUT's ONNX graph in onnxruntime under chip noise and compare with the torch simulator."""
+    from cimconvert.finite import nulls_for_non_finite
     from cimconvert.validate import format_validate, validate
 
     res = validate(out, profile, seeds=seeds, seed=seed, dataset=dataset, max_tokens=max_tokens,
                    seq_len=seq_len, threads=threads, profile_mismatch_ok=profile_mismatch_ok,
                    mvm_noise=mvm_noise, alpha=alpha, margin=margin)
-    emit(res, as_json, format_validate)
+    emit(nulls_for_non_finite(res) if as_json else res, as_json, format_validate)  # a FAIL may hold NaN
     if not res["summary"]["passed"]:
         sys.exit(1)
 
@@ -202,6 +224,8 @@ def validate_cmd(out: Path, profile: str | None, seeds: int, seed: int, dataset:
 # ----------------------------------------------------------------------------------------- inspect
 def _format_inspect(res: dict) -> str:
     status = "checksums OK" if res["verified"] else "ALTERED: " + "; ".join(res["problems"])
+    if res.get("signed"):
+        status += ", signature OK" if res.get("signature_verified") else ", signed (no key set: not checked)"
     lines = [
         f"bundle {res['bundle']}: {status}",
         f"  source     {res['model']} ({res['model_type']})",
@@ -220,12 +244,13 @@ def _format_inspect(res: dict) -> str:
 
 @cli.command("inspect", context_settings=CONTEXT)
 @click.argument("out", type=click.Path(path_type=Path))
+@KEY_OPTION
 @click.option("--json", "as_json", is_flag=True)
-def inspect_cmd(out: Path, as_json: bool) -> None:
+def inspect_cmd(out: Path, key_file: Path | None, as_json: bool) -> None:
     """Verify every checksum of bundle OUT and print a summary (exit 2 when a file was altered)."""
     from cimconvert import api
 
-    res = api.inspect(out)
+    res = api.inspect(out, key=_key(key_file))
     emit(res, as_json, _format_inspect)
     if not res["verified"]:
         sys.exit(2)
@@ -373,20 +398,38 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI; bad input is one line on stderr and exit code 2, never a traceback."""
     # transformers' load reports and kernel fallbacks are noise here: cimconvert checks keys itself.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # cimconvert draws its own progress; transformers' "Loading weights" bars would add stderr lines.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already imported (in-process use): switch its bars off directly
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    with warnings.catch_warnings(record=True) as caught:
+        code = _run(argv)
+    if code != CimError.exit_code:  # a failed run says one line; a finished one shows its warnings too
+        for w in caught:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if code:
+        sys.exit(code)
+
+
+def _run(argv: list[str] | None) -> int:
+    """Run the click group; returns the exit code (errors printed as one ``error:`` line)."""
     try:
         cli.main(args=argv, prog_name="cimconvert", standalone_mode=False)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except CimError as exc:
         click.echo(f"error: {exc}", err=True)
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(2)
+        return 130
+    except click.ClickException as exc:  # usage errors: one line too (``--help`` shows the usage)
+        click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+        return 2
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

@@ -67,6 +67,8 @@ def load_text(spec: str) -> str:
         raise CimError(f"dataset '{spec}': cannot read {path} ({exc.__class__.__name__})") from None
     if not text.strip():
         raise CimError(f"dataset '{spec}' is empty: {path}")
+    if "\x00" in text:
+        raise CimError(f"dataset '{spec}': {path} is not a text file (it holds NUL bytes)")
     return text
 
 

@@ -9,7 +9,13 @@ class CimError(Exception):
     exit_code = 2
 
     def __init__(self, message: str) -> None:
-        super().__init__(" ".join(str(message).split()))
+        text = " ".join(str(message).split())  # one line: newlines and other whitespace become spaces
+        super().__init__("".join(_escape(ch) for ch in text))
+
+
+def _escape(ch: str) -> str:
+    """Control characters (NUL, ESC, ...) from user input are shown escaped, never sent to the terminal."""
+    return ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1]
 
 
 class ProfileError(CimError):
@@ -22,3 +28,9 @@ class ModelInputError(CimError):
 
 class BundleError(CimError):
     """A bundle that is incomplete, altered or inconsistent."""
+
+
+def failure_detail(exc: BaseException) -> str:
+    """One line saying why an operation failed: an OSError's ``strerror``, else the message's first line."""
+    text = getattr(exc, "strerror", None) or str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -40,6 +40,7 @@ import torch
 from cimconvert.errors import BundleError, CimError
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.evaluation.stats import paired_log_ratio_test
+from cimconvert.plausibility import fail_implausible
 from cimconvert.profiles import ChipProfile, load_profile
 
 ONNX_MODEL = "onnx/model.onnx"
@@ -252,6 +253,7 @@ def _check_options(mvm_noise: str, alpha: float, margin: float) -> None:
         raise CimError(f"--margin must be > 0 (got {margin})")
 
 
+@fail_implausible
 def validate(
     out: str | Path,
     profile: str | ChipProfile | None = None,
@@ -408,6 +410,7 @@ def format_validate(res: dict[str, Any]) -> str:
         f"  programmed weights bit-identical to torch: "
         f"{'yes' if s['programmed_weights_bit_identical'] else 'NO'}",
         *_verdict_lines(s),
+        *(f"  problem: {problem}" for problem in s.get("problems", [])),
         f"  result: {'PASS' if s['passed'] else 'FAIL'}"
         + (" (inconclusive: more seeds needed)" if s["test"]["verdict"] == "inconclusive" else ""),
     ]

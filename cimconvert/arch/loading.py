@@ -54,7 +54,7 @@ def load_config(source: str | Path | dict[str, Any]) -> PretrainedConfig:
         values = {k: v for k, v in data.items() if k != "auto_map"}
         try:
             config = CONFIG_MAPPING[model_type].from_dict(values)
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # TypeError, ValueError, huggingface_hub StrictDataclass*Error, ...
             raise ModelInputError(f"invalid {model_type} config: {_first_line(exc)}") from None
     if not isinstance(source, dict):
         config._name_or_path = str(source)

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from cimconvert.bundle.integrity import LOCK_NAME, member_path, signing_key, verified_manifest_bytes
 from cimconvert.bundle.manifest import MANIFEST_NAME, Manifest, TransformEntry
 from cimconvert.checkpoint import load_hf_model, sha256_file
-from cimconvert.errors import BundleError
+from cimconvert.errors import BundleError, failure_detail
 from cimconvert.profiles import ChipProfile, profile_from_dict
 
 #: transform type → fn(model, transform_entry, bundle_dir) that re-applies it on load (in place).
@@ -35,28 +36,56 @@ def expected_key_changes(manifest: Manifest) -> tuple[list[str], list[str]]:
     for entry in manifest.transforms:
         changes = TRANSFORM_KEY_CHANGES.get(entry.type)
         if changes is not None:
-            gone, added = changes(entry.params)
+            gone, added = _run_transform(entry, changes, entry.params)
             missing += gone
             unexpected += added
     return missing, unexpected
 
 
-def read_manifest(out: str | Path) -> Manifest:
-    """Parse and validate ``OUT/manifest.json``; BundleError when absent or invalid."""
-    path = Path(out) / MANIFEST_NAME
-    if not Path(out).is_dir():
-        raise BundleError(f"bundle folder not found: {out}")
+def read_manifest(out: str | Path, key: bytes | str | None = None) -> Manifest:
+    """Parse and validate ``OUT/manifest.json`` after checking it against ``bundle.lock``.
+
+    The manifest's bytes must match the lock's sha256 (and its HMAC when a signing key is given or set
+    in the environment) and every file it names must lie inside the bundle. BundleError (one line) when
+    the bundle is absent, altered or invalid.
+    """
+    return _read_locked(Path(out), key)[0]
+
+
+def _read_locked(folder: Path, key: bytes | str | None) -> tuple[Manifest, dict[str, Any]]:
+    path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise BundleError(f"bundle folder not found: {folder}")
     if not path.is_file():
-        raise BundleError(f"{out} is not a cimconvert bundle (no {MANIFEST_NAME})")
+        raise BundleError(f"{folder} is not a cimconvert bundle (no {MANIFEST_NAME})")
+    data, lock = verified_manifest_bytes(folder, key)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return Manifest.model_validate(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        manifest = Manifest.model_validate(json.loads(data.decode("utf-8")))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise BundleError(f"{path} is not valid JSON") from None
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         raise BundleError(f"{path}: field '{field}': {err['msg']}") from None
+    check_manifest_paths(folder, manifest)
+    return manifest, lock
+
+
+def check_manifest_paths(folder: Path, manifest: Manifest) -> None:
+    """Every file the manifest names lies inside the bundle; shards and the scales file are listed."""
+    listed: set[str] = set()
+    for entry in manifest.files:
+        member_path(folder, entry.name)
+        if entry.name in listed or entry.name in (MANIFEST_NAME, LOCK_NAME):
+            raise BundleError(f"manifest lists {entry.name!r} twice or lists itself")
+        listed.add(entry.name)
+    named = [(t.shard, "shard") for t in manifest.tensors]
+    if manifest.scales_file is not None:
+        named.append((manifest.scales_file, "scales file"))
+    for name, what in named:
+        member_path(folder, name, what)
+        if name not in listed:
+            raise BundleError(f"manifest {what} {name!r} is not among its checksummed files")
 
 
 def manifest_profile(manifest: Manifest) -> ChipProfile:
@@ -66,8 +95,16 @@ def manifest_profile(manifest: Manifest) -> ChipProfile:
 
 def manifest_overrides(manifest: Manifest) -> dict[str, list[str]]:
     """The --analog/--digital overrides a bundle was placed with (so eval and export reproduce it)."""
-    overrides = (manifest.extra or {}).get("overrides", {})
-    return {"analog": list(overrides.get("analog", [])), "digital": list(overrides.get("digital", []))}
+    overrides = (manifest.extra or {}).get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise BundleError("manifest extra.overrides is not a mapping")
+    result: dict[str, list[str]] = {}
+    for unit in ("analog", "digital"):
+        patterns = overrides.get(unit) or []
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise BundleError(f"manifest extra.overrides.{unit} is not a list of patterns")
+        result[unit] = list(patterns)
+    return result
 
 
 def verify_bundle(out: str | Path, manifest: Manifest | None = None) -> list[str]:
@@ -81,7 +118,7 @@ def verify_bundle(out: str | Path, manifest: Manifest | None = None) -> list[str
     listed = set()
     for entry in manifest.files:
         listed.add(entry.name)
-        path = folder / entry.name
+        path = member_path(folder, entry.name)
         if not path.is_file():
             problems.append(f"{entry.name}: missing")
         elif path.stat().st_size != entry.bytes:
@@ -90,7 +127,7 @@ def verify_bundle(out: str | Path, manifest: Manifest | None = None) -> list[str
             problems.append(f"{entry.name}: sha256 does not match the manifest (file altered)")
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = path.relative_to(folder).as_posix()
-        if name != MANIFEST_NAME and name not in listed:
+        if name not in (MANIFEST_NAME, LOCK_NAME) and name not in listed:
             problems.append(f"{name}: not listed in the manifest")
     return problems
 
@@ -110,17 +147,31 @@ def apply_transforms(model: torch.nn.Module, manifest: Manifest, out: Path) -> t
         if loader is None:
             known = ", ".join(sorted(TRANSFORM_LOADERS)) or "none"
             raise BundleError(f"bundle uses transform '{entry.type}' that cannot be applied (known: {known})")
-        loader(model, entry, out)
+        _run_transform(entry, loader, model, entry, out)
     return model
 
 
-def load_bundle(out: str | Path, dtype: torch.dtype = torch.float32, verify: bool = True) -> torch.nn.Module:
+def _run_transform(entry: TransformEntry, fn: Callable[..., Any], *args: Any) -> Any:
+    """Call a transform hook; malformed params (a missing or mistyped key) become one BundleError."""
+    try:
+        return fn(*args)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+        raise BundleError(
+            f"manifest transform '{entry.id}' ({entry.type}) has invalid params: "
+            f"{type(exc).__name__} {failure_detail(exc)}"
+        ) from None
+
+
+def load_bundle(
+    out: str | Path, dtype: torch.dtype = torch.float32, verify: bool = True, key: bytes | str | None = None
+) -> torch.nn.Module:
     """Load a bundle as a Hugging Face model in eval mode (transforms re-applied).
 
-    With ``verify`` every file's sha256 is checked first and a mismatch raises BundleError.
+    The manifest is always checked against ``bundle.lock`` (and its signature with a ``key``); with
+    ``verify`` every file's sha256 is checked too and a mismatch raises BundleError.
     """
     folder = Path(out)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, key)
     if verify:
         _raise_problems(folder, verify_bundle(folder, manifest))
     model = load_hf_model(
@@ -140,14 +191,16 @@ def _unit_summary(manifest: Manifest, unit: str) -> dict[str, Any]:
     }
 
 
-def inspect_bundle(out: str | Path, verify: bool = True) -> dict[str, Any]:
+def inspect_bundle(out: str | Path, verify: bool = True, key: bytes | str | None = None) -> dict[str, Any]:
     """Summary of a bundle (model, profile, per-unit counts/bytes, transforms) and its verification.
 
     ``verified`` is True when every checksum matches (None when ``verify`` is False); ``problems``
-    lists what failed. Raises BundleError only when the manifest itself is unreadable.
+    lists what failed; ``signed`` says whether ``bundle.lock`` carries an HMAC and
+    ``signature_verified`` whether it was checked with a key. Raises BundleError when the manifest
+    itself is unreadable, does not match ``bundle.lock`` or fails its signature.
     """
     folder = Path(out)
-    manifest = read_manifest(folder)
+    manifest, lock = _read_locked(folder, key)
     problems = verify_bundle(folder, manifest) if verify else []
     return {
         "bundle": str(folder),
@@ -165,4 +218,6 @@ def inspect_bundle(out: str | Path, verify: bool = True) -> dict[str, Any]:
         "files": len(manifest.files),
         "verified": (not problems) if verify else None,
         "problems": problems,
+        "signed": lock.get("hmac_sha256") is not None,
+        "signature_verified": signing_key(key) is not None,
     }

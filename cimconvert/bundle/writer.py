@@ -6,17 +6,16 @@ known), so each output file gets its header first and then its tensor bytes appe
 memory is one tensor (plus its float32 copy for the scales of an analog tensor), whatever the model size.
 Each byte is read once and written once; input, tensor and output sha256s are computed on the way.
 
-Everything is built in ``.OUT.tmp-<pid>`` beside OUT and renamed at the end; on any error (or Ctrl-C) the
-temporary folder is removed, so OUT either holds a complete bundle or is untouched.
+Everything is built in ``.OUT.tmp-<pid>`` beside OUT, under an exclusive lock on OUT, and renamed at the
+end (``bundle.lock`` written last); on any error (or Ctrl-C) the temporary folder is removed, so OUT
+either holds a complete bundle or is untouched (see :mod:`cimconvert.bundle.outdir`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import json
-import os
 import shutil
 import sys
 import time
@@ -29,6 +28,7 @@ from typing import Any, BinaryIO
 import torch
 
 from cimconvert import __version__
+from cimconvert.bundle.integrity import LOCK_NAME, write_manifest_and_lock
 from cimconvert.bundle.manifest import (
     MANIFEST_NAME,
     FileEntry,
@@ -46,15 +46,17 @@ from cimconvert.bundle.manifest import (
     compact_targets,
     match_target,
 )
+from cimconvert.bundle.outdir import move_into_place, out_lock, tmp_path
 from cimconvert.checkpoint import (
     CONFIG_NAME,
+    FLOAT_DTYPES,
     INDEX_NAME,
     SourceCheckpoint,
     TensorMeta,
     as_tensor,
     sha256_file,
 )
-from cimconvert.errors import BundleError, CimError
+from cimconvert.errors import BundleError, CimError, ModelInputError, failure_detail
 from cimconvert.profiles import ChipProfile
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 1000**3
@@ -72,6 +74,7 @@ class BundleSummary:
     totals: dict[str, Any]
     manifest: Path
     seconds: float
+    recovered: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -138,16 +141,11 @@ def check_out_dir(out: Path, force: bool) -> None:
         raise BundleError(f"output folder {out} is not empty (use --force to replace it)")
 
 
-def _make_tmp(out: Path) -> tuple[Path, list[Path]]:
-    """Create ``.OUT.tmp-<pid>`` beside OUT (and missing parents); one-line error when not writable."""
-    created: list[Path] = []
-    parent = out.parent
-    missing = [p for p in (parent, *parent.parents) if not p.exists()]
-    tmp = parent / f".{out.name}.tmp-{os.getpid()}"
+def _make_tmp(out: Path) -> Path:
+    """Create ``.OUT.tmp-<pid>`` beside OUT (parents exist: the OUT lock made them); one-line error when
+    the folder is not writable."""
+    tmp = tmp_path(out, "tmp")
     try:
-        for folder in reversed(missing):
-            folder.mkdir()
-            created.append(folder)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -155,33 +153,14 @@ def _make_tmp(out: Path) -> tuple[Path, list[Path]]:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        _cleanup(tmp if tmp.exists() else None, created)
-        raise BundleError(f"cannot write the bundle: {parent} is not writable ({exc.strerror})") from None
-    return tmp, created
+        _cleanup(tmp if tmp.exists() else None)
+        raise BundleError(f"cannot write the bundle: {out.parent} is not writable ({exc.strerror})") from None
+    return tmp
 
 
-def _cleanup(tmp: Path | None, created: list[Path]) -> None:
+def _cleanup(tmp: Path | None) -> None:
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)
-    for folder in reversed(created):
-        with contextlib.suppress(OSError):
-            folder.rmdir()
-
-
-def _finalize(tmp: Path, out: Path) -> None:
-    """Move the finished bundle into place; an existing OUT is replaced only now (after --force)."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if out.exists() or out.is_symlink():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-        return
-    tmp.rename(out)
 
 
 # ------------------------------------------------------------------ tensor streaming
@@ -445,7 +424,7 @@ def _file_entries(folder: Path, known: dict[str, FileEntry]) -> list[FileEntry]:
     entries = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         name = path.relative_to(folder).as_posix()
-        if name == MANIFEST_NAME:
+        if name in (MANIFEST_NAME, LOCK_NAME):
             continue
         entry = known.get(name) or FileEntry(name=name, sha256=sha256_file(path), bytes=path.stat().st_size)
         entries.append(entry)
@@ -483,6 +462,7 @@ def write_bundle(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     origin: SourceCheckpoint | None = None,
     finalize: Callable[[Path, Manifest], dict[str, Any]] | None = None,
+    key: bytes | str | None = None,
 ) -> BundleSummary:
     """Write the bundle for ``source`` placed by ``placement`` into ``out`` (atomically).
 
@@ -495,42 +475,90 @@ def write_bundle(
     the source when ``source`` is a transformed temporary copy of it (methods such as ROMER/HPD).
     ``finalize(tmp_folder, manifest)`` runs before the manifest is written (e.g. the ONNX export): files it
     adds to the folder are hashed into ``manifest.files`` and the dict it returns is merged into
-    ``manifest.extra``, so the bundle appears complete or not at all.
+    ``manifest.extra``, so the bundle appears complete or not at all. ``bundle.lock`` (the manifest's
+    sha256, plus an HMAC with ``key`` or ``$CIMCONVERT_SIGNING_KEY``) is written last. The exclusive lock
+    on OUT is held throughout (see :mod:`cimconvert.bundle.outdir`).
     Raises BundleError / ModelInputError (one line).
     """
     started = time.perf_counter()
     out = Path(out).expanduser().absolute()
-    check_out_dir(out, force)
-    metas = [m for name in source.weight_files for m in source.headers[name].tensors]
-    infos = _infos(placement, metas)
-    shards, where = plan_shards(metas, {m.name: infos[m.name].unit for m in metas}, max_shard_size)
-    transform_entries = [TransformEntry.model_validate(t) for t in transforms]
-    tmp, created = _make_tmp(out)
-    update, close_bar = _progress_bar(sum(m.nbytes for m in metas), progress)
-    try:
-        written = _stream(source, tmp, where, infos, profile, update)
-        close_bar()
-        manifest = _assemble(source, tmp, profile, placement, metas, infos, shards, where, written,
-                             transform_entries, seeds or {}, extra or {}, origin or source, finalize)
-        _finalize(tmp, out)
-    except CimError:
-        _cleanup(tmp, created)
-        raise
-    except OSError as exc:
-        _cleanup(tmp, created)
-        raise BundleError(f"writing the bundle failed: {exc.strerror or exc}") from None
-    except BaseException:
-        _cleanup(tmp, created)
-        raise
-    finally:
-        close_bar()
+    with out_lock(out) as lock:
+        check_out_dir(out, force)
+        metas = [m for name in source.weight_files for m in source.headers[name].tensors]
+        infos = _infos(placement, metas)
+        _check_analog_dtypes(metas, infos)
+        shards, where = plan_shards(metas, {m.name: infos[m.name].unit for m in metas}, max_shard_size)
+        plan = _Plan(metas, infos, shards, where, [TransformEntry.model_validate(t) for t in transforms])
+        manifest = _write_in_tmp(source, out, profile, placement, plan, seeds or {}, extra or {},
+                                 origin or source, finalize, force, progress, key)
     return BundleSummary(
         out=out,
         files=[f.model_dump() for f in manifest.files],
         totals=manifest.totals.model_dump(),
         manifest=out / MANIFEST_NAME,
         seconds=time.perf_counter() - started,
+        recovered=lock.recovered,
     )
+
+
+@dataclass
+class _Plan:
+    """What the streaming pass writes where: tensors, their placement, shards and transforms."""
+
+    metas: list[TensorMeta]
+    infos: dict[str, Any]
+    shards: list[ShardPlan]
+    where: dict[str, ShardPlan]
+    transforms: list[TransformEntry]
+
+
+def _check_analog_dtypes(metas: list[TensorMeta], infos: dict[str, Any]) -> None:
+    """Analog tiles hold real-valued weights: an integer or boolean tensor placed analog is refused."""
+    for meta in metas:
+        if infos[meta.name].unit == "analog" and meta.dtype not in FLOAT_DTYPES:
+            raise ModelInputError(
+                f"tensor '{meta.name}' in {meta.file} has dtype {meta.dtype}, but analog tiles need "
+                "floating-point weights (wrong dtype in the safetensors header?)"
+            )
+
+
+def _write_in_tmp(
+    source: SourceCheckpoint,
+    out: Path,
+    profile: ChipProfile,
+    placement: Any,
+    plan: _Plan,
+    seeds: dict[str, int | list[int]],
+    extra: dict[str, Any],
+    origin: SourceCheckpoint,
+    finalize: Callable[[Path, Manifest], dict[str, Any]] | None,
+    force: bool,
+    progress: bool,
+    key: bytes | str | None,
+) -> Manifest:
+    """Build the bundle in ``.OUT.tmp-<pid>`` and move it into place; the folder goes on any failure."""
+    from safetensors import SafetensorError
+
+    tmp = _make_tmp(out)
+    update, close_bar = _progress_bar(sum(m.nbytes for m in plan.metas), progress)
+    try:
+        written = _stream(source, tmp, plan.where, plan.infos, profile, update)
+        close_bar()
+        manifest = _assemble(source, tmp, profile, placement, plan, written, seeds, extra, origin,
+                             finalize, key)
+        move_into_place(tmp, out, force)
+    except CimError:
+        _cleanup(tmp)
+        raise
+    except (OSError, SafetensorError) as exc:
+        _cleanup(tmp)
+        raise BundleError(f"writing the bundle failed: {failure_detail(exc)}") from None
+    except BaseException:
+        _cleanup(tmp)
+        raise
+    finally:
+        close_bar()
+    return manifest
 
 
 def _assemble(
@@ -538,22 +566,19 @@ def _assemble(
     folder: Path,
     profile: ChipProfile,
     placement: Any,
-    metas: list[TensorMeta],
-    infos: dict[str, Any],
-    shards: list[ShardPlan],
-    where: dict[str, ShardPlan],
+    plan: _Plan,
     written: _Written,
-    transforms: list[TransformEntry],
     seeds: dict[str, int | list[int]],
     extra: dict[str, Any],
     origin: SourceCheckpoint,
     finalize: Callable[[Path, Manifest], dict[str, Any]] | None = None,
+    key: bytes | str | None = None,
 ) -> Manifest:
-    """Write index, scales, copied files, REPORT.md and manifest.json into ``folder``."""
+    """Write index, scales, copied files, REPORT.md, manifest.json and (last) bundle.lock into ``folder``."""
     from cimconvert.bundle.report import render_report
 
-    entries = _tensor_entries(metas, infos, where, written, transforms, profile)
-    totals = _totals(entries, shards, placement)
+    entries = _tensor_entries(plan.metas, plan.infos, plan.where, written, plan.transforms, profile)
+    totals = _totals(entries, plan.shards, placement)
     _write_index(folder, entries, totals.total_bytes)
     scales_file = _write_scales(folder, written.scales, profile)
     _copy_through(source, folder)
@@ -574,7 +599,7 @@ def _assemble(
         placement_config=_placement_config(entries, profile, extra),
         scales_file=scales_file,
         tensors=entries,
-        transforms=transforms,
+        transforms=plan.transforms,
         seeds=json.loads(json.dumps(seeds)),
         extra=json.loads(json.dumps(extra, default=str)),
         files=[],
@@ -584,5 +609,5 @@ def _assemble(
         manifest.extra = {**manifest.extra, **finalize(folder, manifest)}
     (folder / REPORT_NAME).write_text(render_report(manifest), encoding="utf-8")
     manifest.files = _file_entries(folder, written.files)
-    (folder / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    write_manifest_and_lock(folder, manifest.model_dump_json(indent=2) + "\n", key)
     return manifest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,23 @@ class NoisyEvalResult:
     def noisy_std(self) -> float:
         """Sample standard deviation over the noise draws (0 for a single draw)."""
         return statistics.stdev(self.per_seed) if len(self.per_seed) > 1 else 0.0
+
+    def check_finite(self) -> NoisyEvalResult:
+        """Return self, or raise CimError when the clean or a noisy perplexity is NaN or infinite."""
+        from cimconvert.errors import CimError
+
+        if not math.isfinite(self.clean_ppl):
+            raise CimError(
+                f"clean perplexity is {self.clean_ppl}: the model's logits are not finite "
+                "(overflow in its weights or activations)"
+            )
+        for seed, value in zip(self.seeds, self.per_seed, strict=False):
+            if not math.isfinite(value):
+                raise CimError(
+                    f"noisy perplexity under profile '{self.profile}' is {value} for seed {seed}: the "
+                    "simulated analog outputs are not finite (check the profile's noise and mapping values)"
+                )
+        return self
 
     def to_dict(self) -> dict:
         """Stable JSON keys (documented in docs/JSON.md)."""

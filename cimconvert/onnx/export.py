@@ -536,8 +536,10 @@ def export_bundle_onnx(
 
 
 def record_in_manifest(bundle_dir: str | Path, exported: dict) -> None:
-    """Add an :func:`export_bundle_onnx` result to ``bundle_dir/manifest.json`` (files + extra.onnx)."""
-    from cimconvert.bundle.manifest import MANIFEST_NAME, FileEntry
+    """Add an :func:`export_bundle_onnx` result to ``bundle_dir/manifest.json`` (files + extra.onnx);
+    ``bundle.lock`` is rewritten for the new manifest (signed with ``$CIMCONVERT_SIGNING_KEY`` if set)."""
+    from cimconvert.bundle.integrity import write_manifest_and_lock
+    from cimconvert.bundle.manifest import FileEntry
     from cimconvert.bundle.reader import read_manifest
 
     folder = Path(bundle_dir)
@@ -546,7 +548,7 @@ def record_in_manifest(bundle_dir: str | Path, exported: dict) -> None:
     kept = [f for f in manifest.files if f.name not in names and not f.name.startswith(f"{ONNX_DIR}/")]
     manifest.files = [*kept, *(FileEntry(**f) for f in exported["files"])]
     manifest.extra = {**manifest.extra, "onnx": exported["onnx"]}
-    (folder / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n", encoding="utf-8")
+    write_manifest_and_lock(folder, manifest.model_dump_json(indent=2) + "\n")
 
 
 def export_existing_bundle(bundle_dir: str | Path, progress: bool = False) -> dict:

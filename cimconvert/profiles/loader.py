@@ -12,8 +12,50 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from cimconvert.errors import ProfileError
+from cimconvert.errors import ProfileError, failure_detail
 from cimconvert.profiles.schema import ChipProfile
+
+#: Largest profile file and largest ``NAME:key=value,...`` spec accepted (bytes / characters).
+MAX_PROFILE_BYTES = 1024 * 1024
+MAX_SPEC_CHARS = 64 * 1024
+
+
+class PlainYamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors, aliases or explicit tags.
+
+    Profiles are plain data: refusing ``&anchor``/``*alias`` rules out exponential "billion laughs"
+    documents, and refusing ``!tag`` rules out custom and coercing types (``!!python/...``, ``!!float``).
+    """
+
+    def _refuse(self, what: str) -> None:
+        raise yaml.scanner.ScannerError(None, None, f"{what} are not allowed in profiles", self.get_mark())
+
+    def fetch_alias(self) -> None:
+        """Refuse ``*alias``."""
+        self._refuse("YAML aliases (*name)")
+
+    def fetch_anchor(self) -> None:
+        """Refuse ``&anchor``."""
+        self._refuse("YAML anchors (&name)")
+
+    def fetch_tag(self) -> None:
+        """Refuse ``!tag``."""
+        self._refuse("YAML tags (!tag)")
+
+
+def parse_yaml(text: str, origin: str, limit: int = MAX_PROFILE_BYTES) -> Any:
+    """Parse profile YAML (size-limited, :class:`PlainYamlLoader`); ProfileError naming ``origin``."""
+    if len(text) > limit:
+        raise ProfileError(f"{origin}: YAML text longer than {limit} characters")
+    try:
+        return yaml.load(text, Loader=PlainYamlLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None)
+        raise ProfileError(f"{origin}: malformed YAML{where}{f' ({problem})' if problem else ''}") from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise ProfileError(f"{origin}: invalid YAML value ({type(exc).__name__})") from None
 
 
 def shipped_profile_dir() -> Path:
@@ -28,6 +70,8 @@ def list_profiles() -> list[ChipProfile]:
 
 def split_spec(spec: str) -> tuple[str, dict[str, str]]:
     """Split ``NAME:key=value,key=value`` into the name and its parameter overrides."""
+    if len(spec) > MAX_SPEC_CHARS:
+        raise ProfileError(f"profile spec longer than {MAX_SPEC_CHARS} characters")
     name, _, params = spec.partition(":")
     overrides: dict[str, str] = {}
     for item in filter(None, params.split(",")):
@@ -39,6 +83,16 @@ def split_spec(spec: str) -> tuple[str, dict[str, str]]:
 
 
 def _resolve_path(name: str) -> Path:
+    try:
+        return _find_profile_file(name)
+    except (OSError, ValueError) as exc:  # embedded NUL, name too long, ...
+        detail = failure_detail(exc)
+        raise ProfileError(f"profile '{name[:80]}': not a usable name or path ({detail})") from None
+
+
+def _find_profile_file(name: str) -> Path:
+    if not name:
+        raise ProfileError("profile name is empty")
     path = Path(name)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -53,13 +107,12 @@ def _resolve_path(name: str) -> Path:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ProfileError(f"profile {path.name}: malformed YAML{where}") from None
+        if path.stat().st_size > MAX_PROFILE_BYTES:
+            raise ProfileError(f"profile {path.name}: file larger than {MAX_PROFILE_BYTES} bytes")
+        text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ProfileError(f"profile {path.name}: cannot read ({exc})") from None
+        raise ProfileError(f"profile {path.name}: cannot read ({failure_detail(exc)})") from None
+    data = parse_yaml(text, f"profile {path.name}")
     if not isinstance(data, dict):
         raise ProfileError(f"profile {path.name}: expected a mapping of fields at the top level")
     return data
@@ -78,12 +131,17 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any, origin: str) -> N
 
 def _apply_overrides(data: dict[str, Any], overrides: dict[str, str], origin: str) -> dict[str, Any]:
     aliases = data.get("parameters", {}) or {}
+    if not isinstance(aliases, dict):
+        raise ProfileError(f"profile {origin}: field 'parameters' must map short names to dotted fields")
     for key, raw in overrides.items():
         dotted = aliases.get(key, key)
+        if not isinstance(dotted, str) or not dotted:
+            raise ProfileError(f"profile {origin}: parameter '{key}' does not name a dotted field")
         if dotted == key and "." not in key and key not in data:
-            known = ", ".join(sorted(aliases)) or "none"
+            known = ", ".join(sorted(map(str, aliases))) or "none"
             raise ProfileError(f"profile {origin}: unknown parameter '{key}' (parameters: {known})")
-        _set_dotted(data, dotted, yaml.safe_load(raw) if raw else raw, origin)
+        value = parse_yaml(raw, f"profile {origin}: value of '{key}'") if raw else raw
+        _set_dotted(data, dotted, value, origin)
     if overrides:
         data["name"] = _overridden_name(str(data.get("name", origin)), overrides)
     return data

@@ -38,9 +38,10 @@ TENSOR_KINDS = MATMUL_KINDS + DIGITAL_ONLY_KINDS
 
 
 class Strict(BaseModel):
-    """Base for all profile sections: unknown keys are errors, values are immutable."""
+    """Base for all profile sections: unknown keys are errors, values are immutable, and every float is
+    finite (NaN or ±.inf anywhere in a profile is refused: it would make every result NaN)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class CurvePiece(Strict):
@@ -178,8 +179,10 @@ class MvmSpec(Strict):
     digitally and tile partial sums are added in digital.
     """
 
-    dac_bits: int | None = Field(default=None, ge=1, le=16, description="null: ideal DAC")
-    adc_bits: int | None = Field(default=None, ge=1, le=16, description="null: ideal ADC")
+    # A b-bit converter has 2^b − 2 steps over [-bound, bound]: 1 bit leaves no step at all (every output
+    # rounds to 0), 2 bits give the ternary {-1, 0, 1} grid, the smallest physically meaningful one.
+    dac_bits: int | None = Field(default=None, ge=2, le=16, description="null: ideal DAC (at least 2 bits)")
+    adc_bits: int | None = Field(default=None, ge=2, le=16, description="null: ideal ADC (at least 2 bits)")
     out_bound: float = Field(default=10.0, gt=0, description="ADC range ± in units of a full-scale row")
     out_noise: float = Field(default=0.0, ge=0, le=10, description="additive output noise std per MVM")
     w_noise: float = Field(default=0.0, ge=0, le=10, description="weight read noise std per MVM")
