@@ -38,9 +38,8 @@ def drift_factor(nu: torch.Tensor, t: float, t0: float) -> torch.Tensor:
 
 
 def apply_drift(g_prog: torch.Tensor, nu: torch.Tensor, t: float, t0: float) -> torch.Tensor:
-    """g(t) = g_prog·((t + t0)/t0)^(−ν); ``nu`` is consumed (overwritten)."""
-    base = torch.as_tensor((t + t0) / t0, dtype=nu.dtype, device=nu.device)
-    return torch.pow(base, nu.neg_(), out=nu).mul_(g_prog)
+    """g(t) = g_prog·((t + t0)/t0)^(−ν)."""
+    return g_prog * drift_factor(nu, t, t0)
 
 
 def read_noise_time_factor(t: float, t0: float, t_read: float) -> float:

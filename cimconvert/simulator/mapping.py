@@ -62,11 +62,8 @@ def weights_to_conductances(w: torch.Tensor, scale_full: torch.Tensor, mapping: 
     x = quantise_levels(wn.abs(), mapping.levels)
     g_on = mapping.g_min + x * span
     positive = wn >= 0
-    g_off = g_on.new_full((), mapping.g_min)
-    g = torch.empty((2, *g_on.shape), dtype=g_on.dtype, device=g_on.device)
-    torch.where(positive, g_on, g_off, out=g[0])
-    torch.where(positive, g_off, g_on, out=g[1])
-    return g
+    g_off = torch.full_like(g_on, mapping.g_min)
+    return torch.stack([torch.where(positive, g_on, g_off), torch.where(positive, g_off, g_on)])
 
 
 def normalised_weights(g: torch.Tensor, mapping: MappingSpec) -> torch.Tensor:
