@@ -128,6 +128,8 @@ def command(phase: str, args: argparse.Namespace) -> str:
     extra = "".join(f" --{k} {' '.join(v)}" for k, v in (("models", args.models), ("datasets", args.datasets),
                                                           ("profiles", args.profiles)) if v)
     extra += " --detail" if getattr(args, "detail", False) else ""
+    if phase == "attribution" and args.sections != ["components", "where"]:
+        extra += " --sections " + " ".join(args.sections)
     return (f"CIMCONVERT_SHARED_DATA=<shared>/data .venv/bin/python benchmarks/real_models.py {phase} "
             f"--seeds {args.seeds} --max-tokens {args.max_tokens} --threads {args.threads}{extra}")
 
@@ -196,20 +198,21 @@ def _save_sensitivity_row(row: dict[str, Any], args: argparse.Namespace) -> None
 
 
 # ------------------------------------------------------------------------------------ attribution
-def _component_rows(ev: Evaluator, name: str) -> list[dict[str, Any]]:
-    rows = [ev.row(f"{name}: all chipA effects", "chipA")]
+def _component_rows(ev: Evaluator, name: str, on_row: Callable[[dict[str, Any]], None]) -> None:
+    """chipA, then each component alone and all but that component; ``on_row`` gets every row."""
+    on_row(ev.row(f"{name}: all chipA effects", "chipA"))
     for comp, off in COMPONENTS_OFF.items():
         others = ",".join(v for k, v in COMPONENTS_OFF.items() if k != comp and k != "drift")
         # drift is only meaningful on programmed conductances: "alone" keeps programming off, drift on
         alone = others if comp != "drift" else ",".join(v for k, v in COMPONENTS_OFF.items()
                                                           if k not in ("drift", "programming"))
-        rows.append({**ev.row(f"{name}: {comp} alone", f"chipA:{alone}"), "component": comp, "mode": "alone"})
-        rows.append({**ev.row(f"{name}: all but {comp}", f"chipA:{off}"), "component": comp,
-                     "mode": "all_but"})
-    return rows
+        on_row({**ev.row(f"{name}: {comp} alone", f"chipA:{alone}"), "component": comp, "mode": "alone"})
+        on_row({**ev.row(f"{name}: all but {comp}", f"chipA:{off}"), "component": comp, "mode": "all_but"})
 
 
-def _where_rows(ev: Evaluator, name: str, blocks: int, detail: bool) -> list[dict[str, Any]]:
+def _where_rows(ev: Evaluator, name: str, blocks: int, detail: bool,
+                on_row: Callable[[dict[str, Any]], None]) -> None:
+    """chipA noise in one part of the model only, and other mapping granularities."""
     adapter = get_adapter(ev.model.config)
     third = max(1, blocks // 3)
 
@@ -226,11 +229,11 @@ def _where_rows(ev: Evaluator, name: str, blocks: int, detail: bool) -> list[dic
     if detail:
         for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "up", "down"):
             groups.append((f"{proj} only", lambda t, p=proj: f".{p}" in t and ".mlp.gate.weight" not in t))
-    rows = [{**ev.row(f"{name}: {label}", "chipA", keep), "group": label} for label, keep in groups]
-    rows.append({**ev.row(f"{name}: per-tensor mapping", "chipA:mapping.scale=tensor"), "group": "mapping"})
+    for label, keep in groups:
+        on_row({**ev.row(f"{name}: {label}", "chipA", keep), "group": label})
+    on_row({**ev.row(f"{name}: per-tensor mapping", "chipA:mapping.scale=tensor"), "group": "mapping"})
     if detail:
-        rows.append({**ev.row(f"{name}: per-tile mapping", "chipA:mapping.scale=tile"), "group": "mapping"})
-    return rows
+        on_row({**ev.row(f"{name}: per-tile mapping", "chipA:mapping.scale=tile"), "group": "mapping"})
 
 
 @torch.no_grad()
@@ -300,10 +303,17 @@ def attribution(args: argparse.Namespace) -> None:
         stats = tensor_statistics(model, tokenize(tokenizer, load_text("calib"), 1024))
         result: dict[str, Any] = {"components": [], "where": [], "tensor_stats": stats}
         _save_attribution(payload, md, name, result)
-        result["components"] = _component_rows(ev, name)
-        _save_attribution(payload, md, name, result)
-        result["where"] = _where_rows(ev, name, model.config.num_hidden_layers, args.detail)
-        _save_attribution(payload, md, name, result)
+
+        def saver(section: str, res: dict[str, Any] = result, model_name: str = name) -> Callable:
+            def on_row(row: dict[str, Any]) -> None:
+                res[section].append(row)
+                _save_attribution(payload, md, model_name, res)
+            return on_row
+
+        if "components" in args.sections:
+            _component_rows(ev, name, saver("components"))
+        if "where" in args.sections:
+            _where_rows(ev, name, model.config.num_hidden_layers, args.detail, saver("where"))
 
 
 def _save_attribution(payload: dict[str, Any], header: list[str], name: str, result: dict[str, Any]) -> None:
@@ -396,6 +406,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", choices=sorted(MODELS), help="default: every fetched model")
     parser.add_argument("--datasets", nargs="*", default=["heldout", "wikitext2"])
     parser.add_argument("--profiles", nargs="*", help="sensitivity phase: profiles [the standard set]")
+    parser.add_argument("--sections", nargs="*", default=["components", "where"],
+                        help="attribution phase: which parts to measure")
     parser.add_argument("--detail", action="store_true",
                         help="attribution phase: also one row per projection type and per-tile mapping")
     args = parser.parse_args()
