@@ -301,7 +301,10 @@ def attribution(args: argparse.Namespace) -> None:
         print(name, flush=True)
         ev = Evaluator(model, tokens, seeds)
         stats = tensor_statistics(model, tokenize(tokenizer, load_text("calib"), 1024))
-        result: dict[str, Any] = {"components": [], "where": [], "tensor_stats": stats}
+        prior = previous("attribution").get("models", {}).get(name, {})
+        result: dict[str, Any] = {section: [] if section in args.sections else prior.get(section, [])
+                                  for section in ("components", "where")}
+        result["tensor_stats"] = stats
         _save_attribution(payload, md, name, result)
 
         def saver(section: str, res: dict[str, Any] = result, model_name: str = name) -> Callable:
