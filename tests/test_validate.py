@@ -183,7 +183,9 @@ def test_noise_scale_off_by_ten_percent_fails(
 
 
 def _drop_analog_node(bundle: Path) -> str:
-    """Turn the graph's first AnalogMatMul into a plain digital matmul (manifest checksums updated)."""
+    """Turn the graph's first AnalogMatMul into a plain digital matmul (manifest checksums and the
+    bundle lock updated, as a re-export would)."""
+    from cimconvert.bundle.integrity import write_manifest_and_lock
     from cimconvert.checkpoint import sha256_file
 
     path = bundle / "onnx" / "model.onnx"
@@ -199,7 +201,7 @@ def _drop_analog_node(bundle: Path) -> str:
     for entry in manifest["files"]:
         if entry["name"] == "onnx/model.onnx":
             entry["bytes"], entry["sha256"] = path.stat().st_size, sha256_file(path)
-    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest_and_lock(bundle, json.dumps(manifest))
     return tensor
 
 
