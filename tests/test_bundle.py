@@ -259,8 +259,10 @@ def test_failure_with_force_keeps_the_old_bundle(olmoe, tmp_path: Path, monkeypa
 
 def test_unwritable_parent(olmoe, tmp_path: Path) -> None:
     _, src, _ = olmoe
-    if os.geteuid() == 0:
-        target = Path("/sys/cimconvert-test/out")  # sysfs refuses mkdir even for root
+    if os.geteuid() == 0:  # root ignores permission bits: a parent that cannot hold folders at all
+        blocker = tmp_path / "blocker"
+        blocker.write_text("a file, not a folder")
+        target = blocker / "sub" / "out"
     else:
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
