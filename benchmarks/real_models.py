@@ -125,8 +125,10 @@ def fmt(value: float | None) -> str:
 
 def command(phase: str, args: argparse.Namespace) -> str:
     """The command line that reproduces a phase."""
-    extra = "".join(f" --{k} {' '.join(v)}" for k, v in (("models", args.models), ("datasets", args.datasets),
-                                                          ("profiles", args.profiles)) if v)
+    lists = [("models", args.models)]
+    if phase == "sensitivity":  # the other phases evaluate the held-out text only
+        lists += [("datasets", args.datasets), ("profiles", args.profiles)]
+    extra = "".join(f" --{k} {' '.join(v)}" for k, v in lists if v)
     extra += " --detail" if getattr(args, "detail", False) else ""
     if phase == "attribution" and args.sections != ["components", "where"]:
         extra += " --sections " + " ".join(args.sections)
