@@ -200,16 +200,30 @@ def _save_sensitivity_row(row: dict[str, Any], args: argparse.Namespace) -> None
 
 
 # ------------------------------------------------------------------------------------ attribution
+def components_on(profile: str) -> list[str]:
+    """chipA's noise components a ``chipA:...`` override string leaves switched on."""
+    overrides = set(profile.partition(":")[2].split(",")) if ":" in profile else set()
+    return [comp for comp, off in COMPONENTS_OFF.items() if off not in overrides]
+
+
+def component_label(name: str, profile: str) -> str:
+    """``<model>: <components on>`` (or ``all chipA effects`` / ``all but <component>``)."""
+    on = components_on(profile)
+    if len(on) == len(COMPONENTS_OFF):
+        return f"{name}: all chipA effects"
+    if len(on) == len(COMPONENTS_OFF) - 1:
+        return f"{name}: all but {next(c for c in COMPONENTS_OFF if c not in on)}"
+    return f"{name}: {' + '.join(on) or 'none'} only"
+
+
 def _component_rows(ev: Evaluator, name: str, on_row: Callable[[dict[str, Any]], None]) -> None:
     """chipA, then each component alone and all but that component; ``on_row`` gets every row."""
-    on_row(ev.row(f"{name}: all chipA effects", "chipA"))
+    on_row(ev.row(component_label(name, "chipA"), "chipA"))
     for comp, off in COMPONENTS_OFF.items():
-        others = ",".join(v for k, v in COMPONENTS_OFF.items() if k != comp and k != "drift")
-        # drift is only meaningful on programmed conductances: "alone" keeps programming off, drift on
-        alone = others if comp != "drift" else ",".join(v for k, v in COMPONENTS_OFF.items()
-                                                          if k not in ("drift", "programming"))
-        on_row({**ev.row(f"{name}: {comp} alone", f"chipA:{alone}"), "component": comp, "mode": "alone"})
-        on_row({**ev.row(f"{name}: all but {comp}", f"chipA:{off}"), "component": comp, "mode": "all_but"})
+        alone = "chipA:" + ",".join(v for k, v in COMPONENTS_OFF.items() if k != comp)
+        on_row({**ev.row(component_label(name, alone), alone), "component": comp, "mode": "alone"})
+        but = f"chipA:{off}"
+        on_row({**ev.row(component_label(name, but), but), "component": comp, "mode": "all_but"})
 
 
 def _where_rows(ev: Evaluator, name: str, blocks: int, detail: bool,
@@ -397,7 +411,28 @@ def speed(args: argparse.Namespace) -> None:
     write("speed", payload, "\n".join(md))
 
 
-PHASES = {"sensitivity": sensitivity, "attribution": attribution, "analyze": analyze_phase, "speed": speed}
+def render(args: argparse.Namespace) -> None:
+    """Rewrite real_attribution.md from its JSON (no measurement): component rows labelled by the
+    components their profile leaves on, repeated profiles listed once."""
+    payload = previous("attribution")
+    seeds, tokens = len(payload.get("seeds", [])), payload.get("max_tokens")
+    header = ["# What hurts a real model under chipA", "",
+              f"`.venv/bin/python benchmarks/real_models.py attribution --sections components|where "
+              f"--seeds {seeds} --max-tokens {tokens} --threads 2 [--models M]`", "",
+              f"Held-out text, {tokens} tokens, {seeds} unseen draws (seeds {FIRST_SEED}…)."]
+    for name, res in payload.get("models", {}).items():
+        seen: set[str] = set()
+        rows = []
+        for row in res["components"]:
+            if row["profile"] not in seen:
+                seen.add(row["profile"])
+                rows.append({**row, "label": component_label(name, row["profile"])})
+        res["components"] = rows
+        _save_attribution(payload, header, name, res)
+
+
+PHASES = {"render": render, "sensitivity": sensitivity, "attribution": attribution, "analyze": analyze_phase,
+          "speed": speed}
 
 
 def main() -> None:
