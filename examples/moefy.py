@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python examples/moefy.py models/smollm2-135m-instruct models/smollm2-moe \\
+    python examples/moefy.py models/smollm2-135m-instruct models/smollm2-135m-moe \\
         --experts 8 --top-k 6 --router lsq --seed 0 --calib-tokens 4096
 
 Every decoder layer's SwiGLU FFN (``down(silu(gate x) * up x)``, intermediate size ``I``) is split into
