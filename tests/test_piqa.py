@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from tiny_models import VOCAB, build_tiny
 
+from cimconvert.data import shared_data_dir
 from cimconvert.evaluation.piqa import (
     PiqaItem,
     PreparedPiqa,
@@ -50,6 +52,10 @@ def test_loglikelihood_comparison_on_a_crafted_example() -> None:
     assert choose([-6.0, -10.0], [2, 10]) == (0, 1)
 
 
+@pytest.mark.skipif(
+    shared_data_dir() is None or not (shared_data_dir() / "piqa").is_dir(),
+    reason="PIQA validation files not found (set CIMCONVERT_SHARED_DATA to the shared data folder)",
+)
 def test_piqa_on_tiny_model_counts_items() -> None:
     items = load_piqa(limit=6)
     assert len(items) == 6 and all(isinstance(i, PiqaItem) and i.label in (0, 1) for i in items)
