@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -356,8 +357,8 @@ def analyze_phase(args: argparse.Namespace) -> None:
           f"`{command('analyze', args)}`", ""]
     for name in available_models(args.models):
         out = RESULTS / f"real_analyze_{name}"
-        scan = analyze(str(MODELS[name]), "chipA", seeds=args.seeds, seed=FIRST_SEED, granularity="block",
-                       out=out, max_tokens=args.max_tokens, progress=False)
+        scan = analyze(os.path.relpath(MODELS[name]), "chipA", seeds=args.seeds, seed=FIRST_SEED,
+                       granularity="block", out=out, max_tokens=args.max_tokens, progress=False)
         payload["models"][name] = {k: v for k, v in scan.items() if k != "files"}
     payload["models"] = {**previous("analyze").get("models", {}), **payload["models"]}
     for name in payload["models"]:

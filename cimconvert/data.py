@@ -16,7 +16,7 @@ SHIPPED = {
     "heldout": "heldout.txt",
     "calib": "calib.txt",
 }
-#: Read from the shared data folder (``CIMCONVERT_SHARED_DATA`` or ``../shared/data`` beside the repo).
+#: Read from the shared data folder named by the ``CIMCONVERT_SHARED_DATA`` environment variable.
 SHARED = {
     "wikitext2": "wikitext-2/wiki.test.raw",
     "wikitext2-valid": "wikitext-2/wiki.valid.tokens",
@@ -30,13 +30,9 @@ def dataset_names() -> list[str]:
 
 
 def shared_data_dir() -> Path | None:
-    """The shared data folder, if one can be found (env var first, then beside the repo or the cwd)."""
-    candidates = []
-    if env := os.environ.get("CIMCONVERT_SHARED_DATA"):
-        candidates.append(Path(env))
-    repo_root = Path(__file__).resolve().parent.parent
-    candidates += [repo_root.parent / "shared" / "data", Path.cwd().parent / "shared" / "data"]
-    return next((c for c in candidates if c.is_dir()), None)
+    """The shared data folder named by ``CIMCONVERT_SHARED_DATA``, if set and a folder (never guessed)."""
+    env = os.environ.get("CIMCONVERT_SHARED_DATA")
+    return Path(env) if env and Path(env).is_dir() else None
 
 
 def resolve_dataset(spec: str) -> Path:

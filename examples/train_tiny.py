@@ -72,6 +72,8 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from cimconvert.data import shared_data_dir
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_OUT_DIR = REPO_ROOT / "cimconvert" / "data"
 EOT = "<|endoftext|>"
@@ -578,7 +580,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", choices=ARCHS, required=True)
     p.add_argument("--out", type=Path, required=True, help="output model folder")
-    p.add_argument("--shared-data", type=Path, default=REPO_ROOT.parent / "shared" / "data")
+    p.add_argument("--shared-data", type=Path, default=shared_data_dir(),
+                   help="shared data folder [$CIMCONVERT_SHARED_DATA]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="fixed number of steps")
     p.add_argument("--time-budget", type=float, default=600.0, help="training seconds (if no --steps)")
@@ -637,6 +640,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(a.seed)
     t_start = time.time()
 
+    if a.shared_data is None:
+        raise SystemExit("train_tiny: set CIMCONVERT_SHARED_DATA (or --shared-data) to the shared data")
     splits = load_splits(a.shared_data)
     if not a.no_write_data:
         write_eval_files(splits)

@@ -18,10 +18,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from cimconvert.data import shared_data_dir  # noqa: E402 (after the importorskip guards)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO_ROOT / "examples" / "models"
 DATA_DIR = REPO_ROOT / "cimconvert" / "data"
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 DEMO_MODELS = ("tiny-olmoe", "tiny-mamba", "tiny-qwen2-moe", "tiny-deepseek", "tiny-mamba2")
 EVAL_TOKENS = 4096
 WINDOW = 256
@@ -87,9 +88,10 @@ def _train_split(raw: str) -> str:
 
 def test_heldout_not_in_training_split() -> None:
     """Sampled held-out / calibration snippets never occur in any book's TRAIN split."""
-    books = sorted((SHARED_DATA / "corpora" / "gutenberg").glob("*.txt"))
+    root = shared_data_dir()
+    books = sorted((root / "corpora" / "gutenberg").glob("*.txt")) if root else []
     if not books:
-        pytest.skip(f"shared Gutenberg data not found under {SHARED_DATA}")
+        pytest.skip("shared Gutenberg data not found (set CIMCONVERT_SHARED_DATA to the shared data folder)")
     train = "\n".join(_train_split(_read(b)) for b in books)
     snippets = _snippets(_read(DATA_DIR / "heldout.txt"), 10, seed=2)
     snippets += _snippets(_read(DATA_DIR / "calib.txt"), 5, seed=3)

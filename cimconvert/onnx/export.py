@@ -3,7 +3,7 @@
 The exporter is torch's TorchScript ("legacy") ONNX exporter (opset 18): ~1 s for the tiny models,
 names weight initializers after the parameters, and turns :func:`analog_op.analog_linear` into one
 ``ai.cimconvert.AnalogMatMul`` node per analog matmul. What makes each family export with dynamic batch
-and sequence axes and routing-independent graphs (see ../shared/design/TOOLCHAIN.md):
+and sequence axes and routing-independent graphs (see the project's design notes, TOOLCHAIN.md):
 
 * analog ``nn.Linear`` / GPT-2 ``Conv1D``: the module's forward is swapped for the marker op (+ bias);
 * fused experts: an experts implementation that loops over *all* experts (a static loop) and selects
