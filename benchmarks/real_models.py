@@ -158,12 +158,13 @@ def meta(args: argparse.Namespace, phase: str) -> dict[str, Any]:
             "machine": platform.processor() or platform.machine(), "torch": torch.__version__}
 
 
-def table(rows: list[dict[str, Any]], first: str) -> list[str]:
-    """Markdown rows: first column, profile, analog tensors, clean, noisy, ratio."""
+def table(rows: list[dict[str, Any]], first: str,
+          label: Callable[[dict[str, Any]], str] = lambda r: r["label"]) -> list[str]:
+    """Markdown rows: first column (``label`` of the row), profile, analog tensors, clean, noisy, ratio."""
     lines = [f"| {first} | profile | analog tensors | clean PPL | noisy PPL (mean ± std) | noisy/clean |",
              "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['label']} | `{r['profile']}` | {r['analog_tensors']} | {fmt(r['clean_ppl'])} | "
+        lines.append(f"| {label(r)} | `{r['profile']}` | {r['analog_tensors']} | {fmt(r['clean_ppl'])} | "
                      f"{fmt(r['noisy_ppl_mean'])} ± {fmt(r['noisy_ppl_std'])} | "
                      f"{(r['ratio'] or float('nan')):.2f}× |")
     return lines
@@ -191,12 +192,8 @@ def _save_sensitivity_row(row: dict[str, Any], args: argparse.Namespace) -> None
     rows = sorted([*kept, row], key=lambda r: (r["model"], r["dataset"]))
     md = ["# Real models under chip noise", "", "Each row was measured by the command in its `command` field "
           "(results JSON); windows of 256 tokens, unseen draws from seed 5000 on.", "",
-          "| model · dataset | tokens | profile | analog tensors | clean PPL | noisy PPL (mean ± std) | "
-          "noisy/clean | draws |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['label']} | {r['tokens']} | `{r['profile']}` | {r['analog_tensors']} | "
-                  f"{fmt(r['clean_ppl'])} | {fmt(r['noisy_ppl_mean'])} ± {fmt(r['noisy_ppl_std'])} | "
-                  f"{(r['ratio'] or float('nan')):.2f}× | {len(r['seeds'])} |")
+          *table(rows, "model · dataset (tokens, draws)",
+                 lambda r: f"{r['label']} ({r['tokens']}, {len(r['seeds'])})")]
     write("sensitivity", {**meta(args, "sensitivity"), "rows": rows}, "\n".join(md))
 
 
