@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from cimconvert.errors import ModelInputError
-from cimconvert.gguf import find_gguf_file, is_gguf_path, materialise, read_provenance
+from cimconvert.gguf import is_gguf_path, materialise, read_provenance
 
 INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
@@ -438,7 +438,7 @@ def _locate_gguf(model: str, dtype: str | None, progress: bool) -> tuple[Path, P
         if dtype is not None:
             raise ModelInputError("--dtype applies to GGUF input only (the model is not a .gguf file)")
         return None
-    return materialise(path, dtype, progress), find_gguf_file(path).resolve()
+    return materialise(path, dtype, progress)
 
 
 def resolve_model(

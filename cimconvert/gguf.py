@@ -255,15 +255,15 @@ def read_provenance(folder: Path) -> dict[str, Any] | None:
     return data
 
 
-def materialise(path: Path, dtype: str | None = None, progress: bool = True) -> Path:
+def materialise(path: Path, dtype: str | None = None, progress: bool = True) -> tuple[Path, Path]:
     """Dequantise a GGUF file (or a folder holding one) into a temporary checkpoint folder.
 
-    The folder lives until the process exits. Returns the checkpoint folder.
+    The folder lives until the process exits. Returns (checkpoint folder, resolved GGUF file).
     """
-    gguf_file = find_gguf_file(path)
+    gguf_file = find_gguf_file(path).resolve()
     info = read_gguf_info(gguf_file, dtype)  # bad input fails before anything is written
     root = Path(tempfile.mkdtemp(prefix="cimconvert-gguf-"))
     atexit.register(shutil.rmtree, root, True)
     out = root / gguf_file.stem
     dequantise_to_folder(gguf_file, out, dtype, progress, info=info)
-    return out
+    return out, gguf_file
