@@ -61,6 +61,8 @@ class ExportResult:
     """What :func:`export_model` wrote: files (relative to the bundle), counts and timings."""
 
     model_path: Path
+    #: The model file's name relative to the bundle (what the manifest records; never absolute).
+    model_name: str
     files: list[dict[str, Any]]
     analog_nodes: int
     analog_tensors: list[str]
@@ -71,7 +73,7 @@ class ExportResult:
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary (``files`` are manifest ``FileEntry`` dicts)."""
         return {
-            "model": str(self.model_path),
+            "model": self.model_name,
             "files": self.files,
             "analog_nodes": self.analog_nodes,
             "analog_tensors": self.analog_tensors,
@@ -503,6 +505,7 @@ def export_model(
     base_dir = Path(base) if base is not None else folder
     return ExportResult(
         model_path=folder / MODEL_FILE,
+        model_name=(folder / MODEL_FILE).relative_to(base_dir).as_posix(),
         files=[file_entry(p, base_dir) for p in paths],
         analog_nodes=len(analog_op.analog_nodes(proto)),
         analog_tensors=[*found, *weight_only],
