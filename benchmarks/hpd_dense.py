@@ -21,7 +21,7 @@ import torch
 
 from cimconvert.api import tokenize
 from cimconvert.arch import get_adapter, load_pretrained
-from cimconvert.data import load_text
+from cimconvert.datasets import load_text
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.methods.hpd import apply_hpd, hpd_placement
 from cimconvert.noise import apply_chip_noise
