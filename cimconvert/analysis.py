@@ -1,12 +1,10 @@
-"""Per-layer / per-block noise sensitivity: chip noise in one part of the model at a time.
+"""The ``analyze`` command: the per-layer / per-block noise sensitivity scan of a model or bundle, written
+to files.
 
-For every analog tensor (``granularity="layer"``) or every decoder block (``"block"``: all analog tensors
-of that block together; top-level tensors such as an analog LM head form their own group) the model is
-evaluated with chip noise programmed into that group only, over several seeds; the row reports the
-perplexity and its change against the clean model (mean ± std over seeds). An ``all`` row (noise in
-every analog tensor) is the reference. The scan itself is :mod:`cimconvert.evaluation.sensitivity`; this
-module is the ``analyze`` command around it: :func:`write_scan` saves ``sensitivity.json`` (read by
-``--hpd-layers auto``), ``sensitivity.md`` and ``sensitivity.png``.
+The scan itself (noise in one group of analog tensors at a time, over several seeds, against the clean
+model) is :mod:`cimconvert.evaluation.sensitivity`, which HPD's ``--hpd-layers auto`` uses too;
+:func:`write_scan` saves ``sensitivity.json`` (read by ``--hpd-layers auto --hpd-scan``),
+``sensitivity.md`` and ``sensitivity.png``.
 """
 
 from __future__ import annotations
@@ -33,6 +31,7 @@ __all__ = [
     "sensitivity_scan",
     "write_scan",
 ]
+
 
 # -------------------------------------------------------------------------------------- outputs
 def format_table(scan: dict[str, Any]) -> str:

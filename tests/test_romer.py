@@ -251,9 +251,8 @@ def test_bad_option_values() -> None:
 def test_trained_olmoe_calibration_recovers_drift_damage_on_unseen_draw() -> None:
     from transformers import AutoTokenizer
 
-    from cimconvert.api import tokenize
     from cimconvert.checkpoint import resolve_model
-    from cimconvert.datasets import load_text
+    from cimconvert.datasets import load_text, tokenize
     from cimconvert.evaluation.perplexity import perplexity
 
     model = resolve_model(str(DEMO_OLMOE)).load_model(dtype=torch.float32)

@@ -154,14 +154,8 @@ class HpdMethod:
         MethodOption("hpd_auto_top", int, 1, "HPD: number of layers 'auto' takes from the scan"),
     )
 
-    def apply(
-        self,
-        model: nn.Module,
-        adapter: Any,
-        profile: ChipProfile,
-        options: dict[str, Any],
-        progress: bool = True,
-    ) -> MethodResult:
+    def apply(self, model: nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],
+              progress: bool = True) -> MethodResult:  # fmt: skip
         """Resolve the layers (running a quick scan for ``auto`` without ``hpd_scan``) and split them."""
         requested = list(options.get("hpd_layers") or ())
         scan = _scan_for(model, adapter, profile, options, progress) if "auto" in requested else None
