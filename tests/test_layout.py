@@ -75,13 +75,13 @@ def _with_packages(target: str, importer: str) -> Iterator[str]:
             yield name
 
 
-def _module_level(tree: ast.Module) -> Iterator[ast.stmt]:
-    """Statements run at import: the module body, including the bodies of module-level if/try blocks."""
-    for node in tree.body:
+def _module_level(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+    """Statements run at import: the module body, including the branches of module-level if/try blocks."""
+    for node in body:
+        yield node
         if isinstance(node, (ast.If, ast.Try)):
-            yield from (n for n in ast.walk(node) if isinstance(n, ast.stmt))
-        else:
-            yield node
+            handlers = [stmt for handler in getattr(node, "handlers", []) for stmt in handler.body]
+            yield from _module_level([*node.body, *node.orelse, *handlers, *getattr(node, "finalbody", [])])
 
 
 def import_graph() -> dict[str, set[str]]:
@@ -89,23 +89,31 @@ def import_graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {}
     for module, path in MODULES.items():
         edges = graph.setdefault(module, set())
-        for node in _module_level(ast.parse(path.read_text(encoding="utf-8"))):
+        for node in _module_level(ast.parse(path.read_text(encoding="utf-8")).body):
             for target in imported_modules(node, module):
                 edges.update(_with_packages(target, module))
         edges.discard(module)
     return graph
 
 
+def local_import_lines(source: str, module: str) -> list[int]:
+    """Lines of ``source`` (module ``module``) importing a package module below module level."""
+    tree = ast.parse(source)
+    top = set(map(id, _module_level(tree.body)))
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if id(node) not in top and isinstance(node, ast.stmt) and imported_modules(node, module)
+    ]
+
+
 def local_imports() -> list[str]:
     """``file:line`` of every import of a package module that is not at module level."""
-    found = []
-    for module, path in MODULES.items():
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        top = set(map(id, _module_level(tree)))
-        for node in ast.walk(tree):
-            if id(node) not in top and isinstance(node, ast.stmt) and imported_modules(node, module):
-                found.append(f"{path.relative_to(PACKAGE.parent)}:{node.lineno}")
-    return found
+    return [
+        f"{path.relative_to(PACKAGE.parent)}:{line}"
+        for module, path in MODULES.items()
+        for line in local_import_lines(path.read_text(encoding="utf-8"), module)
+    ]
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -154,6 +162,18 @@ def test_cycle_finder_finds_a_cycle() -> None:
     """The check itself can fail: a two-module loop and a three-module loop are reported."""
     graph = {"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"e"}, "e": {"c"}, "f": {"a"}}
     assert sorted(cycles(graph)) == [["a", "b"], ["c", "d", "e"]]
+
+
+def test_local_import_finder_finds_one() -> None:
+    """Imports inside functions (also under a module-level ``if``) are found; module-level ones are not."""
+    source = (
+        "import json\n"
+        "from cimconvert.errors import CimError\n"
+        "try:\n    from cimconvert import api\nexcept ImportError:\n    api = None\n"
+        "def f():\n    from cimconvert.placement import plan_model\n"
+        "if True:\n    def g():\n        from . import checkpoint\n"
+    )
+    assert local_import_lines(source, "cimconvert.api") == [8, 11]
 
 
 @pytest.mark.parametrize("check", ["cycles", "local imports"])
