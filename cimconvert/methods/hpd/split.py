@@ -1,6 +1,7 @@
-"""The HPD split layer and the matrix factorisations behind it.
+"""The matrix factorisations behind the HPD split layer.
 
-A linear layer ``y = W·x + b`` with ``W [out, in]`` is replaced by :class:`HpdLinear`, which computes
+A linear layer ``y = W·x + b`` with ``W [out, in]`` is replaced by :class:`HpdLinear` (defined with its
+bundle loader in :mod:`cimconvert.transforms.hpd_split`), which computes
 ``y = A·(D·x) + b``: ``D [r, in]`` runs on the digital unit (child module ``digital``), ``A [out, r]`` on
 the analog array (child module ``analog``, which also owns the bias; the simulator adds biases
 digitally). ``A·D = W`` up to float error at full rank.
