@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
@@ -66,7 +65,6 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "BOOL": (torch.bool, 1),
 }
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -111,13 +109,10 @@ class SourceFile:
     bytes: int
 
 
-def sha256_file(path: Path, chunk: int = HASH_CHUNK) -> str:
-    """sha256 (hex) of a file, read in chunks."""
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
+    """sha256 (hex) of a file."""
     with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _cached_blob_sha(path: Path) -> str | None:
@@ -610,13 +605,3 @@ def check_dtypes_against(model: torch.nn.Module, tensors: dict[str, TensorMeta])
                 f"tensor '{name}' in {meta.file} has dtype {meta.dtype}, but the config implies a "
                 f"{family} tensor (wrong dtype in the safetensors header?)"
             )
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """safetensors dtype string of a torch dtype (``torch.bfloat16`` → ``BF16``)."""
-    return DTYPE_NAMES[dtype]
-
-
-def file_size(path: Path) -> int:
-    """Size of a file in bytes."""
-    return os.stat(path).st_size
