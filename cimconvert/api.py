@@ -198,7 +198,6 @@ def convert(
     dry_run: bool = False,
     force: bool = False,
     seed: int = 0,
-    trust_remote_code: bool = False,
     progress: bool = True,
     method_options: dict[str, Any] | None = None,
     onnx: bool = True,
@@ -222,7 +221,7 @@ def convert(
     from cimconvert.methods import option_values, resolve_method
 
     chip = load_profile(profile)
-    source = resolve_model(model, trust_remote_code=trust_remote_code, dtype=dtype, progress=progress)
+    source = resolve_model(model, dtype=dtype, progress=progress)
     adapter = get_adapter(source.model_type)
     resolved = resolve_method(method, adapter.family)
     placement = _plan(source, adapter, chip, analog, digital)
@@ -287,9 +286,7 @@ def inspect(out: str | Path, key: bytes | str | None = None) -> dict[str, Any]:
     return inspect_bundle(Path(out), key=key)
 
 
-def load_for_eval(
-    model: str, profile: str | None, trust_remote_code: bool = False
-) -> tuple[torch.nn.Module, Any, list[Any], ChipProfile]:
+def load_for_eval(model: str, profile: str | None) -> tuple[torch.nn.Module, Any, list[Any], ChipProfile]:
     """(model, tokenizer, analog targets, profile) for a source checkpoint or a bundle."""
     from transformers import AutoTokenizer
 
@@ -310,12 +307,12 @@ def load_for_eval(
         if not profile:
             raise CimError("--profile is required unless MODEL is a bundle")
         chip = load_profile(profile)
-        source = resolve_model(model, trust_remote_code=trust_remote_code)
+        source = resolve_model(model)
         net = check_weights_finite(source.load_model(dtype=torch.float32))
         targets = plan_model(net, chip).analog()
         folder = source.dir
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
         raise CimError(f"no usable tokenizer in {folder}: {str(exc).splitlines()[0]}") from None
     return net, tokenizer, targets, chip
@@ -342,7 +339,6 @@ def evaluate(
     stride: int | None = None,
     batch_size: int = 8,
     threads: int | None = None,
-    trust_remote_code: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Clean perplexity and perplexity under ``seeds`` chip-noise draws (seed, seed+1, ...)."""
@@ -351,7 +347,7 @@ def evaluate(
 
     _set_threads(threads)
     text = load_text(dataset)
-    net, tokenizer, targets, chip = load_for_eval(model, profile, trust_remote_code)
+    net, tokenizer, targets, chip = load_for_eval(model, profile)
     tokens = tokenize(tokenizer, text, max_tokens)
     max_pos = getattr(net.config, "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:

@@ -124,7 +124,6 @@ def _method_line(res: dict) -> str:
 @click.option("--force", is_flag=True, help="replace a non-empty OUT")
 @click.option("--onnx/--no-onnx", default=True, show_default=True, help="also export onnx/model.onnx")
 @click.option("--seed", default=0, show_default=True, help="seed for every random draw (recorded)")
-@click.option("--trust-remote-code", is_flag=True, help="allow the checkpoint's own Python code (off)")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="GGUF input: dtype the weights are dequantised to [the GGUF's float type; float32 "
               "for quantised files]")
@@ -133,14 +132,14 @@ def _method_line(res: dict) -> str:
 @method_options
 def convert_cmd(model: str, profile: str, out: Path | None, method: str, analog: tuple[str, ...],
                 digital: tuple[str, ...], dry_run: bool, force: bool, onnx: bool, seed: int,
-                trust_remote_code: bool, dtype: str | None, key_file: Path | None, as_json: bool,
+                dtype: str | None, key_file: Path | None, as_json: bool,
                 **method_opts: Any) -> None:
     """Convert MODEL (local HF folder, .gguf file or cached hub id) into a bundle for the chip PROFILE."""
     from cimconvert import api
 
     res = api.convert(
         model, profile, out=out, method=method, analog=analog, digital=digital, dry_run=dry_run,
-        force=force, seed=seed, trust_remote_code=trust_remote_code, progress=not as_json,
+        force=force, seed=seed, progress=not as_json,
         method_options=method_opts, onnx=onnx, dtype=dtype, key=_key(key_file),
     )
     emit(res, as_json, _format_convert)
@@ -171,18 +170,15 @@ def _format_eval(res: dict) -> str:
 @click.option("--stride", default=None, type=click.IntRange(1), help="window stride [seq-len]")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads")
-@click.option("--trust-remote-code", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable result on stdout")
 def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: str, max_tokens: int,
-             seq_len: int, stride: int | None, batch_size: int, threads: int | None,
-             trust_remote_code: bool, as_json: bool) -> None:
+             seq_len: int, stride: int | None, batch_size: int, threads: int | None, as_json: bool) -> None:
     """Perplexity of MODEL (HF folder, hub id or bundle), clean and under chip noise."""
     from cimconvert import api
 
     res = api.evaluate(
         model, profile, seeds=seeds, seed=seed, dataset=dataset, max_tokens=max_tokens, seq_len=seq_len,
-        stride=stride, batch_size=batch_size, threads=threads, trust_remote_code=trust_remote_code,
-        progress=not as_json,
+        stride=stride, batch_size=batch_size, threads=threads, progress=not as_json,
     )
     emit(res, as_json, _format_eval)
 

@@ -51,6 +51,13 @@ def _unknown_type(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
+def _remote_code_type(folder: Path) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "internlm2"
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
 def _no_config(folder: Path) -> None:
     (folder / "config.json").unlink()
 
@@ -62,6 +69,7 @@ def _no_config(folder: Path) -> None:
         (_truncate, "truncated"),
         (_nan_weight, "NaN"),
         (_unknown_type, "not_a_model"),
+        (_remote_code_type, "own Python code (auto_map), which cimconvert never runs"),
         (_no_config, "config.json"),
     ],
 )
@@ -79,6 +87,14 @@ def test_bad_checkpoints(capsys: pytest.CaptureFixture[str], tmp_path: Path, olm
     assert "Traceback" not in err
     assert not out.exists()
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_remote_code_is_not_an_option(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                                      olmoe_src: Path) -> None:
+    code, _, err = run_cli(capsys, str(olmoe_src), "--profile", "chipA", "-o", str(tmp_path / "o"),
+                           "--trust-remote-code")
+    assert code == 2 and "No such option '--trust-remote-code'" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_unknown_profile_and_nonempty_out(capsys: pytest.CaptureFixture[str], tmp_path: Path,
