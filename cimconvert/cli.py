@@ -37,6 +37,28 @@ KEY_OPTION = click.option(
 )
 
 
+def noisy_run_options(max_tokens: int, seq_len: int) -> Callable[[Callable], Callable]:
+    """The options of a run under noise draws (eval, validate): --seeds, --seed, --dataset, --max-tokens,
+    --seq-len, with this command's token budget and window length as defaults."""
+    options = [
+        click.option("--seeds", default=5, show_default=True, type=click.IntRange(1),
+                     help="number of noise draws"),
+        click.option("--seed", default=1000, show_default=True,
+                     help="first noise seed (draws: seed, seed+1, ...)"),
+        click.option("--dataset", default="heldout", show_default=True, help="dataset name or text file"),
+        click.option("--max-tokens", default=max_tokens, show_default=True, type=click.IntRange(16),
+                     help="token budget"),
+        click.option("--seq-len", default=seq_len, show_default=True, type=click.IntRange(2)),
+    ]
+
+    def decorate(func: Callable) -> Callable:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
 def _key(key_file: Path | None) -> bytes | None:
     """The signing key read from ``--key FILE`` (None: the environment's, if any)."""
     from cimconvert.bundle.integrity import read_key_file
@@ -162,11 +184,7 @@ def _format_eval(res: dict) -> str:
 @cli.command("eval", context_settings=CONTEXT)
 @click.argument("model")
 @click.option("--profile", "-p", default=None, help="chip profile [a bundle's own profile, else required]")
-@click.option("--seeds", default=5, show_default=True, type=click.IntRange(1), help="number of noise draws")
-@click.option("--seed", default=1000, show_default=True, help="first noise seed (draws: seed, seed+1, ...)")
-@click.option("--dataset", default="heldout", show_default=True, help="dataset name or text file")
-@click.option("--max-tokens", default=16384, show_default=True, type=click.IntRange(16), help="token budget")
-@click.option("--seq-len", default=256, show_default=True, type=click.IntRange(2))
+@noisy_run_options(max_tokens=16384, seq_len=256)
 @click.option("--stride", default=None, type=click.IntRange(1), help="window stride [seq-len]")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads")
@@ -187,11 +205,7 @@ def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: st
 @cli.command("validate", context_settings=CONTEXT)
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--profile", "-p", default=None, help="chip profile [the bundle's own]")
-@click.option("--seeds", default=5, show_default=True, type=click.IntRange(1), help="number of noise draws")
-@click.option("--seed", default=1000, show_default=True, help="first noise seed (seed, seed+1, ...)")
-@click.option("--dataset", default="heldout", show_default=True, help="dataset name or text file")
-@click.option("--max-tokens", default=4096, show_default=True, type=click.IntRange(16), help="token budget")
-@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(2))
+@noisy_run_options(max_tokens=4096, seq_len=128)
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="torch/ORT CPU threads")
 @click.option("--profile-mismatch-ok", is_flag=True, help="allow a profile other than the bundle's")
 @click.option("--mvm-noise", default="counter", show_default=True,
