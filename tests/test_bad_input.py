@@ -381,6 +381,7 @@ def _limit_file_size(limit: int) -> Callable[[], None]:
     return apply
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["auto", "none"])
 def test_full_disk_is_one_line_and_leaves_nothing(method: str, tmp_path: Path) -> None:
     src = DEMO_OLMOE  # MoE: "auto" runs ROMER, which saves the transformed checkpoint beside OUT first
@@ -398,7 +399,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(method: str, tmp_path: Path) -
     assert list(work.iterdir()) == []  # no OUT, no a/b parents, no .out.* folders
 
 
-
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["hidden-size-zero", "override-python-object", "manifest-without-rank"])
 def test_real_process_stderr_is_one_line(name: str, sources: tuple[Path, Path], tmp_path: Path) -> None:
     """Through a real process: Python warnings and library progress bars add no stderr line either."""

@@ -112,6 +112,7 @@ KILL_POINTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("point", "hook", "when", "nth", "old", "allowed"), KILL_POINTS,
                          ids=[p[0] for p in KILL_POINTS])  # fmt: skip
 def test_kill_9_leaves_old_or_complete_bundle(
@@ -132,6 +133,7 @@ def test_kill_9_leaves_old_or_complete_bundle(
     assert _strays(out) == [] and _bundle_state(out) == "3"
 
 
+@pytest.mark.slow
 def test_kill_9_between_the_two_renames_is_completed_by_the_next_run(micro: Path, tmp_path: Path) -> None:
     """Where RENAME_EXCHANGE is unsupported, --force renames twice; a kill in between leaves OUT missing
     (documented) and the next run puts the complete new bundle in place."""
@@ -147,6 +149,7 @@ def test_kill_9_between_the_two_renames_is_completed_by_the_next_run(micro: Path
     assert _bundle_state(out) == "2" and _strays(out) == []
 
 
+@pytest.mark.slow
 def test_kill_9_with_a_method_removes_the_transformed_copy_next_time(tmp_path: Path) -> None:
     """A killed ROMER run leaves ``.OUT.src-<pid>-*`` (a full model copy); the next run removes it."""
     out = tmp_path / "out"
@@ -187,6 +190,7 @@ with out_lock(Path(sys.argv[1])):
 """
 
 
+@pytest.mark.slow
 def test_second_writer_fails_naming_the_first(micro: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     first = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(out)], env=subprocess_env(),
@@ -205,6 +209,7 @@ def test_second_writer_fails_naming_the_first(micro: Path, tmp_path: Path) -> No
     assert _bundle_state(out) == "0" and _strays(out) == []
 
 
+@pytest.mark.slow
 def test_concurrent_conversions_one_wins(micro: Path, tmp_path: Path) -> None:
     """Three real conversions into the same OUT at once: exactly the ones that got the lock succeed, the
     others fail with one line; OUT is one complete bundle; nothing is left beside it."""
@@ -258,6 +263,7 @@ def _detected(bundle: Path, manifest: Manifest, changed: Path) -> bool:
     return bool(verify_bundle(bundle, manifest))
 
 
+@pytest.mark.slow
 def test_every_single_byte_change_is_detected(micro_bundle: Path, tmp_path: Path) -> None:
     """Flip one bit of each byte of each file in turn: every byte of manifest.json and bundle.lock, and
     every ``CIMCONVERT_TAMPER_STRIDE``-th byte (default 4; 1 = all) of the other files, whose per-file

@@ -252,6 +252,7 @@ def test_bad_option_values() -> None:
         RomerConfig.from_options({"calib_mode": "sometimes"})
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DEMO_OLMOE / "model.safetensors").is_file(), reason="demo tiny-olmoe not trained")
 def test_trained_olmoe_calibration_recovers_drift_damage_on_unseen_draw() -> None:
     model = resolve_model(str(DEMO_OLMOE)).load_model(dtype=torch.float32)

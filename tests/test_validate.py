@@ -49,6 +49,7 @@ def _assert_agreement(res: dict) -> None:
     assert res["onnxruntime"]["clean_ppl"] == pytest.approx(res["torch"]["clean_ppl"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_validate_moe_bundle_agrees_with_torch(olmoe_bundle: Path) -> None:
     res = validate(olmoe_bundle, "chipA", **FAST)
     _assert_agreement(res)
@@ -70,6 +71,7 @@ DEMO_MODELS = ["tiny-olmoe", "tiny-qwen2-moe", "tiny-deepseek", "tiny-mamba", "t
 ROMER_PROFILE = "chipA:drift.compensation=none"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["none", "auto"])
 @pytest.mark.parametrize("model", DEMO_MODELS)
 def test_every_demo_model_exports_and_validates(
@@ -146,6 +148,7 @@ def test_missing_dataset_is_one_line(olmoe_bundle: Path, run_cli: RunCli) -> Non
 
 
 # ------------------------------------------------------------------------ a verdict that is not luck
+@pytest.mark.slow
 def test_counter_mode_passes_for_every_seed_count(olmoe_bundle: Path) -> None:
     """Shared counter draws: every seed's noisy PPL agrees within the per-seed tolerance, every node alone."""
     for n in (1, 2, 3):
@@ -170,6 +173,7 @@ def _scaled_noise_bodies(monkeypatch: pytest.MonkeyPatch, factor: float) -> None
     monkeypatch.setattr(analog_op, "mvm_functions", scaled)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seeds", [1, 3])
 def test_noise_scale_off_by_ten_percent_fails(
     olmoe_bundle: Path, monkeypatch: pytest.MonkeyPatch, seeds: int
@@ -202,6 +206,7 @@ def _drop_analog_node(bundle: Path) -> str:
     return tensor
 
 
+@pytest.mark.slow
 def test_graph_missing_one_analog_node_fails(olmoe_bundle: Path, tmp_path: Path) -> None:
     bundle = _copy(olmoe_bundle, tmp_path)
     tensor = _drop_analog_node(bundle)
