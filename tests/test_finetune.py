@@ -186,6 +186,7 @@ def test_distillation_runs(tmp_path) -> None:
     assert res["loss_first"] < res["ce_last"]
 
 
+@pytest.mark.slow
 def test_cli_finetune_writes_a_checkpoint_the_converter_accepts(tmp_path, repo_root, capsys) -> None:
     out = tmp_path / "ft"
     main(["finetune", str(repo_root / "examples" / "models" / "tiny-olmoe"), "--profile", "chipA",
