@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cimconvert.arch import supported_types
+from cimconvert.arch import get_adapter, load_config, load_model_class, load_pretrained, supported_types
 from cimconvert.errors import ModelInputError
 from cimconvert.gguf import is_gguf_path, materialise, read_provenance
 
@@ -306,6 +306,13 @@ class SourceCheckpoint:
         check_dtypes_against(model, self.tensor_shapes())
 
 
+def check_weights_finite(net: torch.nn.Module) -> torch.nn.Module:
+    """Return ``net``, or raise ModelInputError naming the first parameter or buffer with NaN/Inf."""
+    for pname, tensor in net.state_dict().items():
+        check_finite(pname, tensor)
+    return net
+
+
 def as_tensor(meta: TensorMeta, raw: torch.Tensor) -> torch.Tensor:
     """View raw bytes (flat uint8) as the typed tensor ``meta`` describes (no copy)."""
     if meta.nbytes == 0:
@@ -502,8 +509,6 @@ def build_meta_model(folder: Path, model_type: str) -> torch.nn.Module:
     Goes through the arch registry (unsupported ``model_type`` → ModelInputError naming the supported
     ones; DeepSeek v1 through our own module).
     """
-    from cimconvert.arch import get_adapter, load_config, load_model_class
-
     get_adapter(model_type)
     config = load_config(folder)
     cls = load_model_class(config)
@@ -526,8 +531,6 @@ def load_hf_model(
     ``expected_key_changes`` = (missing, unexpected) keys that a recorded transform re-loads itself.
     Remote code never runs.
     """
-    from cimconvert.arch import get_adapter, load_pretrained
-
     get_adapter(model_type)
     missing, unexpected = expected_key_changes
     model = load_pretrained(folder, dtype=dtype, expected_missing=missing, expected_unexpected=unexpected)

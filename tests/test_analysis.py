@@ -10,7 +10,8 @@ import torch
 from reliability_helpers import RunCli
 from tiny_models import VOCAB, build_tiny, save_tiny
 
-from cimconvert.analysis import sensitivity_scan, write_scan
+from cimconvert.analysis import write_scan
+from cimconvert.evaluation.sensitivity import sensitivity_scan
 from cimconvert.methods.hpd import hpd_placement
 from cimconvert.profiles import load_profile
 

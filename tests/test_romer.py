@@ -10,17 +10,15 @@ import torch
 from tiny_models import TINY_CONFIGS, build_tiny
 from transformers import AutoTokenizer
 
-from cimconvert.api import tokenize
 from cimconvert.arch import get_adapter
 from cimconvert.arch.loading import build_model, load_config
 from cimconvert.bundle.manifest import TransformEntry
-from cimconvert.bundle.reader import TRANSFORM_LOADERS
-from cimconvert.calibration import calibration_batches, calibration_tokens
 from cimconvert.checkpoint import resolve_model
-from cimconvert.data import load_text
+from cimconvert.datasets import load_text, tokenize
 from cimconvert.errors import CimError
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.methods import METHODS, all_options, resolve_method
+from cimconvert.methods.calibration import calibration_batches, calibration_tokens
 from cimconvert.methods.romer import (
     METHOD,
     LayerRouting,
@@ -36,6 +34,7 @@ from cimconvert.methods.romer.calibrate import column_percentiles, fit_affine
 from cimconvert.noise import apply_chip_noise
 from cimconvert.placement import plan_model
 from cimconvert.profiles import load_profile
+from cimconvert.transforms import TRANSFORM_LOADERS
 
 MOE_TYPES = ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "deepseek"]
 ROUTER = r"re:.*\.mlp\.gate\.weight"

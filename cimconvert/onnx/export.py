@@ -36,10 +36,15 @@ import torch
 from onnx import ModelProto
 from torch import nn
 
+from cimconvert import __version__
+from cimconvert.arch import get_adapter
+from cimconvert.bundle.manifest import Manifest
+from cimconvert.bundle.reader import manifest_overrides, manifest_profile
 from cimconvert.errors import CimError
 from cimconvert.onnx import analog_op, rope, ssm
 from cimconvert.onnx.analog_op import SCALES_SUFFIX, AnalogSpec
 from cimconvert.onnx.metadata import build_metadata, set_metadata
+from cimconvert.placement import plan_model
 from cimconvert.profiles.schema import ChipProfile
 from cimconvert.simulator import tile_grid, weight_scales
 from cimconvert.simulator.program import to_out_in
@@ -414,8 +419,6 @@ def build_onnx(
     trace_seq: int = 16,
 ) -> tuple[ModelProto, list[str], list[str]]:
     """Export ``model`` with AnalogMatMul nodes for ``targets``; returns (model, analog, weight-only)."""
-    from cimconvert.arch import get_adapter
-
     adapter = get_adapter(model.config)
     specs = analog_specs(targets, profile, manifest_names(manifest, adapter) if manifest else None)
     model.eval()
@@ -428,8 +431,6 @@ def build_onnx(
     analog_op.attach_function(proto, analog_op.ideal_function(OPSET))
     ssm.attach_scan_functions(proto, OPSET)
     proto.producer_name = "cimconvert"
-    from cimconvert import __version__
-
     proto.producer_version = __version__
     set_metadata(proto, build_metadata(model, profile, specs, weight_only, manifest))
     return proto, found, weight_only
@@ -521,10 +522,6 @@ def export_bundle_onnx(
     is analog. Returns ``{"files": [FileEntry dicts, names relative to bundle_dir], "onnx": summary}``:
     append ``files`` to ``manifest.files`` and store ``onnx`` under ``manifest.extra["onnx"]``.
     """
-    from cimconvert.bundle.manifest import Manifest
-    from cimconvert.bundle.reader import manifest_overrides, manifest_profile
-    from cimconvert.placement import plan_model
-
     if isinstance(manifest, dict):
         manifest = Manifest.model_validate(manifest)
     chip = manifest_profile(manifest)
