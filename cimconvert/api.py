@@ -203,7 +203,6 @@ def convert(
     dry_run: bool = False,
     force: bool = False,
     seed: int = 0,
-    trust_remote_code: bool = False,
     progress: bool = True,
     method_options: dict[str, Any] | None = None,
     onnx: bool = True,
@@ -221,7 +220,7 @@ def convert(
     first and listed under ``recovered``. ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) signs ``bundle.lock``.
     """
     chip = load_profile(profile)
-    source = resolve_model(model, trust_remote_code=trust_remote_code, dtype=dtype, progress=progress)
+    source = resolve_model(model, dtype=dtype, progress=progress)
     adapter = get_adapter(source.model_type)
     resolved = resolve_method(method, adapter.family)
     placement = _plan(source, adapter, chip, analog, digital)
@@ -288,13 +287,12 @@ def evaluate(
     stride: int | None = None,
     batch_size: int = 8,
     threads: int | None = None,
-    trust_remote_code: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Clean perplexity and perplexity under ``seeds`` chip-noise draws (seed, seed+1, ...)."""
     _set_threads(threads)
     text = load_text(dataset)
-    net, tokenizer, targets, chip = load_for_eval(model, profile, trust_remote_code)
+    net, tokenizer, targets, chip = load_for_eval(model, profile)
     tokens = tokenize(tokenizer, text, max_tokens)
     max_pos = getattr(net.config, "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor
@@ -22,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cimconvert.arch import get_adapter, load_config, load_model_class, load_pretrained
+from cimconvert.arch import get_adapter, load_config, load_model_class, load_pretrained, supported_types
 from cimconvert.errors import ModelInputError
 from cimconvert.gguf import is_gguf_path, materialise, read_provenance
 
@@ -67,7 +66,6 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "BOOL": (torch.bool, 1),
 }
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
-DTYPE_NAMES = {torch_dtype: name for name, (torch_dtype, _) in DTYPES.items()}
 
 
 @dataclass(frozen=True)
@@ -112,13 +110,10 @@ class SourceFile:
     bytes: int
 
 
-def sha256_file(path: Path, chunk: int = HASH_CHUNK) -> str:
-    """sha256 (hex) of a file, read in chunks."""
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
+    """sha256 (hex) of a file."""
     with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _cached_blob_sha(path: Path) -> str | None:
@@ -211,7 +206,6 @@ class SourceCheckpoint:
     weight_files: list[str]
     aux_files: list[str]
     revision: str | None = None
-    trust_remote_code: bool = False
     #: Provenance of a checkpoint dequantised from a GGUF file (``gguf_source.json``), else None.
     gguf: dict[str, Any] | None = None
     #: The GGUF file the checkpoint was dequantised from, when it was given as MODEL.
@@ -303,11 +297,11 @@ class SourceCheckpoint:
 
     def load_model(self, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
         """The full Hugging Face model in eval mode (DeepSeek v1 through the arch helper)."""
-        return load_hf_model(self.dir, self.model_type, dtype, self.trust_remote_code)
+        return load_hf_model(self.dir, self.model_type, dtype)
 
     def check_shapes(self) -> None:
         """Compare on-disk tensors with the shapes the config implies (model built on ``meta``)."""
-        model = build_meta_model(self.dir, self.model_type, self.trust_remote_code)
+        model = build_meta_model(self.dir, self.model_type)
         check_shapes_against(model, self.tensor_shapes())
         check_dtypes_against(model, self.tensor_shapes())
 
@@ -382,7 +376,19 @@ def _read_config(folder: Path) -> dict[str, Any]:
         raise ModelInputError(f"cannot read config.json in {folder}: {exc}") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise ModelInputError(f"config.json in {folder} has no 'model_type'")
+    _refuse_remote_code(config, folder)
     return config
+
+
+def _refuse_remote_code(config: dict[str, Any], folder: Path) -> None:
+    """One clear line for a model type that exists only as the checkpoint's own Python code."""
+    model_type = config["model_type"]
+    if "auto_map" in config and model_type not in supported_types():
+        raise ModelInputError(
+            f"unsupported model type '{model_type}' in {folder}: its config.json asks for the checkpoint's "
+            f"own Python code (auto_map), which cimconvert never runs "
+            f"(supported: {', '.join(supported_types())})"
+        )
 
 
 def _read_index(folder: Path) -> list[str]:
@@ -451,7 +457,6 @@ def _locate_gguf(model: str, dtype: str | None, progress: bool) -> tuple[Path, P
 
 def resolve_model(
     model: str | Path,
-    trust_remote_code: bool = False,
     revision: str | None = None,
     check_shapes: bool = True,
     dtype: str | None = None,
@@ -483,7 +488,6 @@ def resolve_model(
         weight_files=files,
         aux_files=aux,
         revision=revision or cache_revision,
-        trust_remote_code=trust_remote_code,
         gguf=read_provenance(folder),
         gguf_file=gguf[1] if gguf else None,
         headers=headers,
@@ -499,12 +503,11 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def build_meta_model(folder: Path, model_type: str, trust_remote_code: bool = False) -> torch.nn.Module:
+def build_meta_model(folder: Path, model_type: str) -> torch.nn.Module:
     """The model the config describes, on the ``meta`` device (no memory, no weights).
 
     Goes through the arch registry (unsupported ``model_type`` → ModelInputError naming the supported
-    ones; DeepSeek v1 through our own module). ``trust_remote_code`` is accepted for symmetry: the
-    registered classes never need remote code to know the shapes.
+    ones; DeepSeek v1 through our own module).
     """
     get_adapter(model_type)
     config = load_config(folder)
@@ -520,27 +523,17 @@ def load_hf_model(
     folder: Path,
     model_type: str,
     dtype: torch.dtype = torch.float32,
-    trust_remote_code: bool = False,
     expected_key_changes: tuple[Sequence[str], Sequence[str]] = ((), ()),
 ) -> torch.nn.Module:
     """Load a model folder (a checkpoint or a bundle) with its weights, in eval mode.
 
     Library code only (the registered class; DeepSeek v1 through our own module) and strict keys, except
     ``expected_key_changes`` = (missing, unexpected) keys that a recorded transform re-loads itself.
-    Remote code runs only when ``trust_remote_code`` is given, through ``AutoModelForCausalLM``.
+    Remote code never runs.
     """
     get_adapter(model_type)
-    if not trust_remote_code:
-        missing, unexpected = expected_key_changes
-        return load_pretrained(
-            folder, dtype=dtype, expected_missing=missing, expected_unexpected=unexpected
-        ).eval()
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, trust_remote_code=True)
-    except (OSError, ValueError, RuntimeError, KeyError) as exc:
-        raise ModelInputError(f"cannot load the model in {folder}: {_first_line(exc)}") from None
+    missing, unexpected = expected_key_changes
+    model = load_pretrained(folder, dtype=dtype, expected_missing=missing, expected_unexpected=unexpected)
     return model.eval()
 
 
@@ -614,13 +607,3 @@ def check_dtypes_against(model: torch.nn.Module, tensors: dict[str, TensorMeta])
                 f"tensor '{name}' in {meta.file} has dtype {meta.dtype}, but the config implies a "
                 f"{family} tensor (wrong dtype in the safetensors header?)"
             )
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """safetensors dtype string of a torch dtype (``torch.bfloat16`` → ``BF16``)."""
-    return DTYPE_NAMES[dtype]
-
-
-def file_size(path: Path) -> int:
-    """Size of a file in bytes."""
-    return os.stat(path).st_size

@@ -42,6 +42,28 @@ KEY_OPTION = click.option(
 )
 
 
+def noisy_run_options(max_tokens: int, seq_len: int) -> Callable[[Callable], Callable]:
+    """The options of a run under noise draws (eval, validate): --seeds, --seed, --dataset, --max-tokens,
+    --seq-len, with this command's token budget and window length as defaults."""
+    options = [
+        click.option("--seeds", default=5, show_default=True, type=click.IntRange(1),
+                     help="number of noise draws"),
+        click.option("--seed", default=1000, show_default=True,
+                     help="first noise seed (draws: seed, seed+1, ...)"),
+        click.option("--dataset", default="heldout", show_default=True, help="dataset name or text file"),
+        click.option("--max-tokens", default=max_tokens, show_default=True, type=click.IntRange(16),
+                     help="token budget"),
+        click.option("--seq-len", default=seq_len, show_default=True, type=click.IntRange(2)),
+    ]
+
+    def decorate(func: Callable) -> Callable:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
 def _key(key_file: Path | None) -> bytes | None:
     """The signing key read from ``--key FILE`` (None: the environment's, if any)."""
     return read_key_file(key_file) if key_file is not None else None
@@ -125,7 +147,6 @@ def _method_line(res: dict) -> str:
 @click.option("--force", is_flag=True, help="replace a non-empty OUT")
 @click.option("--onnx/--no-onnx", default=True, show_default=True, help="also export onnx/model.onnx")
 @click.option("--seed", default=0, show_default=True, help="seed for every random draw (recorded)")
-@click.option("--trust-remote-code", is_flag=True, help="allow the checkpoint's own Python code (off)")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
               help="GGUF input: dtype the weights are dequantised to [the GGUF's float type; float32 "
               "for quantised files]")
@@ -134,12 +155,12 @@ def _method_line(res: dict) -> str:
 @method_options
 def convert_cmd(model: str, profile: str, out: Path | None, method: str, analog: tuple[str, ...],
                 digital: tuple[str, ...], dry_run: bool, force: bool, onnx: bool, seed: int,
-                trust_remote_code: bool, dtype: str | None, key_file: Path | None, as_json: bool,
+                dtype: str | None, key_file: Path | None, as_json: bool,
                 **method_opts: Any) -> None:
     """Convert MODEL (local HF folder, .gguf file or cached hub id) into a bundle for the chip PROFILE."""
     res = api.convert(
         model, profile, out=out, method=method, analog=analog, digital=digital, dry_run=dry_run,
-        force=force, seed=seed, trust_remote_code=trust_remote_code, progress=not as_json,
+        force=force, seed=seed, progress=not as_json,
         method_options=method_opts, onnx=onnx, dtype=dtype, key=_key(key_file),
     )
     emit(res, as_json, _format_convert)
@@ -162,24 +183,17 @@ def _format_eval(res: dict) -> str:
 @cli.command("eval", context_settings=CONTEXT)
 @click.argument("model")
 @click.option("--profile", "-p", default=None, help="chip profile [a bundle's own profile, else required]")
-@click.option("--seeds", default=5, show_default=True, type=click.IntRange(1), help="number of noise draws")
-@click.option("--seed", default=1000, show_default=True, help="first noise seed (draws: seed, seed+1, ...)")
-@click.option("--dataset", default="heldout", show_default=True, help="dataset name or text file")
-@click.option("--max-tokens", default=16384, show_default=True, type=click.IntRange(16), help="token budget")
-@click.option("--seq-len", default=256, show_default=True, type=click.IntRange(2))
+@noisy_run_options(max_tokens=16384, seq_len=256)
 @click.option("--stride", default=None, type=click.IntRange(1), help="window stride [seq-len]")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads")
-@click.option("--trust-remote-code", is_flag=True)
 @click.option("--json", "as_json", is_flag=True, help="machine-readable result on stdout")
 def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: str, max_tokens: int,
-             seq_len: int, stride: int | None, batch_size: int, threads: int | None,
-             trust_remote_code: bool, as_json: bool) -> None:
+             seq_len: int, stride: int | None, batch_size: int, threads: int | None, as_json: bool) -> None:
     """Perplexity of MODEL (HF folder, hub id or bundle), clean and under chip noise."""
     res = api.evaluate(
         model, profile, seeds=seeds, seed=seed, dataset=dataset, max_tokens=max_tokens, seq_len=seq_len,
-        stride=stride, batch_size=batch_size, threads=threads, trust_remote_code=trust_remote_code,
-        progress=not as_json,
+        stride=stride, batch_size=batch_size, threads=threads, progress=not as_json,
     )
     emit(res, as_json, _format_eval)
 
@@ -188,11 +202,7 @@ def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: st
 @cli.command("validate", context_settings=CONTEXT)
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--profile", "-p", default=None, help="chip profile [the bundle's own]")
-@click.option("--seeds", default=5, show_default=True, type=click.IntRange(1), help="number of noise draws")
-@click.option("--seed", default=1000, show_default=True, help="first noise seed (seed, seed+1, ...)")
-@click.option("--dataset", default="heldout", show_default=True, help="dataset name or text file")
-@click.option("--max-tokens", default=4096, show_default=True, type=click.IntRange(16), help="token budget")
-@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(2))
+@noisy_run_options(max_tokens=4096, seq_len=128)
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="torch/ORT CPU threads")
 @click.option("--profile-mismatch-ok", is_flag=True, help="allow a profile other than the bundle's")
 @click.option("--mvm-noise", default="counter", show_default=True,

@@ -1,4 +1,5 @@
-"""Helpers shared by the reliability, bad-input and fuzz tests: small models, manifest edits, snapshots."""
+"""Helpers shared by several test files: the repository path, a micro llama, manifest edits, snapshots,
+CLI runs in a child process (and the type of the in-process ``run_cli`` fixture of conftest.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cimconvert.arch.loading import build_model
 from cimconvert.bundle.integrity import write_manifest_and_lock
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_OLMOE = REPO / "examples" / "models" / "tiny-olmoe"
+DEMO_MODELS = REPO / "examples" / "models"
+DEMO_OLMOE = DEMO_MODELS / "tiny-olmoe"
+
+#: The ``run_cli`` fixture: ``run_cli(*args)`` → (exit code, stdout, stderr) of the CLI run in-process.
+RunCli = Callable[..., tuple[int, str, str]]
 
 #: The smallest llama the placement still splits into analog and digital tensors (a few kB of weights).
 MICRO_LLAMA: dict[str, Any] = {
@@ -25,8 +31,6 @@ MICRO_LLAMA: dict[str, Any] = {
 
 def save_micro_llama(folder: Path, seed: int = 0) -> Path:
     """Write the micro llama checkpoint (safetensors + config) into ``folder``."""
-    from cimconvert.arch.loading import build_model
-
     build_model(dict(MICRO_LLAMA), seed=seed).save_pretrained(folder)
     return folder
 

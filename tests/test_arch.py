@@ -4,19 +4,12 @@ in memory (fused experts) and on disk (per-expert / legacy keys); DeepSeek v1 lo
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-
-from cimconvert.arch import get_adapter, load_config, load_pretrained, supported_types
-from cimconvert.errors import ModelInputError
-from cimconvert.profiles.schema import MATMUL_KINDS, TENSOR_KINDS
-
-sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import (
     TINY_CONFIGS,
     build_tiny,
@@ -25,6 +18,10 @@ from tiny_models import (
     tiny_types,
     write_deepseek_v1_folder,
 )
+
+from cimconvert.arch import get_adapter, load_config, load_pretrained, supported_types
+from cimconvert.errors import ModelInputError
+from cimconvert.profiles.schema import MATMUL_KINDS, TENSOR_KINDS
 
 MOE_TYPES = [t for t in tiny_types() if get_adapter(t).family == "moe"]
 SSM_TYPES = [t for t in tiny_types() if get_adapter(t).family == "ssm"]

@@ -22,6 +22,7 @@ import pytest
 import torch
 from reliability_helpers import (
     DEMO_OLMOE,
+    RunCli,
     edit_manifest,
     run_cli_subprocess,
     save_micro_llama,
@@ -30,7 +31,10 @@ from reliability_helpers import (
 from safetensors.torch import load_file, save_file
 
 from cimconvert import api
-from tests.test_cli import run_cli
+from cimconvert.errors import CimError
+from cimconvert.evaluation.noisy import NoisyEvalResult
+from cimconvert.finite import dumps, nulls_for_non_finite
+from cimconvert.plausibility import fail_implausible, plausibility_problems
 
 EVAL_FAST = ["--seeds", "1", "--max-tokens", "32", "--seq-len", "16", "--json"]
 BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
@@ -353,14 +357,14 @@ def test_corpus_is_large_enough() -> None:
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_bad_input_is_one_line_exit_2_nothing_left(
-    name: str, sources: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    name: str, sources: tuple[Path, Path], tmp_path: Path, run_cli: RunCli
 ) -> None:
     model, bundle = sources
     case = Case(tmp_path, Path(shutil.copytree(model, tmp_path / "model")),
                 Path(shutil.copytree(bundle, tmp_path / "bundle")), tmp_path / "out")  # fmt: skip
     argv = CASES[name](case)
     before = snapshot(tmp_path)
-    code, out, err = run_cli(capsys, *argv)
+    code, out, err = run_cli(*argv)
     assert code == 2, (name, out, err)
     assert out == "" and err.endswith("\n") and len(err.splitlines()) == 1, (name, err)
     assert err.startswith("error: ") and "Traceback" not in err
@@ -377,6 +381,7 @@ def _limit_file_size(limit: int) -> Callable[[], None]:
     return apply
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["auto", "none"])
 def test_full_disk_is_one_line_and_leaves_nothing(method: str, tmp_path: Path) -> None:
     src = DEMO_OLMOE  # MoE: "auto" runs ROMER, which saves the transformed checkpoint beside OUT first
@@ -394,7 +399,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(method: str, tmp_path: Path) -
     assert list(work.iterdir()) == []  # no OUT, no a/b parents, no .out.* folders
 
 
-
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["hidden-size-zero", "override-python-object", "manifest-without-rank"])
 def test_real_process_stderr_is_one_line(name: str, sources: tuple[Path, Path], tmp_path: Path) -> None:
     """Through a real process: Python warnings and library progress bars add no stderr line either."""
@@ -411,10 +416,6 @@ def test_real_process_stderr_is_one_line(name: str, sources: tuple[Path, Path], 
 
 # ------------------------------------------------------------------ finite results
 def test_strict_json_and_finite_results() -> None:
-    from cimconvert.errors import CimError
-    from cimconvert.evaluation.noisy import NoisyEvalResult
-    from cimconvert.finite import dumps, nulls_for_non_finite
-
     assert json.loads(dumps({"a": [1.5, {"b": 2}]})) == {"a": [1.5, {"b": 2}]}
     with pytest.raises(CimError, match=r"a\[1\]\.b is nan"):
         dumps({"a": [1.5, {"b": float("nan")}]})
@@ -437,8 +438,6 @@ def _validation(ort_noisy: list[float], torch_noisy: list[float], clean: float =
 
 def test_validate_fails_implausible_perplexities(tmp_path: Path) -> None:
     """Both runtimes agreeing is not enough: 7.8e7 (a 1-bit ADC zeroing every output) or NaN FAILs."""
-    from cimconvert.plausibility import fail_implausible, plausibility_problems
-
     assert plausibility_problems(_validation([180.0, 190.0], [180.0, 190.0]), 4096) == []
     absurd = plausibility_problems(_validation([7.8e7, 7.8e7], [7.8e7, 7.8e7]), 4096)
     assert len(absurd) == 2 and "vocabulary size 4096" in absurd[0]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import torch
 from safetensors import safe_open
@@ -24,7 +24,13 @@ from cimconvert.bundle import (
     verify_bundle,
     write_bundle,
 )
-from cimconvert.bundle.manifest import SCHEMA_PATH, compact_targets, match_target, schema_text
+from cimconvert.bundle.manifest import (
+    SCHEMA_PATH,
+    TensorEntry,
+    compact_targets,
+    match_target,
+    schema_text,
+)
 from cimconvert.checkpoint import resolve_model
 from cimconvert.errors import BundleError
 from cimconvert.placement import plan_tensors
@@ -57,50 +63,18 @@ def olmoe(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Pa
     return model, src, root / "bundle"
 
 
-# ------------------------------------------------------------------ JSON Schema (no jsonschema dependency)
-def _validate(value: Any, schema: dict[str, Any], defs: dict[str, Any], path: str = "$") -> None:
-    """Minimal JSON Schema check (the subset pydantic emits: $ref, anyOf, type, required, properties,
-    additionalProperties, items, enum, const, pattern, minimum)."""
-    if "$ref" in schema:
-        return _validate(value, defs[schema["$ref"].split("/")[-1]], defs, path)
-    if "anyOf" in schema:
-        errors = []
-        for option in schema["anyOf"]:
-            try:
-                return _validate(value, option, defs, path)
-            except AssertionError as exc:
-                errors.append(str(exc))
-        raise AssertionError(f"{path}: no anyOf option matches ({errors})")
-    types = {"object": dict, "array": list, "string": str, "integer": int, "number": (int, float),
-             "boolean": bool, "null": type(None)}  # fmt: skip
-    if "type" in schema:
-        assert isinstance(value, types[schema["type"]]), f"{path}: expected {schema['type']}"
-        if schema["type"] in ("integer", "number"):
-            assert not isinstance(value, bool), f"{path}: bool is not a number"
-    if "const" in schema:
-        assert value == schema["const"], f"{path}: expected {schema['const']!r}"
-    if "enum" in schema:
-        assert value in schema["enum"], f"{path}: {value!r} not in {schema['enum']}"
-    if "pattern" in schema:
-        assert re.search(schema["pattern"], value), f"{path}: {value!r} !~ {schema['pattern']}"
-    if "minimum" in schema:
-        assert value >= schema["minimum"], f"{path}: below minimum"
-    if isinstance(value, dict):
-        for key in schema.get("required", []):
-            assert key in value, f"{path}: missing {key}"
-        props = schema.get("properties", {})
-        extra = schema.get("additionalProperties", True)
-        for key, item in value.items():
-            if key in props:
-                _validate(item, props[key], defs, f"{path}.{key}")
-            elif extra is False:
-                raise AssertionError(f"{path}: unexpected key {key}")
-            elif isinstance(extra, dict):
-                _validate(item, extra, defs, f"{path}.{key}")
-    if isinstance(value, list) and "items" in schema:
-        for i, item in enumerate(value):
-            _validate(item, schema["items"], defs, f"{path}[{i}]")
-    return None
+# ------------------------------------------------------------------ JSON Schema
+def _schema_validator() -> jsonschema.protocols.Validator:
+    """A validator for the committed manifest schema (the schema itself checked against its draft)."""
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    validator_class = jsonschema.validators.validator_for(schema)
+    validator_class.check_schema(schema)
+    return validator_class(schema)
+
+
+def _tensor_entry(manifest: Manifest, name: str) -> TensorEntry:
+    """The manifest entry of one tensor."""
+    return next(entry for entry in manifest.tensors if entry.name == name)
 
 
 def test_committed_schema_is_up_to_date() -> None:
@@ -134,8 +108,11 @@ def test_manifest_validates_against_model_and_schema(olmoe) -> None:
     _, _src, out = olmoe
     data = json.loads((out / "manifest.json").read_text())
     manifest = Manifest.model_validate(data)
-    schema = json.loads(SCHEMA_PATH.read_text())
-    _validate(data, schema, schema.get("$defs", {}))
+    validator = _schema_validator()
+    validator.validate(data)
+    broken = {**data, "tensors": [{**data["tensors"][0], "sha256": "not-hex"}, *data["tensors"][1:]]}
+    assert not validator.is_valid(broken)  # the schema really constrains the manifest
+    assert not validator.is_valid({k: v for k, v in data.items() if k != "files"})
     assert manifest.source.model_type == "olmoe"
     assert manifest.profile.content_hash == SMALL_TILES.content_hash()
     assert manifest.seeds == {"global": 7} and manifest.extra == {"method": "none"}
@@ -156,7 +133,8 @@ def test_manifest_validates_against_model_and_schema(olmoe) -> None:
 def test_scales_are_abs_max_per_channel_and_tile(olmoe) -> None:
     _, src, out = olmoe
     manifest = read_manifest(out)
-    entry = manifest.tensor("model.layers.0.mlp.experts.1.down_proj.weight")  # [32, 64]: 4 input tiles
+    # [32, 64]: 4 input tiles
+    entry = _tensor_entry(manifest, "model.layers.0.mlp.experts.1.down_proj.weight")
     assert entry.unit == "analog" and entry.tiles == 4
     assert entry.tile_grid is not None and entry.tile_grid.in_sizes == [16, 16, 16, 16]
     with safe_open(str(out / "cim_scales.safetensors"), "pt") as handle:
@@ -166,7 +144,7 @@ def test_scales_are_abs_max_per_channel_and_tile(olmoe) -> None:
         weight = handle.get_tensor(entry.name)
     assert list(scales.shape) == entry.scales_shape == [32, 4]  # per output channel and input tile
     assert torch.equal(scales, weight.abs().reshape(32, 4, 16).amax(dim=2))
-    q_proj = manifest.tensor("model.layers.0.self_attn.q_proj.weight")  # [32, 32]: 2 input tiles
+    q_proj = _tensor_entry(manifest, "model.layers.0.self_attn.q_proj.weight")  # [32, 32]: 2 input tiles
     assert q_proj.tiles == 2 and q_proj.scales_shape == [32, 2]
 
 
@@ -296,8 +274,8 @@ def test_transforms_are_recorded_and_reapplied(olmoe, tmp_path: Path, monkeypatc
                  "targets": [r"re:model\.layers\.0\.mlp\.gate\.weight"]}  # fmt: skip
     _convert(src, out, transforms=[transform])
     manifest = read_manifest(out)
-    assert manifest.tensor("model.layers.0.mlp.gate.weight").transform == "t0"
-    assert manifest.tensor("model.layers.1.mlp.gate.weight").transform is None
+    assert _tensor_entry(manifest, "model.layers.0.mlp.gate.weight").transform == "t0"
+    assert _tensor_entry(manifest, "model.layers.1.mlp.gate.weight").transform is None
     with pytest.raises(BundleError, match="test_scale"):
         load_bundle(out)
     seen = []

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import constants
 from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_models import build_tiny, save_tiny
@@ -87,8 +88,6 @@ def test_mixtral_legacy_keys_and_fused_layout_pass_the_shape_check(tmp_path: Pat
 
 
 def test_hub_id_resolves_from_the_local_cache(olmoe_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    from huggingface_hub import constants
-
     commit = "a" * 40
     repo = tmp_path / "hub" / "models--tiny-org--tiny-olmoe"
     snapshot = repo / "snapshots" / commit
@@ -114,8 +113,6 @@ def test_missing_folder(tmp_path: Path) -> None:
 
 
 def test_hub_id_not_cached(tmp_path: Path, monkeypatch) -> None:
-    from huggingface_hub import constants
-
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     assert "not in the local Hugging Face cache" in _error("no-such-org/no-such-model")
 

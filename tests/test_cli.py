@@ -8,35 +8,23 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from cimconvert.cli import main
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """Run the CLI in-process; returns (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from reliability_helpers import RunCli
 
 
-def test_profiles_list_json(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli(capsys, "profiles", "--json")
+def test_profiles_list_json(run_cli: RunCli) -> None:
+    code, out, _ = run_cli("profiles", "--json")
     assert code == 0
     names = {row["name"] for row in json.loads(out)}
     assert {"chipA", "chipB", "hermes", "ideal", "gaussian"} <= names
 
 
-def test_profiles_show(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli(capsys, "profiles", "show", "gaussian:sigma=0.2", "--json")
+def test_profiles_show(run_cli: RunCli) -> None:
+    code, out, _ = run_cli("profiles", "show", "gaussian:sigma=0.2", "--json")
     assert code == 0
     data = json.loads(out)
     assert data["programming"]["sigma"] == 0.2
     assert data["content_hash"].startswith("sha256:")
-    code, out, _ = run_cli(capsys, "profiles", "show", "chipA")
+    code, out, _ = run_cli("profiles", "show", "chipA")
     assert code == 0 and "g_max: 25.0" in out
 
 
@@ -48,18 +36,18 @@ def test_profiles_show(capsys: pytest.CaptureFixture[str]) -> None:
         (("profiles", "show", "gaussian:sigma=-1"), "programming.sigma"),
     ],
 )
-def test_profile_errors_are_one_line(capsys: pytest.CaptureFixture[str], args: tuple[str, ...],
+def test_profile_errors_are_one_line(run_cli: RunCli, args: tuple[str, ...],
                                      needle: str) -> None:
-    code, _, err = run_cli(capsys, *args)
+    code, _, err = run_cli(*args)
     assert code == 2
     assert needle in err
     assert len(err.strip().splitlines()) == 1
 
 
-def test_malformed_profile_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_malformed_profile_file(run_cli: RunCli, tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nmapping: [unclosed\n", encoding="utf-8")
-    code, _, err = run_cli(capsys, "profiles", "show", str(bad))
+    code, _, err = run_cli("profiles", "show", str(bad))
     assert code == 2 and "bad.yaml" in err and "malformed YAML" in err
 
 

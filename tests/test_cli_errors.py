@@ -8,10 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from reliability_helpers import RunCli
 from safetensors.torch import load_file, save_file
-
-from tests.test_cli import run_cli
-from tests.tiny_models import save_tiny
+from tiny_models import save_tiny
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +50,13 @@ def _unknown_type(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(cfg))
 
 
+def _remote_code_type(folder: Path) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["model_type"] = "internlm2"
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
 def _no_config(folder: Path) -> None:
     (folder / "config.json").unlink()
 
@@ -62,16 +68,17 @@ def _no_config(folder: Path) -> None:
         (_truncate, "truncated"),
         (_nan_weight, "NaN"),
         (_unknown_type, "not_a_model"),
+        (_remote_code_type, "own Python code (auto_map), which cimconvert never runs"),
         (_no_config, "config.json"),
     ],
 )
-def test_bad_checkpoints(capsys: pytest.CaptureFixture[str], tmp_path: Path, olmoe_src: Path,
+def test_bad_checkpoints(run_cli: RunCli, tmp_path: Path, olmoe_src: Path,
                          damage: Callable[[Path], None], needle: str) -> None:
     folder = tmp_path / "model"
     shutil.copytree(olmoe_src, folder)
     damage(folder)
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, str(folder), "--profile", "chipA", "-o", str(out), "--no-onnx",
+    code, _, err = run_cli(str(folder), "--profile", "chipA", "-o", str(out), "--no-onnx",
                            "--method", "none")
     assert code == 2, err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -81,22 +88,30 @@ def test_bad_checkpoints(capsys: pytest.CaptureFixture[str], tmp_path: Path, olm
     assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 
 
-def test_unknown_profile_and_nonempty_out(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+def test_remote_code_is_not_an_option(run_cli: RunCli, tmp_path: Path,
+                                      olmoe_src: Path) -> None:
+    code, _, err = run_cli(str(olmoe_src), "--profile", "chipA", "-o", str(tmp_path / "o"),
+                           "--trust-remote-code")
+    assert code == 2 and "No such option '--trust-remote-code'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_profile_and_nonempty_out(run_cli: RunCli, tmp_path: Path,
                                           olmoe_src: Path) -> None:
-    code, _, err = run_cli(capsys, str(olmoe_src), "--profile", "chipZ", "-o", str(tmp_path / "o"))
+    code, _, err = run_cli(str(olmoe_src), "--profile", "chipZ", "-o", str(tmp_path / "o"))
     assert code == 2 and "unknown profile 'chipZ'" in err
     out = tmp_path / "busy"
     out.mkdir()
     (out / "keep.txt").write_text("user data")
-    code, _, err = run_cli(capsys, str(olmoe_src), "--profile", "chipA", "-o", str(out), "--no-onnx")
+    code, _, err = run_cli(str(olmoe_src), "--profile", "chipA", "-o", str(out), "--no-onnx")
     assert code == 2 and "--force" in err
     assert (out / "keep.txt").read_text() == "user data"
 
 
-def test_dry_run_writes_nothing(capsys: pytest.CaptureFixture[str], tmp_path: Path, olmoe_src: Path,
+def test_dry_run_writes_nothing(run_cli: RunCli, tmp_path: Path, olmoe_src: Path,
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    code, out, _ = run_cli(capsys, str(olmoe_src), "--profile", "chipA", "--dry-run", "--json")
+    code, out, _ = run_cli(str(olmoe_src), "--profile", "chipA", "--dry-run", "--json")
     assert code == 0
     res = json.loads(out)
     assert res["dry_run"] is True

@@ -83,6 +83,7 @@ def test_paired_test_verdicts() -> None:
     assert paired_log_ratio_test(noisy, base)["verdict"] == "inconclusive"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 5])
 def test_paired_test_false_failure_rate_is_alpha(n: int) -> None:
     """Under equal runtimes (log ratios ~ N(0, s²)) the test fails a fraction ≈ alpha of the time."""

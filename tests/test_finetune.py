@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -54,7 +55,7 @@ def test_ste_routes_every_analog_matmul_and_cleans_up(model_type: str, n_experts
     config = trainer.model.config
     before = getattr(config, "_experts_implementation_internal", None)
     losses = [s.loss for s in trainer.run(progress=False)]
-    assert all(torch.isfinite(torch.tensor(losses)))
+    assert len(losses) == 2 and all(math.isfinite(loss) and loss > 0 for loss in losses)  # cross-entropy
     method = trainer.method
     assert isinstance(method, SteNoise)
     experts = [t.name for t in trainer.targets if t.name.endswith(("gate_up_proj", "down_proj"))]
@@ -185,6 +186,7 @@ def test_distillation_runs(tmp_path) -> None:
     assert res["loss_first"] < res["ce_last"]
 
 
+@pytest.mark.slow
 def test_cli_finetune_writes_a_checkpoint_the_converter_accepts(tmp_path, repo_root, capsys) -> None:
     out = tmp_path / "ft"
     main(["finetune", str(repo_root / "examples" / "models" / "tiny-olmoe"), "--profile", "chipA",

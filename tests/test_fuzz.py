@@ -94,6 +94,7 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # ------------------------------------------------------------------ profile loader
+@pytest.mark.slow
 @FUZZ
 @given(st.data())
 def test_profile_dict_fuzz(data: st.DataObject) -> None:

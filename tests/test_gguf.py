@@ -10,13 +10,16 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from reliability_helpers import RunCli
+from tiny_models import save_tiny
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from cimconvert.analysis import analyze
 from cimconvert.api import convert, inspect, load_bundle
 from cimconvert.errors import ModelInputError
+from cimconvert.finetune import finetune
 from cimconvert.gguf import read_gguf_info
-from tests.test_cli import run_cli
 
 VOCAB = 300
 #: HF Llama parameter suffix → llama.cpp GGUF tensor name (per block).
@@ -145,12 +148,12 @@ def test_convert_gguf_bundle_equals_dequantised_source(tiny_gguf: Path, tmp_path
 
 
 def test_folder_with_one_gguf_and_dtype(tiny_gguf: Path, tmp_path: Path,
-                                        capsys: pytest.CaptureFixture[str]) -> None:
+                                        run_cli: RunCli) -> None:
     folder = tmp_path / "holder"
     folder.mkdir()
     (folder / tiny_gguf.name).symlink_to(tiny_gguf)
     out = tmp_path / "bf16"
-    code, stdout, err = run_cli(capsys, str(folder), "--profile", "chipA", "-o", str(out), "--method", "none",
+    code, stdout, err = run_cli(str(folder), "--profile", "chipA", "-o", str(out), "--method", "none",
                                 "--no-onnx", "--dtype", "bfloat16", "--json")
     assert code == 0, err
     manifest = json.loads((out / "manifest.json").read_text())
@@ -159,8 +162,8 @@ def test_folder_with_one_gguf_and_dtype(tiny_gguf: Path, tmp_path: Path,
     assert json.loads(stdout)["out"] == str(out)
 
 
-def test_eval_on_gguf(tiny_gguf: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, stdout, err = run_cli(capsys, "eval", str(tiny_gguf), "--profile", "chipB", "--seeds", "1",
+def test_eval_on_gguf(tiny_gguf: Path, run_cli: RunCli) -> None:
+    code, stdout, err = run_cli("eval", str(tiny_gguf), "--profile", "chipB", "--seeds", "1",
                                 "--max-tokens", "256", "--seq-len", "64", "--json")
     assert code == 0, err
     res = json.loads(stdout)
@@ -205,10 +208,10 @@ def _not_gguf(src: Path, dst: Path) -> Path:
          "quant-type"],
 )
 def test_bad_gguf_one_line_exit_2(make, needle: str, tiny_gguf: Path, tmp_path: Path,
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+                                  run_cli: RunCli) -> None:
     bad = make(tiny_gguf, tmp_path / "bad.gguf")
     out = tmp_path / "out"
-    code, _, err = run_cli(capsys, str(bad), "--profile", "chipA", "-o", str(out), "--method", "none")
+    code, _, err = run_cli(str(bad), "--profile", "chipA", "-o", str(out), "--method", "none")
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], err
@@ -217,8 +220,6 @@ def test_bad_gguf_one_line_exit_2(make, needle: str, tiny_gguf: Path, tmp_path: 
 
 
 def test_dtype_refused_for_safetensors_input(tmp_path: Path) -> None:
-    from tests.tiny_models import save_tiny
-
     _, folder = save_tiny("llama", tmp_path / "llama")
     with pytest.raises(ModelInputError, match="--dtype applies to GGUF input only"):
         convert(str(folder), "chipA", out=tmp_path / "out", method="none", dtype="float16", progress=False)
@@ -232,9 +233,6 @@ def test_folder_with_two_ggufs_is_refused(tiny_gguf: Path, tmp_path: Path) -> No
 
 
 def test_analyze_and_finetune_take_gguf(tiny_gguf: Path, tmp_path: Path) -> None:
-    from cimconvert.analysis import analyze
-    from cimconvert.finetune import finetune
-
     scan = analyze(str(tiny_gguf), "chipB", seeds=1, granularity="block", out=tmp_path / "scan",
                    max_tokens=128, seq_len=64, progress=False)
     assert [row["name"] for row in scan["rows"]][:1] and (tmp_path / "scan" / "sensitivity.json").is_file()

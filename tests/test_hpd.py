@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from tiny_models import VOCAB, build_tiny
+from tiny_models import VOCAB, build_tiny, save_tiny
 
 from cimconvert.arch import get_adapter, load_pretrained
+from cimconvert.cli import main
 from cimconvert.errors import CimError
 from cimconvert.methods import METHODS, resolve_method
 from cimconvert.methods.hpd import (
@@ -160,11 +163,6 @@ def test_apply_hpd_rejects_unknown_factor() -> None:
                                                 (("--digital", "lm_head"), "digital")])  # fmt: skip
 def test_convert_lm_head_split_places_factors(tmp_path, override, unit) -> None:
     """End to end: the analog factor of a split LM head follows the method, and user overrides win."""
-    import json
-
-    from cimconvert.cli import main
-    from tests.tiny_models import save_tiny
-
     _, src = save_tiny("llama", tmp_path / "src")
     out = tmp_path / "out"
     main([str(src), "--profile", "chipA", "--method", "hpd", "--hpd-layers", "lm_head", "-o", str(out),

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from cimconvert.checkpoint import resolve_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,8 +30,6 @@ def moefy():
 @pytest.fixture(scope="module")
 def tiny():
     """A random 2-layer Llama (hidden 64, intermediate 128, tied embeddings) and calibration ids."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=128,
@@ -77,10 +78,6 @@ def test_all_experts_reproduce_dense(moefy, tiny, router):
 
 
 def test_saved_checkpoint_resolves_and_reloads(moefy, tiny, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    from cimconvert.checkpoint import resolve_model
-
     dense, ids = tiny
     opts = moefy.MoefyOptions(experts=4, top_k=2, seed=7)
     fits = moefy.fit_all(dense, moefy.collect_ffn_inputs(dense, ids), opts, progress=False)

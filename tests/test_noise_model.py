@@ -198,11 +198,13 @@ def test_experts_implementation_switched_and_restored() -> None:
         SimpleNamespace(name=f"model.layers.0.mlp.experts.{p}", layout="out_in") for p in ("down_proj",)
     ]
     ids = torch.randint(3, 128, (1, 10))
+    with torch.no_grad():
+        clean = model(ids).logits
     with apply_chip_noise(model, layer0, load_profile("chipA"), seed=0) as handle:
         assert model.config._experts_implementation == EXPERTS_IMPLEMENTATION
         with torch.no_grad():
             out = model(ids).logits
-        assert torch.isfinite(out).all()
+        assert torch.isfinite(out).all() and not torch.equal(out, clean)
         assert set(handle.mvm_calls) == {"model.layers.0.mlp.experts.down_proj"}  # layer 1 falls back
     assert model.config._experts_implementation == before
 

@@ -9,6 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from tiny_models import VOCAB, build_tiny
+from transformers.models.deepseek_v2 import modeling_deepseek_v2 as ds
 
 from cimconvert.noise import apply_chip_noise
 from cimconvert.onnx import analog_op, rope
@@ -20,7 +22,6 @@ from cimconvert.profiles import load_profile
 from cimconvert.runtime import OrtNoiseRunner, analog_tensors, make_session
 from cimconvert.runtime.noise import AnalogTensor, bound_equal
 from cimconvert.simulator import analog_matmul, prepare_mvm
-from tests.tiny_models import VOCAB, build_tiny
 
 ATOL = 1e-4
 #: Every family: MoE (incl. shared experts, sigmoid/group routing, own DeepSeek v1 module), dense, SSM.
@@ -114,8 +115,6 @@ def test_moe_graph_is_not_baked_to_the_trace_routing(model_type, chip):
 
 def test_real_rotary_patch_matches_complex_deepseek_v2_and_is_undone():
     """The export-time real cos/sin RoPE equals transformers' complex one (≤1e-5) and is removed after."""
-    from transformers.models.deepseek_v2 import modeling_deepseek_v2 as ds
-
     model = build_tiny("deepseek_v2").eval()
     rotary = model.model.rotary_emb
     stock_apply = ds.apply_rotary_emb

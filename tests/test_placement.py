@@ -4,21 +4,18 @@ in-memory (fused experts) and on-disk (per-expert keys) views for every tiny mod
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TINY_CONFIGS, build_tiny, read_shapes, save_tiny, tiny_types
 
 from cimconvert.arch import build_model, get_adapter, load_config
 from cimconvert.errors import ModelInputError
 from cimconvert.placement import Placement, plan_model, plan_tensors
 from cimconvert.profiles import load_profile
 from cimconvert.profiles.schema import ChipProfile, MappingSpec, PlacementDefaults
-
-sys.path.insert(0, str(Path(__file__).parent))
-from tiny_models import TINY_CONFIGS, build_tiny, read_shapes, save_tiny, tiny_types
 
 CHIP_A = load_profile("chipA")
 CHIP_B = load_profile("chipB")

@@ -14,26 +14,31 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from reliability_helpers import (
     DEMO_OLMOE,
+    RunCli,
     edit_manifest,
     run_cli_subprocess,
     save_micro_llama,
     subprocess_env,
 )
 
+import cimconvert.bundle.writer as writer_mod
 from cimconvert import api
 from cimconvert.bundle import outdir
 from cimconvert.bundle.integrity import LOCK_NAME
 from cimconvert.bundle.manifest import Manifest
 from cimconvert.bundle.reader import inspect_bundle, read_manifest, verify_bundle
+from cimconvert.checkpoint import sha256_file
 from cimconvert.errors import BundleError
 
 KILL_SCRIPT = """
@@ -107,6 +112,7 @@ KILL_POINTS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("point", "hook", "when", "nth", "old", "allowed"), KILL_POINTS,
                          ids=[p[0] for p in KILL_POINTS])  # fmt: skip
 def test_kill_9_leaves_old_or_complete_bundle(
@@ -127,6 +133,7 @@ def test_kill_9_leaves_old_or_complete_bundle(
     assert _strays(out) == [] and _bundle_state(out) == "3"
 
 
+@pytest.mark.slow
 def test_kill_9_between_the_two_renames_is_completed_by_the_next_run(micro: Path, tmp_path: Path) -> None:
     """Where RENAME_EXCHANGE is unsupported, --force renames twice; a kill in between leaves OUT missing
     (documented) and the next run puts the complete new bundle in place."""
@@ -142,6 +149,7 @@ def test_kill_9_between_the_two_renames_is_completed_by_the_next_run(micro: Path
     assert _bundle_state(out) == "2" and _strays(out) == []
 
 
+@pytest.mark.slow
 def test_kill_9_with_a_method_removes_the_transformed_copy_next_time(tmp_path: Path) -> None:
     """A killed ROMER run leaves ``.OUT.src-<pid>-*`` (a full model copy); the next run removes it."""
     out = tmp_path / "out"
@@ -182,6 +190,7 @@ with out_lock(Path(sys.argv[1])):
 """
 
 
+@pytest.mark.slow
 def test_second_writer_fails_naming_the_first(micro: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     first = subprocess.Popen([sys.executable, "-c", HOLD_SCRIPT, str(out)], env=subprocess_env(),
@@ -200,6 +209,7 @@ def test_second_writer_fails_naming_the_first(micro: Path, tmp_path: Path) -> No
     assert _bundle_state(out) == "0" and _strays(out) == []
 
 
+@pytest.mark.slow
 def test_concurrent_conversions_one_wins(micro: Path, tmp_path: Path) -> None:
     """Three real conversions into the same OUT at once: exactly the ones that got the lock succeed, the
     others fail with one line; OUT is one complete bundle; nothing is left beside it."""
@@ -219,8 +229,6 @@ def test_concurrent_conversions_one_wins(micro: Path, tmp_path: Path) -> None:
 
 def test_out_filled_during_conversion_is_not_replaced(micro: Path, tmp_path: Path, monkeypatch) -> None:
     """The emptiness check runs again at the final rename: a folder filled meanwhile is kept."""
-    import cimconvert.bundle.writer as writer_mod
-
     out = tmp_path / "out"
     original = writer_mod._write_scales
 
@@ -255,6 +263,7 @@ def _detected(bundle: Path, manifest: Manifest, changed: Path) -> bool:
     return bool(verify_bundle(bundle, manifest))
 
 
+@pytest.mark.slow
 def test_every_single_byte_change_is_detected(micro_bundle: Path, tmp_path: Path) -> None:
     """Flip one bit of each byte of each file in turn: every byte of manifest.json and bundle.lock, and
     every ``CIMCONVERT_TAMPER_STRIDE``-th byte (default 4; 1 = all) of the other files, whose per-file
@@ -334,7 +343,6 @@ def test_paths_outside_the_bundle_are_refused(micro_bundle: Path, tmp_path: Path
     bundle = Path(shutil.copytree(micro_bundle, tmp_path / "b"))
     outside = tmp_path / "hostname"
     outside.write_text("machine\n")
-    from cimconvert.checkpoint import sha256_file
 
     entry = {"name": "../hostname", "sha256": sha256_file(outside), "bytes": outside.stat().st_size}
     edit_manifest(bundle, lambda m: m["files"].append(entry))
@@ -348,9 +356,6 @@ def test_paths_outside_the_bundle_are_refused(micro_bundle: Path, tmp_path: Path
 def test_kill_9_at_random_times(tmp_path: Path) -> None:
     """``--force`` conversions of the demo OLMoE killed at a random moment after they took the lock: OUT
     is always the previous or the new complete bundle, and the next run leaves nothing beside it."""
-    import random
-    import time
-
     rng = random.Random(int(os.environ.get("CIMCONVERT_RANDOM_KILLS_SEED", "0")))
     out = tmp_path / "out"
     lock = tmp_path / ".out.lock"
@@ -378,17 +383,15 @@ def test_kill_9_at_random_times(tmp_path: Path) -> None:
 
 
 def test_key_file_on_the_command_line(
-    micro: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    micro: Path, tmp_path: Path, run_cli: RunCli
 ) -> None:
-    from tests.test_cli import run_cli
-
     good, bad = tmp_path / "good.key", tmp_path / "bad.key"
     good.write_text("k-1\n")
     bad.write_text("k-2\n")
     out = tmp_path / "b"
-    code, _, err = run_cli(capsys, *_args(micro, out, "--key", str(good)))
+    code, _, err = run_cli(*_args(micro, out, "--key", str(good)))
     assert code == 0, err
-    code, stdout, _ = run_cli(capsys, "inspect", str(out), "--key", str(good))
+    code, stdout, _ = run_cli("inspect", str(out), "--key", str(good))
     assert code == 0 and "signature OK" in stdout
-    code, stdout, err = run_cli(capsys, "inspect", str(out), "--key", str(bad))
+    code, stdout, err = run_cli("inspect", str(out), "--key", str(bad))
     assert code == 2 and stdout == "" and len(err.splitlines()) == 1 and "signature" in err

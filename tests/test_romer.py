@@ -8,13 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_models import TINY_CONFIGS, build_tiny
+from transformers import AutoTokenizer
 
 from cimconvert.arch import get_adapter
 from cimconvert.arch.loading import build_model, load_config
 from cimconvert.bundle.manifest import TransformEntry
+from cimconvert.checkpoint import resolve_model
+from cimconvert.datasets import load_text, tokenize
 from cimconvert.errors import CimError
+from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.methods import METHODS, all_options, resolve_method
-from cimconvert.methods.calibration import calibration_batches
+from cimconvert.methods.calibration import calibration_batches, calibration_tokens
 from cimconvert.methods.romer import (
     METHOD,
     LayerRouting,
@@ -247,14 +251,9 @@ def test_bad_option_values() -> None:
         RomerConfig.from_options({"calib_mode": "sometimes"})
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (DEMO_OLMOE / "model.safetensors").is_file(), reason="demo tiny-olmoe not trained")
 def test_trained_olmoe_calibration_recovers_drift_damage_on_unseen_draw() -> None:
-    from transformers import AutoTokenizer
-
-    from cimconvert.checkpoint import resolve_model
-    from cimconvert.datasets import load_text, tokenize
-    from cimconvert.evaluation.perplexity import perplexity
-
     model = resolve_model(str(DEMO_OLMOE)).load_model(dtype=torch.float32)
     adapter = get_adapter("olmoe")
     ids = tokenize(AutoTokenizer.from_pretrained(str(DEMO_OLMOE)), load_text("heldout"), 2048)
@@ -280,10 +279,6 @@ def test_ideal_profile_leaves_model_unchanged() -> None:
 
 def test_calibration_sequences_shortened_to_the_model_context() -> None:
     """The default --calib-seq-len (256) on a model with a shorter context is clamped, with a warning."""
-    from transformers import AutoTokenizer
-
-    from cimconvert.methods.calibration import calibration_tokens
-
     model = build_tiny("olmoe")
     model.config.max_position_embeddings = 64
     tokenizer = AutoTokenizer.from_pretrained(DEMO_OLMOE)

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import onnx
 import pytest
+from reliability_helpers import RunCli
 
 from cimconvert import api
 from cimconvert.bundle.integrity import write_manifest_and_lock
-from cimconvert.checkpoint import resolve_model
+from cimconvert.checkpoint import resolve_model, sha256_file
 from cimconvert.errors import CimError
 from cimconvert.onnx import analog_op
 from cimconvert.profiles import ChipProfile
 from cimconvert.validate import NODE_MISMATCH, PPL_RTOL, validate
-from tests.test_cli import run_cli
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "models"
 FAST = {"seeds": 2, "max_tokens": 384, "seq_len": 64}
@@ -49,6 +49,7 @@ def _assert_agreement(res: dict) -> None:
     assert res["onnxruntime"]["clean_ppl"] == pytest.approx(res["torch"]["clean_ppl"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_validate_moe_bundle_agrees_with_torch(olmoe_bundle: Path) -> None:
     res = validate(olmoe_bundle, "chipA", **FAST)
     _assert_agreement(res)
@@ -70,6 +71,7 @@ DEMO_MODELS = ["tiny-olmoe", "tiny-qwen2-moe", "tiny-deepseek", "tiny-mamba", "t
 ROMER_PROFILE = "chipA:drift.compensation=none"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["none", "auto"])
 @pytest.mark.parametrize("model", DEMO_MODELS)
 def test_every_demo_model_exports_and_validates(
@@ -98,8 +100,8 @@ def test_every_demo_model_exports_and_validates(
     assert summary["passed"], summary
 
 
-def test_cli_validate_json(olmoe_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_cli(capsys, "validate", str(olmoe_bundle), "--profile", "chipA", "--seeds", "1",
+def test_cli_validate_json(olmoe_bundle: Path, run_cli: RunCli) -> None:
+    code, out, _ = run_cli("validate", str(olmoe_bundle), "--profile", "chipA", "--seeds", "1",
                         "--max-tokens", "256", "--seq-len", "64", "--json")  # fmt: skip
     assert code == 0
     assert json.loads(out)["summary"]["outputs_match"] is True
@@ -111,7 +113,7 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("damage", ["altered", "missing", "no-onnx"])
 def test_damaged_onnx_is_one_line_exit_2(
-    olmoe_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str
+    olmoe_bundle: Path, tmp_path: Path, run_cli: RunCli, damage: str
 ) -> None:
     bundle = _copy(olmoe_bundle, tmp_path)
     graph = bundle / "onnx" / "model.onnx"
@@ -123,29 +125,30 @@ def test_damaged_onnx_is_one_line_exit_2(
         data = json.loads((bundle / "manifest.json").read_text())
         data["files"] = [f for f in data["files"] if not f["name"].startswith("onnx/")]
         write_manifest_and_lock(bundle, json.dumps(data))  # a consistent bundle that lacks the graph
-    code, out, err = run_cli(capsys, "validate", str(bundle))
+    code, out, err = run_cli("validate", str(bundle))
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and "model.onnx" in err
 
 
 def test_profile_mismatch_refused_unless_allowed(
-    olmoe_bundle: Path, capsys: pytest.CaptureFixture[str]
+    olmoe_bundle: Path, run_cli: RunCli
 ) -> None:
-    code, _, err = run_cli(capsys, "validate", str(olmoe_bundle), "--profile", "chipB")
+    code, _, err = run_cli("validate", str(olmoe_bundle), "--profile", "chipB")
     assert code == 2 and "--profile-mismatch-ok" in err and err.count("\n") == 1
     res = validate(olmoe_bundle, "chipB", profile_mismatch_ok=True, **{**FAST, "seeds": 1})
     assert res["profile"] == "chipB" and res["summary"]["outputs_match"]
     assert res["summary"]["programmed_weights_bit_identical"]
 
 
-def test_missing_dataset_is_one_line(olmoe_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_cli(capsys, "validate", str(olmoe_bundle), "--dataset", "/nonexistent/text.txt")
+def test_missing_dataset_is_one_line(olmoe_bundle: Path, run_cli: RunCli) -> None:
+    code, _, err = run_cli("validate", str(olmoe_bundle), "--dataset", "/nonexistent/text.txt")
     assert code == 2 and err.count("\n") == 1 and "dataset" in err
     with pytest.raises(CimError):
         validate(olmoe_bundle, dataset="/nonexistent/text.txt")
 
 
 # ------------------------------------------------------------------------ a verdict that is not luck
+@pytest.mark.slow
 def test_counter_mode_passes_for_every_seed_count(olmoe_bundle: Path) -> None:
     """Shared counter draws: every seed's noisy PPL agrees within the per-seed tolerance, every node alone."""
     for n in (1, 2, 3):
@@ -170,6 +173,7 @@ def _scaled_noise_bodies(monkeypatch: pytest.MonkeyPatch, factor: float) -> None
     monkeypatch.setattr(analog_op, "mvm_functions", scaled)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seeds", [1, 3])
 def test_noise_scale_off_by_ten_percent_fails(
     olmoe_bundle: Path, monkeypatch: pytest.MonkeyPatch, seeds: int
@@ -185,9 +189,6 @@ def test_noise_scale_off_by_ten_percent_fails(
 def _drop_analog_node(bundle: Path) -> str:
     """Turn the graph's first AnalogMatMul into a plain digital matmul (manifest checksums and the
     bundle lock updated, as a re-export would)."""
-    from cimconvert.bundle.integrity import write_manifest_and_lock
-    from cimconvert.checkpoint import sha256_file
-
     path = bundle / "onnx" / "model.onnx"
     model = onnx.load(str(path), load_external_data=False)
     node = analog_op.analog_nodes(model)[0]
@@ -205,6 +206,7 @@ def _drop_analog_node(bundle: Path) -> str:
     return tensor
 
 
+@pytest.mark.slow
 def test_graph_missing_one_analog_node_fails(olmoe_bundle: Path, tmp_path: Path) -> None:
     bundle = _copy(olmoe_bundle, tmp_path)
     tensor = _drop_analog_node(bundle)
@@ -227,7 +229,7 @@ def test_native_mode_is_a_stated_statistical_test(olmoe_bundle: Path) -> None:
 
 @pytest.mark.parametrize("option", [("--mvm-noise", "lucky"), ("--alpha", "0.7"), ("--margin", "0")])
 def test_bad_comparison_option_is_one_line(
-    olmoe_bundle: Path, capsys: pytest.CaptureFixture[str], option: tuple[str, str]
+    olmoe_bundle: Path, run_cli: RunCli, option: tuple[str, str]
 ) -> None:
-    code, out, err = run_cli(capsys, "validate", str(olmoe_bundle), *option)
+    code, out, err = run_cli("validate", str(olmoe_bundle), *option)
     assert code == 2 and out == "" and err.count("\n") == 1 and option[0] in err

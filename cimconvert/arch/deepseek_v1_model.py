@@ -241,13 +241,6 @@ def v1_config(config_dict: dict[str, Any]) -> DeepseekV1Config:
     return config
 
 
-def build_deepseek_v1(config_dict: dict[str, Any] | DeepseekV1Config) -> DeepseekV1ForCausalLM:
-    """A randomly initialised DeepSeek v1 model from a v1 config dict (or config), no remote code."""
-    config = config_dict if isinstance(config_dict, DeepseekV1Config) else v1_config(config_dict)
-    check_v1_config(config)
-    return DeepseekV1ForCausalLM(config)
-
-
 def _register_conversion() -> None:
     """Fuse per-expert checkpoint keys on load (and split them on save), as for DeepSeek-V2."""
     if MODEL_TYPE not in USER_REGISTERED_MAPPINGS:

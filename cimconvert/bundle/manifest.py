@@ -182,13 +182,6 @@ class Manifest(Entry):
     files: list[FileEntry] = Field(description="every bundle file except manifest.json")
     totals: Totals
 
-    def tensor(self, name: str) -> TensorEntry:
-        """The entry of one tensor (KeyError when absent)."""
-        for entry in self.tensors:
-            if entry.name == name:
-                return entry
-        raise KeyError(name)
-
     def analog_names(self) -> list[str]:
         """Names of the tensors placed on analog units."""
         return [t.name for t in self.tensors if t.unit == "analog"]

@@ -488,8 +488,8 @@ def write_bundle(
         _check_analog_dtypes(metas, infos)
         shards, where = plan_shards(metas, {m.name: infos[m.name].unit for m in metas}, max_shard_size)
         plan = _Plan(metas, infos, shards, where, [TransformEntry.model_validate(t) for t in transforms])
-        manifest = _write_in_tmp(source, out, profile, placement, plan, seeds or {}, extra or {},
-                                 origin or source, finalize, force, progress, key)
+        recorded = _Recorded(seeds or {}, extra or {}, origin or source, finalize, key)
+        manifest = _write_in_tmp(source, out, profile, placement, plan, recorded, force, progress)
     return BundleSummary(
         out=out,
         files=[f.model_dump() for f in manifest.files],
@@ -511,6 +511,18 @@ class _Plan:
     transforms: list[TransformEntry]
 
 
+@dataclass
+class _Recorded:
+    """What the manifest records besides the tensors: seeds, extra, the origin checkpoint, the ``finalize``
+    hook's additions, and the key that signs ``bundle.lock``."""
+
+    seeds: dict[str, int | list[int]]
+    extra: dict[str, Any]
+    origin: SourceCheckpoint
+    finalize: Callable[[Path, Manifest], dict[str, Any]] | None
+    key: bytes | str | None
+
+
 def _check_analog_dtypes(metas: list[TensorMeta], infos: dict[str, Any]) -> None:
     """Analog tiles hold real-valued weights: an integer or boolean tensor placed analog is refused."""
     for meta in metas:
@@ -527,13 +539,9 @@ def _write_in_tmp(
     profile: ChipProfile,
     placement: Any,
     plan: _Plan,
-    seeds: dict[str, int | list[int]],
-    extra: dict[str, Any],
-    origin: SourceCheckpoint,
-    finalize: Callable[[Path, Manifest], dict[str, Any]] | None,
+    recorded: _Recorded,
     force: bool,
     progress: bool,
-    key: bytes | str | None,
 ) -> Manifest:
     """Build the bundle in ``.OUT.tmp-<pid>`` and move it into place; the folder goes on any failure."""
     from safetensors import SafetensorError
@@ -543,8 +551,7 @@ def _write_in_tmp(
     try:
         written = _stream(source, tmp, plan.where, plan.infos, profile, update)
         close_bar()
-        manifest = _assemble(source, tmp, profile, placement, plan, written, seeds, extra, origin,
-                             finalize, key)
+        manifest = _assemble(source, tmp, profile, placement, plan, written, recorded)
         move_into_place(tmp, out, force)
     except CimError:
         _cleanup(tmp)
@@ -567,13 +574,10 @@ def _assemble(
     placement: Any,
     plan: _Plan,
     written: _Written,
-    seeds: dict[str, int | list[int]],
-    extra: dict[str, Any],
-    origin: SourceCheckpoint,
-    finalize: Callable[[Path, Manifest], dict[str, Any]] | None = None,
-    key: bytes | str | None = None,
+    recorded: _Recorded,
 ) -> Manifest:
     """Write index, scales, copied files, REPORT.md, manifest.json and (last) bundle.lock into ``folder``."""
+    origin = recorded.origin
     entries = _tensor_entries(plan.metas, plan.infos, plan.where, written, plan.transforms, profile)
     totals = _totals(entries, plan.shards, placement)
     _write_index(folder, entries, totals.total_bytes)
@@ -593,18 +597,18 @@ def _assemble(
         profile=ProfileInfo(
             name=profile.name, content_hash=profile.content_hash(), profile=profile.model_dump(mode="json")
         ),
-        placement_config=_placement_config(entries, profile, extra),
+        placement_config=_placement_config(entries, profile, recorded.extra),
         scales_file=scales_file,
         tensors=entries,
         transforms=plan.transforms,
-        seeds=json.loads(json.dumps(seeds)),
-        extra=json.loads(json.dumps(extra, default=str)),
+        seeds=json.loads(json.dumps(recorded.seeds)),
+        extra=json.loads(json.dumps(recorded.extra, default=str)),
         files=[],
         totals=totals,
     )
-    if finalize is not None:
-        manifest.extra = {**manifest.extra, **finalize(folder, manifest)}
+    if recorded.finalize is not None:
+        manifest.extra = {**manifest.extra, **recorded.finalize(folder, manifest)}
     (folder / REPORT_NAME).write_text(render_report(manifest), encoding="utf-8")
     manifest.files = _file_entries(folder, written.files)
-    write_manifest_and_lock(folder, manifest.model_dump_json(indent=2) + "\n", key)
+    write_manifest_and_lock(folder, manifest.model_dump_json(indent=2) + "\n", recorded.key)
     return manifest

@@ -21,9 +21,7 @@ from cimconvert.placement import plan_model
 from cimconvert.profiles import ChipProfile, load_profile
 
 
-def load_for_eval(
-    model: str, profile: str | None, trust_remote_code: bool = False
-) -> tuple[torch.nn.Module, Any, list[Any], ChipProfile]:
+def load_for_eval(model: str, profile: str | None) -> tuple[torch.nn.Module, Any, list[Any], ChipProfile]:
     """(model, tokenizer, analog targets, profile) for a source checkpoint or a bundle."""
     if is_bundle(model):
         manifest = read_manifest(Path(model))
@@ -36,12 +34,12 @@ def load_for_eval(
         if not profile:
             raise CimError("--profile is required unless MODEL is a bundle")
         chip = load_profile(profile)
-        source = resolve_model(model, trust_remote_code=trust_remote_code)
+        source = resolve_model(model)
         net = check_weights_finite(source.load_model(dtype=torch.float32))
         targets = plan_model(net, chip).analog()
         folder = source.dir
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:
         raise CimError(f"no usable tokenizer in {folder}: {str(exc).splitlines()[0]}") from None
     return net, tokenizer, targets, chip

@@ -132,10 +132,3 @@ def score_piqa(model: torch.nn.Module, prepared: PreparedPiqa, batch_size: int =
         correct_norm += norm == label
     n = len(prepared)
     return {"acc": correct / n, "acc_norm": correct_norm / n, "n": n}
-
-
-def piqa_accuracy(
-    model: torch.nn.Module, tokenizer: Any, limit: int | None = None, batch_size: int = 32
-) -> dict[str, Any]:
-    """PIQA validation accuracy (first ``limit`` items) of a causal LM: ``{acc, acc_norm, n}``."""
-    return score_piqa(model, prepare_piqa(tokenizer, load_piqa(limit)), batch_size)

@@ -38,9 +38,8 @@ from torch import nn
 
 from cimconvert import __version__
 from cimconvert.arch import get_adapter
-from cimconvert.bundle.integrity import write_manifest_and_lock
-from cimconvert.bundle.manifest import FileEntry, Manifest
-from cimconvert.bundle.reader import load_bundle, manifest_overrides, manifest_profile, read_manifest
+from cimconvert.bundle.manifest import Manifest
+from cimconvert.bundle.reader import manifest_overrides, manifest_profile
 from cimconvert.errors import CimError
 from cimconvert.onnx import analog_op, rope, ssm
 from cimconvert.onnx.analog_op import SCALES_SUFFIX, AnalogSpec
@@ -464,10 +463,8 @@ def _externalise(proto: ModelProto, folder: Path, threshold: int) -> bool:
 
 def file_entry(path: Path, base: Path) -> dict[str, Any]:
     """``{name, sha256, bytes}`` of a file, ``name`` relative to ``base`` (manifest FileEntry)."""
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+        digest = hashlib.file_digest(handle, "sha256")
     return {
         "name": path.relative_to(base).as_posix(),
         "sha256": digest.hexdigest(),
@@ -536,38 +533,14 @@ def export_bundle_onnx(
     return {"files": result.files, "onnx": result.to_dict()}
 
 
-def record_in_manifest(bundle_dir: str | Path, exported: dict) -> None:
-    """Add an :func:`export_bundle_onnx` result to ``bundle_dir/manifest.json`` (files + extra.onnx);
-    ``bundle.lock`` is rewritten for the new manifest (signed with ``$CIMCONVERT_SIGNING_KEY`` if set)."""
-    folder = Path(bundle_dir)
-    manifest = read_manifest(folder)
-    names = {f["name"] for f in exported["files"]}
-    kept = [f for f in manifest.files if f.name not in names and not f.name.startswith(f"{ONNX_DIR}/")]
-    manifest.files = [*kept, *(FileEntry(**f) for f in exported["files"])]
-    manifest.extra = {**manifest.extra, "onnx": exported["onnx"]}
-    write_manifest_and_lock(folder, manifest.model_dump_json(indent=2) + "\n")
-
-
-def export_existing_bundle(bundle_dir: str | Path, progress: bool = False) -> dict:
-    """Load a bundle (transforms re-applied), export its ONNX graph and record it in the manifest."""
-    folder = Path(bundle_dir)
-    manifest = read_manifest(folder)
-    model = load_bundle(folder)
-    exported = export_bundle_onnx(folder, model, manifest, progress)
-    record_in_manifest(folder, exported)
-    return exported
-
-
 __all__ = [
     "ExportResult",
     "LogitsModel",
     "analog_specs",
     "build_onnx",
     "export_bundle_onnx",
-    "export_existing_bundle",
     "export_model",
     "file_entry",
     "onnx_experts_forward",
-    "record_in_manifest",
     "save_onnx",
 ]

@@ -286,11 +286,6 @@ class OrtCausalLM:
         return OrtCausalLM.Output(torch.from_numpy(logits))
 
 
-def clean_session(model: ModelProto, threads: int = 1) -> ort.InferenceSession:
-    """The ideal digital model as a plain session (constant weights, fully optimised)."""
-    return make_session(model, threads)
-
-
 def bound_equal(bound: Mapping[str, np.ndarray], reference: Mapping[str, torch.Tensor]) -> bool:
     """Whether every bound buffer is bit-identical to the reference tensor of the same name."""
     return all(

@@ -14,7 +14,6 @@ One graph serves every mode. :func:`prepare_model` derives the variant a session
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +48,6 @@ def session_options(threads: int = 1, arena: bool = True) -> ort.SessionOptions:
 def load_model(path: str | Path, external_data: bool = True) -> ModelProto:
     """Load a graph, with its external data unless ``external_data=False`` (then only references)."""
     return onnx.load(str(path), load_external_data=external_data)
-
-
-def initializer_arrays(model: ModelProto, names: Iterable[str]) -> dict[str, np.ndarray]:
-    """The values of the named initializers (copies, float32 as stored; external data already loaded)."""
-    wanted = set(names)
-    return {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer if t.name in wanted}
 
 
 def initializer_protos(model: ModelProto, names: Iterable[str]) -> dict[str, onnx.TensorProto]:
@@ -282,11 +275,3 @@ def make_session(
     if external_dir is not None:
         options.add_session_config_entry(EXTERNAL_FOLDER_KEY, str(external_dir))
     return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-
-
-def default_threads() -> int:
-    """Intra-op threads: ``OMP_NUM_THREADS`` when set, else 1."""
-    try:
-        return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
-    except ValueError:
-        return 1

@@ -102,17 +102,6 @@ def to_tiles(x: torch.Tensor, sizes: tuple[int, ...], dim: int = -1) -> torch.Te
     return x.unflatten(dim, (len(sizes), width))
 
 
-def from_tiles(x: torch.Tensor, sizes: tuple[int, ...], dim: int = -2) -> torch.Tensor:
-    """Inverse of :func:`to_tiles`: merge the tile axis ``dim`` and the next, dropping padding."""
-    dim = dim % x.dim()
-    flat = x.flatten(dim, dim + 1)
-    index = padded_index(sizes, x.device)
-    if index is None:
-        return flat
-    keep = (index < sum(sizes)).nonzero().squeeze(1)
-    return flat.index_select(dim, keep)
-
-
 def segment_amax(x: torch.Tensor, sizes: tuple[int, ...], dim: int = -1) -> torch.Tensor:
     """Max over each chunk of ``sizes`` along ``dim`` (chunk axis replaces ``dim``). Use on |x| ≥ 0."""
     if len(sizes) == 1:
