@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cimconvert.arch import get_adapter
 from cimconvert.errors import CimError
 from cimconvert.evaluation.noisy import noisy_perplexities
 from cimconvert.evaluation.perplexity import perplexity
@@ -38,16 +39,16 @@ def _module_of(model: nn.Module, tensor: str) -> nn.Module | None:
 
 def _splittable(model: nn.Module, tensor: str) -> bool:
     """Whether HPD can split the module owning ``tensor`` (a called linear layer)."""
-    from cimconvert.methods.hpd.layers import UNSPLITTABLE, is_linear
+    from cimconvert.methods.hpd.layers import is_linear
 
     module_path = tensor.rpartition(".")[0]
     module = _module_of(model, tensor)
-    return module is not None and is_linear(module) and module_path.rpartition(".")[2] not in UNSPLITTABLE
+    weight_only = get_adapter(model.config).is_weight_only(module_path)
+    return module is not None and is_linear(module) and not weight_only
 
 
 def group_targets(model: nn.Module, targets: Sequence[Any], granularity: str) -> list[dict[str, Any]]:
     """Groups of analog targets to perturb one at a time: ``{name, block, kind, targets, splittable}``."""
-    from cimconvert.arch import get_adapter
 
     if granularity not in GRANULARITIES:
         raise CimError(f"granularity must be one of {', '.join(GRANULARITIES)} (got '{granularity}')")

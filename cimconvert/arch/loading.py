@@ -20,8 +20,6 @@ if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedModel
 
-DEEPSEEK_V1 = "deepseek"
-
 
 def read_config_dict(path: str | Path) -> dict[str, Any]:
     """The ``config.json`` of a model folder (or the file itself) as a dict, with one-line errors."""
@@ -44,12 +42,10 @@ def load_config(source: str | Path | dict[str, Any]) -> PretrainedConfig:
 
     data = read_config_dict(source) if not isinstance(source, dict) else dict(source)
     model_type = data.get("model_type")
-    get_adapter(model_type or "")
+    builder = get_adapter(model_type or "").config_builder_ref()
     data = PretrainedConfig._decode_special_floats(data)  # {"__float__": "Infinity"} → inf, as HF does
-    if model_type == DEEPSEEK_V1:
-        from cimconvert.arch.deepseek_v1_model import v1_config
-
-        config = v1_config(data)
+    if builder is not None:
+        config = builder(data)
     else:
         values = {k: v for k, v in data.items() if k != "auto_map"}
         try:

@@ -36,6 +36,7 @@ import torch
 from onnx import ModelProto
 from torch import nn
 
+from cimconvert.arch import get_adapter
 from cimconvert.errors import CimError
 from cimconvert.onnx import analog_op, rope, ssm
 from cimconvert.onnx.analog_op import SCALES_SUFFIX, AnalogSpec
@@ -272,13 +273,15 @@ def export_patches(
 
     patches = _Patches()
     weight_only: list[str] = []
+    adapter = get_adapter(model.config)
     try:
         _switch_experts(patches, model)
         rope.patch_complex_rope(patches, model)
         for name, node_specs in specs.items():
             path, _, attr = name.rpartition(".")
             owner = model.get_submodule(path) if path else model
-            if isinstance(owner, (nn.Linear, Conv1D)) and attr == "weight" and not ssm.is_weight_only(path):
+            called = not adapter.is_weight_only(path)  # a weight read directly stays a plain initializer
+            if isinstance(owner, (nn.Linear, Conv1D)) and attr == "weight" and called:
                 _patch_linear(patches, owner, node_specs[0], profile)
             elif node_specs[0].expert >= 0:
                 _patch_experts(patches, owner, attr, node_specs, profile)
@@ -414,8 +417,6 @@ def build_onnx(
     trace_seq: int = 16,
 ) -> tuple[ModelProto, list[str], list[str]]:
     """Export ``model`` with AnalogMatMul nodes for ``targets``; returns (model, analog, weight-only)."""
-    from cimconvert.arch import get_adapter
-
     adapter = get_adapter(model.config)
     specs = analog_specs(targets, profile, manifest_names(manifest, adapter) if manifest else None)
     model.eval()

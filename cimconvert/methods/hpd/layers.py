@@ -9,11 +9,9 @@ from typing import Any
 
 from torch import nn
 
+from cimconvert.arch import get_adapter
 from cimconvert.errors import CimError
 from cimconvert.methods.hpd.split import HpdLinear
-
-#: Modules whose weight Hugging Face code reads directly (never called): they cannot be split.
-UNSPLITTABLE = ("dt_proj",)
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -45,7 +43,7 @@ def check_layer(model: nn.Module, name: str) -> nn.Module:
         raise CimError(f"--hpd-layers: '{name}' is already decomposed")
     if not is_linear(module):
         raise CimError(f"--hpd-layers: '{name}' is a {type(module).__name__}, not a linear layer")
-    if name.rpartition(".")[2] in UNSPLITTABLE:
+    if get_adapter(model.config).is_weight_only(name):  # read directly, never called: no split
         raise CimError(
             f"--hpd-layers: '{name}' is read as a raw weight by the model code; it cannot be split"
         )

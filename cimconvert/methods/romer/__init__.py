@@ -20,7 +20,7 @@ from cimconvert.methods.romer.core import (
 from cimconvert.methods.romer.hook import LayerRouting, install_hook, remove_hook
 from cimconvert.methods.romer.loader import REPLACEMENT_TYPE, ROUTING_TYPE, load_replacement, load_routing
 from cimconvert.methods.romer.method import METHOD, OPTIONS, RomerMethod
-from cimconvert.methods.romer.routing import RoutingRule, route, rule_for
+from cimconvert.methods.romer.routing import RoutingRule, route
 from cimconvert.methods.romer.stats import RouterStats, collect, load_router_logits, save_router_logits
 
 
@@ -63,6 +63,5 @@ __all__ = [
     "moe_routers",
     "remove_hook",
     "route",
-    "rule_for",
     "save_router_logits",
 ]

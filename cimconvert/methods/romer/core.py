@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from cimconvert.errors import CimError
 from cimconvert.methods.romer import calibrate, replacement
 from cimconvert.methods.romer.hook import LayerRouting, install_hook, remove_hook
-from cimconvert.methods.romer.routing import RoutingRule, route, rule_for
+from cimconvert.methods.romer.routing import RoutingRule, route
 from cimconvert.methods.romer.stats import RouterStats, collect, load_router_logits
 
 CALIB_MODES = ("cross-instance", "in-situ")
@@ -118,7 +118,7 @@ def moe_routers(model: torch.nn.Module, adapter: Any) -> MoeRouting:
         weight = getattr(m.router, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise CimError(f"router of MoE layer {m.index} ({type(m.router).__name__}) has no [E, H] weight")
-    rules = {m.index: rule_for(adapter, model.config, m.router) for m in layers}
+    rules = {m.index: adapter.routing_rule(model.config, m.router) for m in layers}
     first = rules[layers[0].index]
     return MoeRouting(layers, rules, first.num_experts, first.top_k)
 
