@@ -124,7 +124,6 @@ class ArchAdapter:
     family: ClassVar[Family]
     #: causal-LM class: a transformers class name, or ``"module.path:ClassName"``
     model_class: ClassVar[str]
-    note: ClassVar[str] = ""
     #: builds the transformers config from a ``config.json`` dict instead of transformers'
     #: ``CONFIG_MAPPING`` (an architecture transformers does not ship): ``"module.path:function"``
     config_builder: ClassVar[str | None] = None
