@@ -1,9 +1,9 @@
 """Configs and models of every registered architecture, without remote code.
 
 Configs are built with the concrete config class of the model type (never ``AutoConfig``'s remote-code
-path), so a checkpoint whose ``config.json`` carries an ``auto_map`` still loads with library code only.
-DeepSeek v1 (``model_type "deepseek"``) goes through :mod:`cimconvert.arch.deepseek_v1_model`.
-``trust_remote_code`` is never passed.
+path), so a checkpoint whose ``config.json`` carries an ``auto_map`` still loads with library code only;
+an adapter that declares a ``config_builder`` (DeepSeek v1, which transformers does not ship) builds its
+own. ``trust_remote_code`` is never passed.
 """
 
 from __future__ import annotations

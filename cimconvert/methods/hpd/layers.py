@@ -11,14 +11,7 @@ from torch import nn
 
 from cimconvert.arch import get_adapter
 from cimconvert.errors import CimError
-from cimconvert.methods.hpd.split import HpdLinear
-
-
-def is_linear(module: nn.Module) -> bool:
-    """True for ``nn.Linear`` and GPT-2 ``Conv1D`` (the layers HPD can split)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, (nn.Linear, Conv1D))
+from cimconvert.transforms.hpd_split import HpdLinear, is_linear
 
 
 def default_layers(model: nn.Module, adapter: Any) -> list[str]:
