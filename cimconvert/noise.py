@@ -29,6 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 
+from cimconvert.arch import get_adapter
 from cimconvert.arch.experts import dispatch_experts
 from cimconvert.errors import ModelInputError
 from cimconvert.profiles.schema import ChipProfile
@@ -52,8 +53,6 @@ from cimconvert.simulator.rng import (
 #: Name of the experts implementation registered in ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``.
 EXPERTS_IMPLEMENTATION = "cimconvert_analog"
 EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
-#: Modules whose weight HF reads directly (never called): weight-level noise only.
-WEIGHT_ONLY_MODULES = ("dt_proj",)
 
 
 class AnalogTarget(Protocol):
@@ -307,8 +306,8 @@ def _attach_mvm(
     """
     module_path, _, attr = name.rpartition(".")
     owner = model.get_submodule(module_path) if module_path else model
-    last = module_path.rpartition(".")[2]
-    if isinstance(owner, (nn.Linear, Conv1D)) and attr == "weight" and last not in WEIGHT_ONLY_MODULES:
+    weight_only = get_adapter(model.config).is_weight_only(module_path)  # weight-level noise only
+    if isinstance(owner, (nn.Linear, Conv1D)) and attr == "weight" and not weight_only:
         source: NoiseSource = generator if clock is None else CounterNoise(clock, node_key(name, -1))
         handle._hooks.extend(_hook_linear(owner, name, mw, source, handle.mvm_calls))
     elif attr in EXPERT_PARAMS and mw.weight_t.dim() == 4 and hasattr(owner, "config"):

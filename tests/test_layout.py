@@ -18,9 +18,6 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "cimconvert"
 ROOT = PACKAGE.name
-#: Files whose local import is removed by a parallel change of issue #11 (the adapters' registration in
-#: arch/); delete the entry when that lands. Anything else is reported.
-PENDING = {"cimconvert/arch/registry.py"}
 
 
 def _module_files() -> dict[str, Path]:
@@ -182,4 +179,4 @@ def test_layers_only_point_down(check: str) -> None:
     if check == "cycles":
         assert cycles(import_graph()) == []
     else:
-        assert [where for where in local_imports() if where.partition(":")[0] not in PENDING] == []
+        assert local_imports() == []

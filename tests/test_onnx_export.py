@@ -24,9 +24,10 @@ from cimconvert.runtime.noise import AnalogTensor, bound_equal
 from cimconvert.simulator import analog_matmul, prepare_mvm
 
 ATOL = 1e-4
-#: Every family: MoE (incl. shared experts, sigmoid/group routing, own DeepSeek v1 module), dense, SSM.
-EXPORTABLE = ["olmoe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3", "deepseek", "llama", "gpt2",
-              "mamba", "mamba2", "falcon_mamba"]  # fmt: skip
+#: Every family: MoE (incl. shared experts, sigmoid/group routing, own DeepSeek v1 module, GraniteMoE's
+#: top-k-then-softmax router), dense, SSM.
+EXPORTABLE = ["olmoe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3", "deepseek", "granitemoe",
+              "llama", "gpt2", "mamba", "mamba2", "falcon_mamba"]  # fmt: skip
 #: Shapes unlike the trace input [2, 16]: batch 1 and 3, shorter and longer sequences.
 SHAPES = [(1, 7), (3, 40)]
 

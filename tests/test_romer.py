@@ -10,7 +10,7 @@ import torch
 from tiny_models import TINY_CONFIGS, build_tiny
 from transformers import AutoTokenizer
 
-from cimconvert.arch import get_adapter
+from cimconvert.arch import get_adapter, supported_types
 from cimconvert.arch.loading import build_model, load_config
 from cimconvert.bundle.manifest import TransformEntry
 from cimconvert.checkpoint import resolve_model
@@ -36,7 +36,8 @@ from cimconvert.placement import plan_model
 from cimconvert.profiles import load_profile
 from cimconvert.transforms import TRANSFORM_LOADERS
 
-MOE_TYPES = ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "deepseek"]
+#: every registered MoE architecture (a new adapter is covered without editing this list)
+MOE_TYPES = [t for t in supported_types() if get_adapter(t).family == "moe"]
 ROUTER = r"re:.*\.mlp\.gate\.weight"
 DEMO_OLMOE = Path(__file__).resolve().parent.parent / "examples" / "models" / "tiny-olmoe"
 
@@ -167,7 +168,7 @@ def test_substitute_gives_cold_slot_the_donor_function() -> None:
             assert cold not in [c for c, _ in layer["pairs"] if c == donor]
 
 
-ROUNDTRIP_TYPES = ["olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "deepseek", "mixtral"]
+ROUNDTRIP_TYPES = ["olmoe", "qwen2_moe", "deepseek_v2", "deepseek_v3", "deepseek", "mixtral", "granitemoe"]
 
 
 @pytest.mark.parametrize("model_type", ROUNDTRIP_TYPES)

@@ -9,8 +9,11 @@ from pathlib import Path
 import onnx
 import pytest
 from reliability_helpers import RunCli
+from tiny_models import TINY_CONFIGS
 
 from cimconvert import api
+from cimconvert.arch import get_adapter
+from cimconvert.arch.loading import build_model, load_config
 from cimconvert.bundle.integrity import write_manifest_and_lock
 from cimconvert.checkpoint import resolve_model, sha256_file
 from cimconvert.errors import CimError
@@ -66,29 +69,49 @@ def test_manifest_records_onnx_files(olmoe_bundle: Path) -> None:
 
 
 DEMO_MODELS = ["tiny-olmoe", "tiny-qwen2-moe", "tiny-deepseek", "tiny-mamba", "tiny-mamba2"]
+#: Architectures without a demo model: random tiny models (tests/tiny_models.py) with the demo tokenizer.
+BUILT_MODELS = ["granitemoe"]
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 #: Drift without per-array compensation and an analog router: a regime in which ROMER does recalibrate
 #: the routers (under plain chipA its maps stay within the deadband and nothing is applied).
 ROMER_PROFILE = "chipA:drift.compensation=none"
 
 
+def _model_folder(tmp_path_factory: pytest.TempPathFactory, model: str) -> Path:
+    """A demo model's folder, or a random tiny model of a built architecture with the demo tokenizer."""
+    if model not in BUILT_MODELS:
+        return DEMO / model
+    folder = tmp_path_factory.mktemp("sources") / model
+    vocab = json.loads((DEMO / "tiny-olmoe" / "config.json").read_text())["vocab_size"]
+    config = {**TINY_CONFIGS[model], "vocab_size": vocab, "max_position_embeddings": 256}
+    build_model(load_config(config), seed=0).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(DEMO / "tiny-olmoe" / name, folder / name)
+    return folder
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["none", "auto"])
-@pytest.mark.parametrize("model", DEMO_MODELS)
+@pytest.mark.parametrize("model", DEMO_MODELS + BUILT_MODELS)
 def test_every_demo_model_exports_and_validates(
     tmp_path_factory: pytest.TempPathFactory, model: str, method: str
 ) -> None:
-    """Every demo model, with and without its method (ROMER for MoE, HPD for SSM), validates in ORT."""
+    """Every demo model (and every architecture without one), with and without its method (ROMER for MoE,
+    HPD for SSM), validates in ORT."""
     out = tmp_path_factory.mktemp("bundles") / f"{model}-{method}"
+    folder = _model_folder(tmp_path_factory, model)
+    adapter = get_adapter(json.loads((folder / "config.json").read_text()))
     options = METHOD_OPTIONS if method != "none" else None
-    moe = "mamba" not in model
+    moe = adapter.family == "moe"
     profile = ROMER_PROFILE if moe and method == "auto" else "chipA"
-    analog = [r"re:.*mlp\.gate\.weight"] if moe and method == "auto" else []
-    res = api.convert(str(DEMO / model), profile, out=out, method=method, analog=analog, progress=False,
+    router = rf"re:.*\.{adapter.moe_block}\.{adapter.router}\.weight"
+    analog = [router] if moe and method == "auto" else []
+    res = api.convert(str(folder), profile, out=out, method=method, analog=analog, progress=False,
                       method_options=options)  # fmt: skip
     expected = {"none": [], "auto": ["romer_routing"] if moe else ["hpd_split"]}[method]
     assert [t for t in res["transforms"] if t != "romer_replacement"] == expected
     # The bundle keeps the source's storage dtype (bf16 demos stay bf16), whatever the method did.
-    source = {n: m.dtype for n, m in resolve_model(str(DEMO / model)).tensor_shapes().items()}
+    source = {n: m.dtype for n, m in resolve_model(str(folder)).tensor_shapes().items()}
     stored = {t["name"]: t["dtype"] for t in json.loads((out / "manifest.json").read_text())["tensors"]}
     assert {n: stored[n] for n in source if n in stored} == {n: source[n] for n in source if n in stored}
     summary = validate(out, **{**FAST, "seeds": 1})["summary"]

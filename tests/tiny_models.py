@@ -66,6 +66,11 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "mamba": {**_SSM, "model_type": "mamba"},
     "mamba2": {**_SSM, "model_type": "mamba2", "num_heads": 4, "head_dim": 16, "n_groups": 1},
     "falcon_mamba": {**_SSM, "model_type": "falcon_mamba"},
+    "granitemoe": {
+        **_MOE, "model_type": "granitemoe", "num_local_experts": 4, "intermediate_size": 16,
+        "embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.125,
+        "logits_scaling": 6.0, "tie_word_embeddings": True,
+    },
     "llama": {**_COMMON, "model_type": "llama"},
     "qwen2": {**_COMMON, "model_type": "qwen2"},
     "gpt2": {

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from cimconvert.arch.routing import RoutingRule, Scoring
 from cimconvert.errors import ModelInputError
 from cimconvert.profiles.schema import MATMUL_KINDS, TensorKind
 
@@ -72,6 +73,37 @@ class MoeLayer:
     path: str
 
 
+@dataclass(frozen=True)
+class ComplexRope:
+    """A rotary embedding built from complex numbers (no ONNX symbolic for them), in the model's module.
+
+    While an ONNX export runs, the instances of ``rotary_class`` and the module's ``apply_function`` (both
+    defined in the python module of the adapter's model class) are swapped for the same math on real
+    tensors (:mod:`cimconvert.onnx.rope`).
+    """
+
+    rotary_class: str
+    apply_function: str
+
+
+@dataclass(frozen=True)
+class SsmScan:
+    """The scan function of an SSM family (in the model's module), swapped for an exportable one.
+
+    ``kind``: ``selective`` (Mamba recurrence) or ``ssd`` (Mamba2 state-space duality); see
+    :mod:`cimconvert.onnx.ssm`.
+    """
+
+    function: str
+    kind: Literal["selective", "ssd"]
+
+
+def router_value(router: Any, name: str, default: Any) -> Any:
+    """Attribute ``name`` of a router module, or ``default`` where it is missing or None."""
+    value = getattr(router, name, None)
+    return default if value is None else value
+
+
 def _alt(names: tuple[str, ...]) -> str:
     """A regex alternation group of literal names."""
     return "(?:" + "|".join(re.escape(n) for n in names) + ")"
@@ -80,9 +112,11 @@ def _alt(names: tuple[str, ...]) -> str:
 class ArchAdapter:
     """Base adapter: subclasses set the class attributes below; rules and helpers are derived from them.
 
-    Attribute groups: identity (``model_type``, ``family``, ``model_class``), layout of the module tree
-    (``layers_path``, ``embeddings``, ``lm_head``, attention/MLP names), MoE (block, router, experts,
-    shared experts and the config keys for routing), SSM (mixer and projection names).
+    Attribute groups: identity (``model_type``, ``family``, ``model_class``, ``config_builder``), layout of
+    the module tree (``layers_path``, ``embeddings``, ``lm_head``, attention/MLP names, ``disk_renames``),
+    MoE (block, router, experts, shared experts, the config keys for routing and :meth:`routing_rule`), SSM
+    (mixer and projection names, ``ssm_scan``), export patches (``complex_rope``) and the modules whose
+    weight the model code reads directly (``weight_only_modules``).
     """
 
     # identity
@@ -90,7 +124,9 @@ class ArchAdapter:
     family: ClassVar[Family]
     #: causal-LM class: a transformers class name, or ``"module.path:ClassName"``
     model_class: ClassVar[str]
-    note: ClassVar[str] = ""
+    #: builds the transformers config from a ``config.json`` dict instead of transformers'
+    #: ``CONFIG_MAPPING`` (an architecture transformers does not ship): ``"module.path:function"``
+    config_builder: ClassVar[str | None] = None
 
     # module tree
     layers_path: ClassVar[str] = "model.layers"
@@ -103,6 +139,14 @@ class ArchAdapter:
     mlp_projs: ClassVar[tuple[str, ...]] = ("gate_proj", "up_proj", "down_proj")
     #: layout of the attention/MLP projection weights: nn.Linear ``out_in``, GPT-2 Conv1D ``in_out``
     proj_layout: ClassVar[Layout] = "out_in"
+    #: ``(on-disk suffix, in-memory suffix)`` for tensors that ``save_pretrained`` writes under another
+    #: name (e.g. GraniteMoE's fused ``input_linear.weight`` → ``experts.gate_up_proj``)
+    disk_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: modules whose weight the model code reads directly (``weight @ x``; the module is never called):
+    #: weight-level noise only, never split, exported as a plain initializer
+    weight_only_modules: ClassVar[tuple[str, ...]] = ()
+    #: rotary embedding in complex numbers, swapped for real math during ONNX export
+    complex_rope: ClassVar[ComplexRope | None] = None
 
     # MoE
     moe_block: ClassVar[str | None] = None
@@ -126,7 +170,7 @@ class ArchAdapter:
     norm_topk_prob_key: ClassVar[str | None] = None
     norm_topk_prob_default: ClassVar[bool] = False
     scoring_key: ClassVar[str | None] = None
-    scoring_default: ClassVar[Literal["softmax", "sigmoid"]] = "softmax"
+    scoring_default: ClassVar[Scoring] = "softmax"
     routed_scaling_factor_key: ClassVar[str | None] = None
 
     # SSM
@@ -139,6 +183,8 @@ class ArchAdapter:
     )
     ssm_params: ClassVar[tuple[str, ...]] = ("A_log", "D", "dt_bias")
     ssm_conv: ClassVar[str] = "conv1d"
+    #: the scan function swapped for an exportable one during ONNX export
+    ssm_scan: ClassVar[SsmScan | None] = None
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} model_type={self.model_type!r} family={self.family!r}>"
@@ -226,7 +272,7 @@ class ArchAdapter:
             if split.group(2) == "digital":
                 return "other", "none"
             name = f"{split.group(1)}.{split.group(3)}"
-        kind, layout = self._match(name)
+        kind, layout = self._match(self._renamed(name))
         if kind in MATMUL_KINDS and shape is not None and len(shape) not in (2, 3):
             return "other", "none"
         if layout == "in_out" and shape is not None and len(shape) != 2:
@@ -277,6 +323,13 @@ class ArchAdapter:
             return expert.memory_name
         for alias in self.moe_block_disk_aliases:
             key = key.replace(f".{alias}.", f".{self.moe_block}.")
+        return self._renamed(key)
+
+    def _renamed(self, key: str) -> str:
+        """``key`` with a :attr:`disk_renames` suffix replaced by its in-memory name."""
+        for disk, memory in self.disk_renames:
+            if key == disk or key.endswith(f".{disk}"):
+                return key[: len(key) - len(disk)] + memory
         return key
 
     # -------------------------------------------------------------- config
@@ -310,7 +363,7 @@ class ArchAdapter:
         return bool(self._config_value(config, self.norm_topk_prob_key, self.norm_topk_prob_default))
 
     def scoring(self, config: Any) -> str:
-        """Router scoring function: ``softmax`` or ``sigmoid``."""
+        """Router scoring function: ``softmax``, ``sigmoid`` or ``topk_softmax`` (see RoutingRule)."""
         self._require_moe("scoring")
         return str(self._config_value(config, self.scoring_key, self.scoring_default))
 
@@ -319,16 +372,47 @@ class ArchAdapter:
         self._require_moe("routed_scaling_factor")
         return float(self._config_value(config, self.routed_scaling_factor_key, 1.0))
 
+    def routing_rule(self, config: Any, router: nn.Module) -> RoutingRule:
+        """How ``router`` (a router module of this architecture) turns logits into top-k weights.
+
+        The default is the rule the declarative attributes describe (scoring, renormalisation, scaling;
+        weights kept in float32); adapters whose stock router differs override it.
+        """
+        return RoutingRule(
+            self.scoring(config),  # type: ignore[arg-type]
+            norm_topk_prob=self.norm_topk_prob(config),
+            routed_scaling_factor=self.routed_scaling_factor(config),
+            cast_to_logits=False,
+            **self.routing_size(config, router),
+        )
+
+    def routing_size(self, config: Any, router: nn.Module) -> dict[str, int]:
+        """``top_k`` and ``num_experts`` of ``router`` (its attributes, else the config's)."""
+        return {
+            "top_k": int(router_value(router, "top_k", self.top_k(config))),
+            "num_experts": int(router_value(router, "num_experts", self.num_experts(config))),
+        }
+
     def tied_embeddings(self, config: Any) -> bool:
         """Whether lm_head shares its weight with the input embedding."""
         return bool(self._config_value(config, self.tie_key, False))
 
+    def is_weight_only(self, module_path: str) -> bool:
+        """Whether the model code reads the weight of ``module_path`` directly (see weight_only_modules)."""
+        return module_path.rpartition(".")[2] in self.weight_only_modules
+
     # -------------------------------------------------------- model class
     def model_class_ref(self) -> type:
         """The causal-LM class (imports transformers or our own module on first use)."""
-        module_name, _, class_name = self.model_class.rpartition(":")
-        module = importlib.import_module(module_name or "transformers")
-        return getattr(module, class_name)
+        return _resolve(self.model_class)
+
+    def model_module(self) -> str:
+        """The python module that defines the causal-LM class (and the family's functions)."""
+        return self.model_class_ref().__module__
+
+    def config_builder_ref(self) -> Callable[[dict[str, Any]], Any] | None:
+        """The function that builds this architecture's config from a dict, or None (transformers')."""
+        return _resolve(self.config_builder) if self.config_builder else None
 
     # ------------------------------------------------------ in-memory helpers
     def layers(self, model: nn.Module) -> nn.ModuleList:
@@ -375,3 +459,9 @@ class ArchAdapter:
         """``(path, module)`` of every SSM mixer ``out_proj`` of an in-memory model."""
         out_name = next(name for name, kind in self.ssm_projs if kind == "ssm_out_proj")
         return [(f"{path}.{out_name}", getattr(mixer, out_name)) for path, mixer in self.ssm_mixers(model)]
+
+
+def _resolve(reference: str) -> Any:
+    """The object a ``"module.path:name"`` reference names (a bare name: from ``transformers``)."""
+    module_name, _, name = reference.rpartition(":")
+    return getattr(importlib.import_module(module_name or "transformers"), name)

@@ -91,11 +91,10 @@ class DeepseekV1TopkRouter(nn.Module):
 
     def __init__(self, config: DeepseekV1Config) -> None:
         super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.n_routed_experts, config.hidden_size))
+        self.num_experts, self.hidden_dim = self.weight.shape
         self.top_k = config.num_experts_per_tok
-        self.num_experts = config.n_routed_experts
-        self.hidden_dim = config.hidden_size
         self.norm_topk_prob = config.norm_topk_prob
-        self.weight = nn.Parameter(torch.zeros(self.num_experts, self.hidden_dim))
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Route ``hidden_states [..., H]``: logits ``[T, E]``, weights and indices ``[T, k]``."""

@@ -1,9 +1,9 @@
 """Configs and models of every registered architecture, without remote code.
 
 Configs are built with the concrete config class of the model type (never ``AutoConfig``'s remote-code
-path), so a checkpoint whose ``config.json`` carries an ``auto_map`` still loads with library code only.
-DeepSeek v1 (``model_type "deepseek"``) goes through :mod:`cimconvert.arch.deepseek_v1_model`.
-``trust_remote_code`` is never passed.
+path), so a checkpoint whose ``config.json`` carries an ``auto_map`` still loads with library code only;
+an adapter that declares a ``config_builder`` (DeepSeek v1, which transformers does not ship) builds its
+own. ``trust_remote_code`` is never passed.
 """
 
 from __future__ import annotations
@@ -13,15 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cimconvert.arch.deepseek_v1_model import v1_config
 from cimconvert.arch.registry import get_adapter
 from cimconvert.errors import ModelInputError
 
 if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedModel
-
-DEEPSEEK_V1 = "deepseek"
 
 
 def read_config_dict(path: str | Path) -> dict[str, Any]:
@@ -45,10 +42,10 @@ def load_config(source: str | Path | dict[str, Any]) -> PretrainedConfig:
 
     data = read_config_dict(source) if not isinstance(source, dict) else dict(source)
     model_type = data.get("model_type")
-    get_adapter(model_type or "")
+    builder = get_adapter(model_type or "").config_builder_ref()
     data = PretrainedConfig._decode_special_floats(data)  # {"__float__": "Infinity"} → inf, as HF does
-    if model_type == DEEPSEEK_V1:
-        config = v1_config(data)
+    if builder is not None:
+        config = builder(data)
     else:
         values = {k: v for k, v in data.items() if k != "auto_map"}
         try:

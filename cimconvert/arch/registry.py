@@ -1,4 +1,9 @@
-"""Registry of architecture adapters keyed by Hugging Face ``model_type``."""
+"""Registry of architecture adapters keyed by Hugging Face ``model_type``.
+
+The bottom of :mod:`cimconvert.arch`: every adapter module imports :func:`register` from here and
+registers its classes on import; the package ``__init__`` imports the adapter modules, so importing
+anything from ``cimconvert.arch`` fills the registry. This module imports no adapter module (no cycle).
+"""
 
 from __future__ import annotations
 
@@ -22,7 +27,6 @@ def register(cls: A) -> A:
 
 def supported_types() -> list[str]:
     """All registered model types, sorted."""
-    _load_builtin()
     return sorted(_REGISTRY)
 
 
@@ -31,7 +35,6 @@ def get_adapter(model_type: str | Any) -> ArchAdapter:
 
     Raises ModelInputError naming the supported types when none is registered.
     """
-    _load_builtin()
     if not isinstance(model_type, str):
         config = model_type
         model_type = (
@@ -44,7 +47,3 @@ def get_adapter(model_type: str | Any) -> ArchAdapter:
         )
     return adapter
 
-
-def _load_builtin() -> None:
-    """Import the built-in adapter modules (each registers its classes on import)."""
-    from cimconvert.arch import deepseek_v1, dense, moe, ssm  # noqa: F401

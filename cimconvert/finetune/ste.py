@@ -29,9 +29,10 @@ from torch.utils.hooks import RemovableHandle
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 
+from cimconvert.arch import get_adapter
 from cimconvert.arch.experts import dispatch_experts
 from cimconvert.finetune.base import Target, generator, iter_targets, named_parameters, step_seed, to_out_in
-from cimconvert.noise import EXPERT_PARAMS, WEIGHT_ONLY_MODULES
+from cimconvert.noise import EXPERT_PARAMS
 from cimconvert.profiles import ChipProfile
 from cimconvert.simulator import (
     MvmWeights,
@@ -220,8 +221,8 @@ class SteNoise:
         """How the matmul of ``name`` is simulated: "linear", "experts" or "weight" (weight-level only)."""
         module_path, _, attr = name.rpartition(".")
         owner = self.model.get_submodule(module_path) if module_path else self.model
-        last = module_path.rpartition(".")[2]
-        if isinstance(owner, (nn.Linear, Conv1D)) and attr == "weight" and last not in WEIGHT_ONLY_MODULES:
+        weight_only = get_adapter(self.model.config).is_weight_only(module_path)
+        if isinstance(owner, (nn.Linear, Conv1D)) and attr == "weight" and not weight_only:
             return "linear"
         if attr in EXPERT_PARAMS and self.params[name].dim() == 3 and hasattr(owner, "config"):
             return "experts"

@@ -277,13 +277,15 @@ def export_patches(
 
     patches = _Patches()
     weight_only: list[str] = []
+    adapter = get_adapter(model.config)
     try:
         _switch_experts(patches, model)
         rope.patch_complex_rope(patches, model)
         for name, node_specs in specs.items():
             path, _, attr = name.rpartition(".")
             owner = model.get_submodule(path) if path else model
-            if isinstance(owner, (nn.Linear, Conv1D)) and attr == "weight" and not ssm.is_weight_only(path):
+            called = not adapter.is_weight_only(path)  # a weight read directly stays a plain initializer
+            if isinstance(owner, (nn.Linear, Conv1D)) and attr == "weight" and called:
                 _patch_linear(patches, owner, node_specs[0], profile)
             elif node_specs[0].expert >= 0:
                 _patch_experts(patches, owner, attr, node_specs, profile)

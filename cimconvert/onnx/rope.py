@@ -1,6 +1,7 @@
 """Real-valued rotary embeddings for export (complex-number RoPE does not export to ONNX).
 
-transformers' DeepSeek-V2 builds its rotary embedding as complex numbers: the rotary module returns
+transformers' DeepSeek-V2 (whose adapter declares it, ``ArchAdapter.complex_rope``) builds its rotary
+embedding as complex numbers: the rotary module returns
 ``freqs_cis = polar(1, θ)·scaling`` (``aten::polar``) and ``apply_rotary_emb`` multiplies
 ``view_as_complex`` pairs of q/k by it. Neither op has an ONNX symbolic. While an export runs,
 :func:`patch_complex_rope` swaps both for the same math on real tensors:
@@ -15,17 +16,14 @@ The stock model is untouched outside the export (the patches are undone with the
 
 from __future__ import annotations
 
-import sys
+import importlib
 import types
 from typing import Any
 
 import torch
 from torch import nn
 
-#: python module of a model family → (rotary embedding class name, name of its apply function).
-COMPLEX_ROPE = {
-    "transformers.models.deepseek_v2.modeling_deepseek_v2": ("DeepseekV2RotaryEmbedding", "apply_rotary_emb"),
-}
+from cimconvert.arch import get_adapter
 
 
 def real_rope_forward(self: nn.Module, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -59,19 +57,22 @@ def _wrapped_forward(module: nn.Module) -> Any:
 def patch_complex_rope(patches: Any, model: nn.Module) -> list[str]:
     """Switch every complex-RoPE module of ``model`` (and its family's apply function) to real math.
 
-    ``patches``: an ``export._Patches`` (``setattr`` records the undo). Returns the patched modules.
+    ``patches``: an ``export._Patches`` (``setattr`` records the undo). The model's adapter names the
+    rotary class and apply function (``complex_rope``); returns the patched modules.
     """
-    patched: list[str] = []
-    families: set[str] = set()
-    for name, module in model.named_modules():
-        family = type(module).__module__
-        entry = COMPLEX_ROPE.get(family)
-        if entry is None or type(module).__name__ != entry[0]:
-            continue
+    adapter = get_adapter(model.config)
+    spec = adapter.complex_rope
+    if spec is None:
+        return []
+    family = adapter.model_module()
+    patched = [
+        name
+        for name, module in model.named_modules()
+        if type(module).__module__ == family and type(module).__name__ == spec.rotary_class
+    ]
+    for name in patched:
+        module = model.get_submodule(name)
         patches.setattr(module, "forward", _wrapped_forward(module))
-        patched.append(name)
-        families.add(family)
-    for family in sorted(families):
-        python_module = sys.modules[family]
-        patches.setattr(python_module, COMPLEX_ROPE[family][1], real_apply_rotary_emb)
+    if patched:
+        patches.setattr(importlib.import_module(family), spec.apply_function, real_apply_rotary_emb)
     return patched

@@ -3,7 +3,8 @@
 transformers' CPU paths run the recurrence as a Python loop over time (Mamba, FalconMamba) or as a
 chunked SSD whose padding is computed from a Python ``int`` (Mamba2), so every exporter freezes the
 sequence length. During export the module-level scan functions are swapped for versions that emit one
-``ai.cimconvert::SelectiveScan`` / ``ai.cimconvert::SsdScan`` node; :func:`attach_scan_functions`
+``ai.cimconvert::SelectiveScan`` / ``ai.cimconvert::SsdScan`` node (the model's adapter names the scan
+function, ``ArchAdapter.ssm_scan``); :func:`attach_scan_functions`
 defines them as model-local functions whose body is an ONNX ``Scan`` over the time axis (state
 ``h_t = exp(Δ_t·A)·h_{t-1} + Δ_t·B_t·x_t``, output ``y_t = ⟨h_t, C_t⟩``), which onnxruntime runs for
 any sequence length. The projections around the scan (in_proj, x_proj, out_proj) are ordinary
@@ -22,21 +23,11 @@ import torch
 import torch.nn.functional as F
 from onnx import FunctionProto, ModelProto, TensorProto, helper
 
+from cimconvert.arch import get_adapter
 from cimconvert.onnx.analog_op import DOMAIN
 
-#: transformers module → name of its module-level scan function, and our export replacement's kind.
-_SCANS = {
-    "transformers.models.mamba.modeling_mamba": ("mamba_selective_scan", "selective"),
-    "transformers.models.falcon_mamba.modeling_falcon_mamba": ("mamba_selective_scan", "selective"),
-    "transformers.models.mamba2.modeling_mamba2": ("mamba2_chunk_scan", "ssd"),
-}
 SELECTIVE = "SelectiveScan"
 SSD = "SsdScan"
-
-
-def is_weight_only(path: str) -> bool:
-    """Whether a module's weight is read directly by HF code (Mamba ``dt_proj``: ``weight @ dt``)."""
-    return path.rpartition(".")[2] == "dt_proj"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,15 +152,15 @@ def export_ssd_scan(
 
 
 def patch_mixers(patches: Any, model: Any, specs: Any, profile: Any) -> None:
-    """Swap the scan functions of the SSM modules ``model`` uses (restored by ``patches.undo()``)."""
-    used = {type(m).__module__ for m in model.modules()}
-    for module_name, (attr, kind) in _SCANS.items():
-        if module_name not in used:
-            continue
-        module = importlib.import_module(module_name)
-        original = getattr(module, attr)
-        setattr(module, attr, export_selective_scan if kind == "selective" else export_ssd_scan)
-        patches.call(lambda m=module, a=attr, o=original: setattr(m, a, o))
+    """Swap the scan function the model's adapter declares (``ssm_scan``), restored by ``patches.undo()``."""
+    adapter = get_adapter(model.config)
+    scan = adapter.ssm_scan
+    if scan is None or adapter.model_module() not in {type(m).__module__ for m in model.modules()}:
+        return
+    module = importlib.import_module(adapter.model_module())
+    original = getattr(module, scan.function)
+    setattr(module, scan.function, export_selective_scan if scan.kind == "selective" else export_ssd_scan)
+    patches.call(lambda: setattr(module, scan.function, original))
 
 
 # ----------------------------------------------------------------------------------------------

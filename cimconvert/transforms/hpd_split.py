@@ -16,6 +16,7 @@ from safetensors import safe_open
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from cimconvert.arch import get_adapter
 from cimconvert.errors import BundleError
 
 #: ``type`` of the manifest transform entry (and key in ``TRANSFORM_LOADERS``).
@@ -59,10 +60,6 @@ class HpdLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-#: Modules whose weight Hugging Face code reads directly (never called): they cannot be split.
-UNSPLITTABLE = ("dt_proj",)
-
-
 def is_linear(module: nn.Module) -> bool:
     """True for ``nn.Linear`` and GPT-2 ``Conv1D`` (the layers HPD can split)."""
     return isinstance(module, (nn.Linear, Conv1D))
@@ -79,7 +76,8 @@ def splittable(model: nn.Module, tensor: str) -> bool:
     """Whether HPD can split the module owning ``tensor`` (a called linear layer)."""
     module_path = tensor.rpartition(".")[0]
     module = _module_of(model, tensor)
-    return module is not None and is_linear(module) and module_path.rpartition(".")[2] not in UNSPLITTABLE
+    weight_only = get_adapter(model.config).is_weight_only(module_path)  # read directly, never called
+    return module is not None and is_linear(module) and not weight_only
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -9,8 +9,9 @@ from typing import Any
 
 from torch import nn
 
+from cimconvert.arch import get_adapter
 from cimconvert.errors import CimError
-from cimconvert.transforms.hpd_split import UNSPLITTABLE, HpdLinear, is_linear
+from cimconvert.transforms.hpd_split import HpdLinear, is_linear
 
 
 def default_layers(model: nn.Module, adapter: Any) -> list[str]:
@@ -35,7 +36,7 @@ def check_layer(model: nn.Module, name: str) -> nn.Module:
         raise CimError(f"--hpd-layers: '{name}' is already decomposed")
     if not is_linear(module):
         raise CimError(f"--hpd-layers: '{name}' is a {type(module).__name__}, not a linear layer")
-    if name.rpartition(".")[2] in UNSPLITTABLE:
+    if get_adapter(model.config).is_weight_only(name):  # read directly, never called: no split
         raise CimError(
             f"--hpd-layers: '{name}' is read as a raw weight by the model code; it cannot be split"
         )

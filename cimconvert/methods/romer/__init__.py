@@ -21,7 +21,7 @@ from cimconvert.methods.romer.stats import RouterStats, collect, load_router_log
 from cimconvert.transforms.romer.hook import LayerRouting, install_hook, remove_hook
 from cimconvert.transforms.romer.loader import REPLACEMENT_TYPE, ROUTING_TYPE, load_replacement, load_routing
 from cimconvert.transforms.romer.moe import MoeRouting, moe_routers
-from cimconvert.transforms.romer.routing import RoutingRule, route, rule_for
+from cimconvert.transforms.romer.routing import RoutingRule, route
 
 register_method(METHOD, auto_for=("moe",))
 
@@ -50,6 +50,5 @@ __all__ = [
     "plan_transforms",
     "remove_hook",
     "route",
-    "rule_for",
     "save_router_logits",
 ]

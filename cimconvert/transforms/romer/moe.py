@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from cimconvert.errors import CimError
-from cimconvert.transforms.romer.routing import RoutingRule, rule_for
+from cimconvert.transforms.romer.routing import RoutingRule
 
 
 @dataclass
@@ -46,6 +46,6 @@ def moe_routers(model: torch.nn.Module, adapter: Any) -> MoeRouting:
         weight = getattr(m.router, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             raise CimError(f"router of MoE layer {m.index} ({type(m.router).__name__}) has no [E, H] weight")
-    rules = {m.index: rule_for(adapter, model.config, m.router) for m in layers}
+    rules = {m.index: adapter.routing_rule(model.config, m.router) for m in layers}
     first = rules[layers[0].index]
     return MoeRouting(layers, rules, first.num_experts, first.top_k)

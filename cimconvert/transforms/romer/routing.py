@@ -1,96 +1,24 @@
-"""The top-k rule of each MoE router of transformers 5.24, recomputed from (calibrated) logits.
+"""The top-k rule of an MoE router, recomputed from (calibrated) logits.
 
-A router module returns ``(router_logits [T, E], top_k_weights [T, k], top_k_index [T, k])``; changing
-only the logits changes nothing downstream, so the calibration hook recomputes weights and indices with
+Each architecture adapter declares its routers' rule (``ArchAdapter.routing_rule``, a
+:class:`~cimconvert.arch.routing.RoutingRule`); :func:`route` replays it. A router module returns
+``(router_logits [T, E], top_k_weights [T, k], top_k_index [T, k])``; changing only the logits changes
+nothing downstream, so the calibration hook recomputes weights and indices with
 the same operations, in the same order and dtypes, as the stock router. With identity calibration the
 result is bit-identical to the stock routing (tested for every registered MoE architecture).
 
 ``selectable`` (a bool mask ``[E]``) excludes experts from *selection only*: the weights of the chosen
-experts are the same probabilities the stock router would give them (used by replicate-and-split).
+experts are the same probabilities the stock router would give them (used by replicate-and-split; with
+``topk_softmax`` scoring, the softmax over the k experts actually selected).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Literal
-
 import torch
 
-from cimconvert.errors import CimError
+from cimconvert.arch.routing import RoutingRule
 
-Method = Literal["greedy", "group_max", "group_top2"]
-
-
-@dataclass(frozen=True)
-class RoutingRule:
-    """How one router turns logits into top-k weights and indices (mirrors its stock forward)."""
-
-    scoring: Literal["softmax", "sigmoid"]
-    top_k: int
-    num_experts: int
-    norm_topk_prob: bool
-    #: 0 (olmoe/qwen: plain sum) or 1e-20 (DeepSeek v1/v3) added to the renormalisation denominator
-    norm_eps: float = 0.0
-    routed_scaling_factor: float = 1.0
-    method: Method = "greedy"
-    n_group: int = 1
-    topk_group: int = 1
-    #: torch.topk(sorted=...) as the stock router calls it
-    sorted: bool = True
-    #: cast the weights back to the logits dtype (olmoe/qwen) or keep fp32 (mixtral, deepseek)
-    cast_to_logits: bool = True
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON form, recorded in the manifest for reference."""
-        return dict(self.__dict__)
-
-
-def _attr(module: Any, name: str, default: Any) -> Any:
-    value = getattr(module, name, None)
-    return default if value is None else value
-
-
-def rule_for(adapter: Any, config: Any, router: torch.nn.Module) -> RoutingRule:
-    """The routing rule of ``router`` (a router module of a model of ``adapter``'s type)."""
-    model_type = adapter.model_type
-    num_experts = int(_attr(router, "num_experts", adapter.num_experts(config)))
-    top_k = int(_attr(router, "top_k", adapter.top_k(config)))
-    scoring = adapter.scoring(config)
-    common = {"top_k": top_k, "num_experts": num_experts}
-    if model_type in ("olmoe", "qwen2_moe", "qwen3_moe"):
-        return RoutingRule("softmax", norm_topk_prob=bool(router.norm_topk_prob), **common)
-    if model_type == "mixtral":
-        return RoutingRule("softmax", norm_topk_prob=True, cast_to_logits=False, **common)
-    if model_type == "deepseek_v2":
-        method = str(_attr(router, "topk_method", "greedy"))
-        if method not in ("greedy", "group_limited_greedy"):
-            raise CimError(f"deepseek_v2 router topk_method '{method}' is not supported")
-        return RoutingRule(
-            "softmax", norm_topk_prob=False, routed_scaling_factor=float(router.routed_scaling_factor),
-            method="greedy" if method == "greedy" else "group_max",
-            n_group=int(_attr(router, "num_group", 1)),
-            topk_group=int(_attr(router, "topk_group", 1)), sorted=False, cast_to_logits=False, **common,
-        )  # fmt: skip
-    if model_type == "deepseek_v3":
-        return RoutingRule(
-            "sigmoid", norm_topk_prob=bool(router.norm_topk_prob), norm_eps=1e-20,
-            routed_scaling_factor=float(router.routed_scaling_factor), method="group_top2",
-            n_group=int(_attr(router, "num_group", 1)), topk_group=int(_attr(router, "topk_group", 1)),
-            sorted=False, cast_to_logits=False, **common,
-        )  # fmt: skip
-    if model_type == "deepseek":
-        return RoutingRule(
-            "softmax", norm_topk_prob=bool(router.norm_topk_prob) and top_k > 1, norm_eps=1e-20,
-            sorted=False, cast_to_logits=False, **common,
-        )  # fmt: skip
-    # an adapter registered later: the generic rule its declarative attributes describe
-    return RoutingRule(
-        scoring,  # type: ignore[arg-type]
-        norm_topk_prob=adapter.norm_topk_prob(config),
-        routed_scaling_factor=adapter.routed_scaling_factor(config),
-        cast_to_logits=False,
-        **common,
-    )
+__all__ = ["RoutingRule", "route"]
 
 
 def _group_mask(scores: torch.Tensor, rule: RoutingRule) -> torch.Tensor:
@@ -118,6 +46,8 @@ def route(
     selectable: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(top_k_weights, top_k_index)`` from ``logits [T, E]`` with the stock operations of ``rule``."""
+    if rule.scoring == "topk_softmax":
+        return _route_topk_softmax(logits, rule, selectable)
     if rule.scoring == "sigmoid":
         scores = logits.float().sigmoid()
         choice = scores + correction_bias if correction_bias is not None else scores
@@ -137,6 +67,22 @@ def route(
         weights = scores.gather(1, index)
     if rule.norm_topk_prob:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + rule.norm_eps)
+    if rule.routed_scaling_factor != 1.0:
+        weights = weights * rule.routed_scaling_factor
+    if rule.cast_to_logits:
+        weights = weights.to(logits.dtype)
+    return weights, index
+
+
+def _route_topk_softmax(
+    logits: torch.Tensor, rule: RoutingRule, selectable: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of the float logits, then a softmax over the k selected logits (GraniteMoE's router)."""
+    choice = logits.float()
+    if selectable is not None:
+        choice = choice.masked_fill(~selectable, float("-inf"))
+    index = torch.topk(choice, rule.top_k, dim=-1, sorted=rule.sorted)[1]
+    weights = torch.softmax(logits.float().gather(1, index), dim=-1)
     if rule.routed_scaling_factor != 1.0:
         weights = weights * rule.routed_scaling_factor
     if rule.cast_to_logits:
