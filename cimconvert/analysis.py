@@ -242,17 +242,14 @@ def analyze(
     ``out`` defaults to ``./<model>-sensitivity-<profile>/``. Returns the scan plus the written paths.
     """
     from cimconvert.api import is_bundle, load_for_eval, tokenize
-    from cimconvert.bundle.reader import manifest_overrides, read_manifest
     from cimconvert.data import load_text
     from cimconvert.methods.hpd import hpd_placement
 
     if seeds < 1:
         raise CimError("--seeds must be at least 1")
-    net, tokenizer, _, chip = load_for_eval(model, profile)
-    if is_bundle(model) and not (analog or digital):
-        overrides = manifest_overrides(read_manifest(Path(model)))
-        analog, digital = overrides["analog"], overrides["digital"]
-    targets = hpd_placement(net, chip, analog, digital).analog()
+    net, tokenizer, targets, chip = load_for_eval(model, profile)
+    if analog or digital or not is_bundle(model):  # a what-if placement (a bundle's own is read back)
+        targets = hpd_placement(net, chip, analog, digital).analog()
     tokens = tokenize(tokenizer, load_text(dataset), max_tokens)
     scan = sensitivity_scan(net, tokens, targets, chip, [seed + i for i in range(seeds)], granularity,
                             seq_len=seq_len, batch_size=batch_size, progress=progress)  # fmt: skip

@@ -85,13 +85,15 @@ def check_weights_finite(net: torch.nn.Module) -> torch.nn.Module:
 
 
 def _apply_method(
-    name: str, source: Any, adapter: Any, chip: ChipProfile, options: dict[str, Any], progress: bool
+    name: str, source: Any, adapter: Any, chip: ChipProfile, options: dict[str, Any], progress: bool,
+    placement: Any,
 ) -> tuple[torch.nn.Module, Any]:
-    """Load the model, run the method on it in place; returns (model, MethodResult)."""
+    """Load the model, run the method on it in place with the conversion's ``placement`` (of ``source``);
+    returns (model, MethodResult)."""
     from cimconvert.methods import METHODS
 
     net = check_weights_finite(source.load_model(dtype=torch.float32))
-    result = METHODS[name].apply(net, adapter, chip, options, progress=progress)
+    result = METHODS[name].apply(net, adapter, chip, options, progress=progress, placement=placement)
     return net, result
 
 
@@ -154,22 +156,22 @@ def _bundle_transformed(
     out_dir: Path,
     chip: ChipProfile,
     adapter: Any,
-    overrides: tuple[Sequence[str], Sequence[str]],
+    planned: Any,
     extra: dict[str, Any],
     opts: dict[str, Any],
 ) -> tuple[Any, Any]:
-    """Save a method's transformed model to ``.OUT.src-<pid>-*`` beside OUT, plan and bundle it from
-    there; returns (BundleSummary, placement). A full disk while saving is a one-line BundleError."""
+    """Save a method's transformed model to ``.OUT.src-<pid>-*`` beside OUT and bundle it from there;
+    returns (BundleSummary, placement). Its tensors keep the ``planned`` placement of the source; only
+    those the method created are placed (see ``replan_tensors``). A full disk while saving is a one-line
+    BundleError."""
     import tempfile
 
     from safetensors import SafetensorError
 
     from cimconvert.bundle.outdir import tmp_path
     from cimconvert.bundle.writer import write_bundle
+    from cimconvert.placement import replan_tensors
 
-    analog = [*overrides[0], *result.analog]
-    digital = [*overrides[1], *result.digital]
-    extra["overrides"] = {"analog": analog, "digital": digital}
     extra["method_report"] = result.report
     prefix = f"{tmp_path(out_dir, 'src').name}-"
     with tempfile.TemporaryDirectory(prefix=prefix, dir=out_dir.parent) as tmp:
@@ -178,7 +180,8 @@ def _bundle_transformed(
         except (OSError, SafetensorError) as exc:
             detail = failure_detail(exc)
             raise BundleError(f"writing the transformed model beside {out_dir} failed: {detail}") from None
-        placement = _plan(transformed, adapter, chip, analog, digital)
+        placement = replan_tensors(planned, transformed.tensor_shapes(), adapter, chip, result.analog,
+                                   result.digital, tied_lm_head=adapter.tied_embeddings(transformed.config))
         # the ONNX graph is exported from the model as load_bundle gives it
         hook = _onnx_exporter(net.float, opts["progress"]) if opts["onnx"] else None
         summary = write_bundle(transformed, out_dir, chip, placement, transforms=result.transforms,
@@ -232,8 +235,7 @@ def convert(
     # The method sees the placement overrides too (e.g. ROMER calibrates with an analog router noisy).
     options = {**option_values(resolved, dict(method_options or {})), "seed": seed,
                "analog": list(analog), "digital": list(digital)}
-    extra: dict[str, Any] = {"method": resolved, "method_options": options,
-                             "overrides": {"analog": list(analog), "digital": list(digital)}}
+    extra: dict[str, Any] = {"method": resolved, "method_options": options}
     with out_lock(out_dir) as lock:  # one writer per OUT, from here to the final rename
         check_out_dir(out_dir, force)  # fail before any expensive work
         if resolved == "none":
@@ -243,11 +245,11 @@ def convert(
             report: dict[str, Any] = {}
             transform_types: list[str] = []
         else:
-            net, result = _apply_method(resolved, source, adapter, chip, options, progress)
+            net, result = _apply_method(resolved, source, adapter, chip, options, progress, placement)
             report = result.report
             transform_types = [t["type"] for t in result.transforms]
             summary, placement = _bundle_transformed(
-                net, result, source, out_dir, chip, adapter, (analog, digital), extra,
+                net, result, source, out_dir, chip, adapter, placement, extra,
                 dict(seed=seed, force=force, progress=progress, onnx=onnx, key=key),
             )
     return {
@@ -290,19 +292,23 @@ def inspect(out: str | Path, key: bytes | str | None = None) -> dict[str, Any]:
 def load_for_eval(
     model: str, profile: str | None, trust_remote_code: bool = False
 ) -> tuple[torch.nn.Module, Any, list[Any], ChipProfile]:
-    """(model, tokenizer, analog targets, profile) for a source checkpoint or a bundle."""
+    """(model, tokenizer, analog targets, profile) for a source checkpoint or a bundle.
+
+    A bundle's analog targets are its manifest's placement (read back, whatever ``profile`` says); a
+    checkpoint's are planned here, once, under ``profile`` with the default rules.
+    """
     from transformers import AutoTokenizer
 
-    from cimconvert.placement import plan_model
+    from cimconvert.placement import model_placement, placement_from_manifest, plan_model
 
     if is_bundle(model):
-        from cimconvert.bundle.reader import manifest_overrides, manifest_profile, read_manifest
+        from cimconvert.bundle.reader import manifest_profile, read_manifest
 
         manifest = read_manifest(Path(model))
         chip = load_profile(profile) if profile else manifest_profile(manifest)
-        overrides = manifest_overrides(manifest)  # every manifest field is checked before loading
+        recorded = placement_from_manifest(manifest)  # every manifest field is checked before loading
         net = check_weights_finite(load_bundle(model))
-        targets = plan_model(net, chip, **overrides).analog()
+        targets = model_placement(net, recorded, chip).analog()
         folder = Path(model)
     else:
         from cimconvert.checkpoint import resolve_model

@@ -213,15 +213,15 @@ def _node_summary(checks: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def placement_targets(net: torch.nn.Module, manifest: Any) -> list[Any]:
-    """The analog tensors of the bundle's own placement (its profile and overrides), for the torch side.
+    """The analog tensors of the bundle's own placement (its manifest's per-tensor units), for the torch side.
 
-    Taken from the manifest, not from the graph, so that a graph missing an analog node cannot make
+    Read back from the manifest, not from the graph, so that a graph missing an analog node cannot make
     torch skip that tensor's noise too.
     """
-    from cimconvert.bundle.reader import manifest_overrides, manifest_profile
-    from cimconvert.placement import plan_model
+    from cimconvert.bundle.reader import manifest_profile
+    from cimconvert.placement import model_placement, placement_from_manifest
 
-    return list(plan_model(net, manifest_profile(manifest), **manifest_overrides(manifest)).analog())
+    return list(model_placement(net, placement_from_manifest(manifest), manifest_profile(manifest)).analog())
 
 
 def per_mvm_random(chip: ChipProfile) -> bool:

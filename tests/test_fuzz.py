@@ -25,12 +25,12 @@ from cimconvert.bundle.integrity import write_manifest_and_lock
 from cimconvert.bundle.reader import (
     expected_key_changes,
     inspect_bundle,
-    manifest_overrides,
     manifest_profile,
     read_manifest,
 )
 from cimconvert.checkpoint import DTYPES, read_header
 from cimconvert.errors import CimError
+from cimconvert.placement import placement_from_manifest
 from cimconvert.profiles import load_profile, profile_from_dict
 
 EXAMPLES = int(os.environ.get("CIMCONVERT_FUZZ_EXAMPLES", "150"))
@@ -150,7 +150,7 @@ def _read_everything(folder: Path) -> None:
     manifest = read_manifest(folder)
     inspect_bundle(folder, verify=True)
     manifest_profile(manifest)
-    manifest_overrides(manifest)
+    placement_from_manifest(manifest)
     expected_key_changes(manifest)
 
 

@@ -93,20 +93,6 @@ def manifest_profile(manifest: Manifest) -> ChipProfile:
     return profile_from_dict(dict(manifest.profile.profile), origin="manifest.json")
 
 
-def manifest_overrides(manifest: Manifest) -> dict[str, list[str]]:
-    """The --analog/--digital overrides a bundle was placed with (so eval and export reproduce it)."""
-    overrides = (manifest.extra or {}).get("overrides") or {}
-    if not isinstance(overrides, dict):
-        raise BundleError("manifest extra.overrides is not a mapping")
-    result: dict[str, list[str]] = {}
-    for unit in ("analog", "digital"):
-        patterns = overrides.get(unit) or []
-        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-            raise BundleError(f"manifest extra.overrides.{unit} is not a list of patterns")
-        result[unit] = list(patterns)
-    return result
-
-
 def verify_bundle(out: str | Path, manifest: Manifest | None = None) -> list[str]:
     """Check every file against the manifest (presence, size, sha256) and look for extra files.
 

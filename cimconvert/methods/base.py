@@ -65,8 +65,13 @@ class Method(Protocol):
         profile: ChipProfile,
         options: dict[str, Any],
         progress: bool = True,
+        placement: Any = None,
     ) -> MethodResult:
-        """Transform ``model`` in place for ``profile``; return what was done."""
+        """Transform ``model`` in place for ``profile``; return what was done.
+
+        ``placement``: the conversion's placement of the checkpoint ``model`` was loaded from (mapped
+        onto the model with ``placement.model_placement``); None when a method is called on its own.
+        """
         ...
 
 

@@ -519,18 +519,19 @@ def export_bundle_onnx(
 ) -> dict:
     """Export the (transformed) in-memory ``model`` of a bundle to ``bundle_dir/onnx/model.onnx``.
 
-    ``manifest``: the bundle's Manifest (or its dict); its profile and placement overrides decide what
-    is analog. Returns ``{"files": [FileEntry dicts, names relative to bundle_dir], "onnx": summary}``:
-    append ``files`` to ``manifest.files`` and store ``onnx`` under ``manifest.extra["onnx"]``.
+    ``manifest``: the bundle's Manifest (or its dict); its profile, and its per-tensor placement (read
+    back, not re-planned) decides what is analog. Returns ``{"files": [FileEntry dicts, names relative
+    to bundle_dir], "onnx": summary}``: append ``files`` to ``manifest.files`` and store ``onnx`` under
+    ``manifest.extra["onnx"]``.
     """
     from cimconvert.bundle.manifest import Manifest
-    from cimconvert.bundle.reader import manifest_overrides, manifest_profile
-    from cimconvert.placement import plan_model
+    from cimconvert.bundle.reader import manifest_profile
+    from cimconvert.placement import model_placement, placement_from_manifest
 
     if isinstance(manifest, dict):
         manifest = Manifest.model_validate(manifest)
     chip = manifest_profile(manifest)
-    targets = plan_model(model, chip, **manifest_overrides(manifest)).analog()
+    targets = model_placement(model, placement_from_manifest(manifest), chip).analog()
     if progress:
         print(f"exporting ONNX ({len(targets)} analog tensors) ...", file=sys.stderr, flush=True)
     folder = Path(bundle_dir)

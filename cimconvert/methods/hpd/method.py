@@ -170,8 +170,12 @@ class HpdMethod:
         profile: ChipProfile,
         options: dict[str, Any],
         progress: bool = True,
+        placement: Any = None,
     ) -> MethodResult:
-        """Resolve the layers (running a quick scan for ``auto`` without ``hpd_scan``) and split them."""
+        """Resolve the layers (running a quick scan for ``auto`` without ``hpd_scan``) and split them.
+
+        ``placement`` is not used: the quick scan ranks the layers of the profile's default placement.
+        """
         requested = list(options.get("hpd_layers") or ())
         scan = _scan_for(model, adapter, profile, options, progress) if "auto" in requested else None
         layers = resolve_layers(model, adapter, requested, scan, int(options.get("hpd_auto_top") or 1))

@@ -32,6 +32,7 @@ from cimconvert.methods.romer.core import (
     moe_routers,
 )
 from cimconvert.methods.romer.loader import plan_transforms
+from cimconvert.placement import Placement, model_placement, plan_model
 from cimconvert.profiles import ChipProfile
 
 _D = RomerConfig()
@@ -66,9 +67,13 @@ OPTIONS: tuple[MethodOption, ...] = (
 )  # fmt: skip
 
 
-def _noise_targets(model: torch.nn.Module, profile: ChipProfile, options: dict[str, Any]) -> list[Any]:
-    from cimconvert.placement import plan_model
-
+def _noise_targets(
+    model: torch.nn.Module, profile: ChipProfile, options: dict[str, Any], placement: Placement | None
+) -> list[Any]:
+    """The analog tensors the calibration runs noisy: the conversion's ``placement`` mapped onto
+    ``model``; called on its own (no placement), ROMER plans the model here, with the options' overrides."""
+    if placement is not None:
+        return model_placement(model, placement, profile).analog()
     analog = tuple(options.get("analog") or ())
     digital = tuple(options.get("digital") or ())
     return plan_model(model, profile, analog=analog, digital=digital).analog()
@@ -88,6 +93,7 @@ class RomerMethod:
         profile: ChipProfile,
         options: dict[str, Any],
         progress: bool = True,
+        placement: Placement | None = None,
     ) -> MethodResult:
         """Calibrate on noisy statistics, replace experts, install the routing hooks; see module docs."""
         start = time.perf_counter()
@@ -98,7 +104,7 @@ class RomerMethod:
             if (cfg.calib_mode == "in-situ" and cfg.insitu_logits)
             else calibration_tokens(model, options)
         )
-        targets = _noise_targets(model, profile, options)
+        targets = _noise_targets(model, profile, options, placement)
         if (not targets or profile.is_ideal) and not (cfg.calib_mode == "in-situ" and cfg.insitu_logits):
             note = f"profile {profile.name} adds no analog noise: ROMER left the model unchanged"
             return MethodResult(report={"config": dict(cfg.__dict__), "skipped": note})
