@@ -232,9 +232,9 @@ def convert(
     if dry_run:  # plan only: the method (and any tensors it adds) runs at conversion time
         return _dry_run_result(model, chip, resolved, placement)
     out_dir = Path(out) if out is not None else default_out_dir(model, chip)
-    # The method sees the placement overrides too (e.g. ROMER calibrates with an analog router noisy).
-    options = {**option_values(resolved, dict(method_options or {})), "seed": seed,
-               "analog": list(analog), "digital": list(digital)}
+    # The method gets the placement itself (e.g. ROMER calibrates with an analog router noisy), not the
+    # patterns: they are recorded once, in placement_config.overrides.
+    options = {**option_values(resolved, dict(method_options or {})), "seed": seed}
     extra: dict[str, Any] = {"method": resolved, "method_options": options}
     with out_lock(out_dir) as lock:  # one writer per OUT, from here to the final rename
         check_out_dir(out_dir, force)  # fail before any expensive work

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from cimconvert.errors import CimError
+from cimconvert.placement import Placement
 from cimconvert.profiles import ChipProfile
 
 
@@ -65,7 +66,7 @@ class Method(Protocol):
         profile: ChipProfile,
         options: dict[str, Any],
         progress: bool = True,
-        placement: Any = None,
+        placement: Placement | None = None,
     ) -> MethodResult:
         """Transform ``model`` in place for ``profile``; return what was done.
 
