@@ -19,9 +19,8 @@ from pathlib import Path
 
 import torch
 
-from cimconvert.api import tokenize
 from cimconvert.arch import get_adapter, load_pretrained
-from cimconvert.data import load_text
+from cimconvert.datasets import load_text, tokenize
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.methods.hpd import apply_hpd, hpd_placement
 from cimconvert.noise import apply_chip_noise

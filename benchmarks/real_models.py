@@ -34,9 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from cimconvert.api import tokenize
 from cimconvert.arch import get_adapter, load_pretrained
-from cimconvert.data import load_text
+from cimconvert.datasets import load_text, tokenize
 from cimconvert.evaluation.noisy import noisy_perplexities
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.noise import apply_chip_noise

@@ -17,7 +17,6 @@ called), so it gets weight-level noise only. :class:`NoiseHandle` restores the c
 
 from __future__ import annotations
 
-import hashlib
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -42,7 +41,13 @@ from cimconvert.simulator import (
     weight_scales,
 )
 from cimconvert.simulator.program import Layout, to_out_in
-from cimconvert.simulator.rng import CounterClock, CounterNoise, NoiseSource, node_key
+from cimconvert.simulator.rng import (
+    CounterClock,
+    CounterNoise,
+    NoiseSource,
+    node_key,
+    tensor_generator,
+)
 
 #: Name of the experts implementation registered in ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``.
 EXPERTS_IMPLEMENTATION = "cimconvert_analog"
@@ -56,17 +61,6 @@ class AnalogTarget(Protocol):
 
     name: str
     layout: str
-
-
-def stable_seed(seed: int, name: str) -> int:
-    """63-bit generator seed from (seed, name) via sha256 (stable across runs and processes)."""
-    digest = hashlib.sha256(f"cimconvert:{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
-    """The programming-noise generator of one tensor: independent of which other tensors are analog."""
-    return torch.Generator(device=device).manual_seed(stable_seed(seed, name))
 
 
 @dataclass

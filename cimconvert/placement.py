@@ -35,14 +35,11 @@ from cimconvert.arch import ArchAdapter, Layout, get_adapter
 from cimconvert.arch.base import SPLIT_FACTOR
 from cimconvert.checkpoint import DTYPES
 from cimconvert.errors import ModelInputError
-from cimconvert.profiles import profile_from_dict
 from cimconvert.profiles.schema import MATMUL_KINDS, ChipProfile, TensorKind
 from cimconvert.simulator.tiles import split_sizes
 
 if TYPE_CHECKING:
     from torch import nn
-
-    from cimconvert.bundle.manifest import Manifest, TensorEntry
 
 Unit = Literal["analog", "digital"]
 
@@ -107,6 +104,19 @@ class Placement:
     tile_rows: int
     tile_cols: int
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls, tensors: Iterable[TensorInfo], profile: ChipProfile, overrides: Mapping[str, Sequence[str]]
+    ) -> Placement:
+        """The placement of ``tensors`` for ``profile`` (its name and tile size), shaped by ``overrides``."""
+        return cls(
+            tensors=tuple(tensors),
+            profile=profile.name,
+            tile_rows=profile.mapping.tile_rows,
+            tile_cols=profile.mapping.tile_cols,
+            overrides={unit: tuple(patterns) for unit, patterns in overrides.items()},
+        )
 
     def __iter__(self) -> Iterator[TensorInfo]:
         return iter(self.tensors)
@@ -363,19 +373,7 @@ def _plan(
     decide = _by_rules(profile, analog_p, digital_p, tied)
     infos = [_placed(draft, adapter, profile, decide) for draft in drafts]
     _check_patterns([*digital_p, *analog_p])
-    return _placement(infos, profile, {"analog": tuple(analog), "digital": tuple(digital)})
-
-
-def _placement(
-    infos: Iterable[TensorInfo], profile: ChipProfile, overrides: dict[str, tuple[str, ...]]
-) -> Placement:
-    return Placement(
-        tensors=tuple(infos),
-        profile=profile.name,
-        tile_rows=profile.mapping.tile_rows,
-        tile_cols=profile.mapping.tile_cols,
-        overrides=overrides,
-    )
+    return Placement.of(infos, profile, {"analog": tuple(analog), "digital": tuple(digital)})
 
 
 def _model_drafts(model: nn.Module, adapter: ArchAdapter) -> list[TensorInfo]:
@@ -405,7 +403,7 @@ def plan_model(
     A parameter shared by several names (lm_head tied to the embedding) appears once, under its
     non-lm_head name, with the other names in ``aliases``: it is the embedding and stays digital.
     Use this once, where a plain model enters (no bundle); a bundle's placement is read back with
-    :func:`placement_from_manifest` and mapped onto its loaded model with :func:`model_placement`.
+    ``bundle.reader.placement_from_manifest`` and mapped onto its loaded model with :func:`model_placement`.
     """
     adapter = get_adapter(model.config)
     return _plan(_model_drafts(model, adapter), adapter, profile, analog, digital)
@@ -480,46 +478,24 @@ def replan_tensors(
     _check_patterns([*method_digital, *method_analog])
     overrides = {"analog": (*placement.overrides["analog"], *analog),
                  "digital": (*placement.overrides["digital"], *digital)}  # fmt: skip
-    return _placement(infos, profile, overrides)
+    return Placement.of(infos, profile, overrides)
 
 
-# ------------------------------------------------------------------ reading a placement back
-def placement_from_manifest(manifest: Manifest) -> Placement:
-    """The placement a bundle was written with, read back from ``manifest.tensors`` (on-disk names).
-
-    This is the one reader of a bundle's placement: every consumer of a bundle (eval, ONNX export,
-    validation, fine-tuning, analysis) takes the units from here instead of re-applying the rules.
-    ``memory_name`` is the in-memory parameter each key loads into (the bundle's architecture adapter).
-    """
-    adapter = get_adapter(manifest.source.model_type)
-    profile = profile_from_dict(dict(manifest.profile.profile), origin="manifest.json")
-    patterns = manifest.placement_config.overrides
-    infos = [_from_entry(entry, adapter.memory_name(entry.name)) for entry in manifest.tensors]
-    return _placement(infos, profile, {"analog": tuple(patterns.analog), "digital": tuple(patterns.digital)})
-
-
-def _from_entry(entry: TensorEntry, memory_name: str) -> TensorInfo:
-    """The :class:`TensorInfo` of one manifest tensor entry."""
-    grid = (len(entry.tile_grid.in_sizes), len(entry.tile_grid.out_sizes)) if entry.tile_grid else (0, 0)
-    return TensorInfo(name=entry.name, kind=entry.kind, shape=tuple(entry.shape),  # type: ignore[arg-type]
-                      layout=entry.layout, unit=entry.unit, module=entry.name.rpartition(".")[0],
-                      nbytes=entry.nbytes, dtype=entry.dtype, tiles=entry.tiles, tile_grid=grid,
-                      memory_name=memory_name, reason="manifest")  # fmt: skip
-
-
+# ------------------------------------------------------------------ a placement read back
 def model_placement(model: nn.Module, placement: Placement, profile: ChipProfile) -> Placement:
     """The placement of ``model``'s parameters with every unit taken from ``placement``, not the rules.
 
-    ``placement`` is a bundle's (:func:`placement_from_manifest`) or a plan of the checkpoint the model
-    was loaded from: each parameter gets the unit of the tensor(s) that load into it (by in-memory name,
-    so per-expert keys give their fused tensor's unit). A parameter ``placement`` does not name is
-    digital; one whose tensors disagree (some experts analog, some digital) is a ModelInputError.
+    ``placement`` is a bundle's (``bundle.reader.placement_from_manifest``) or a plan of the checkpoint
+    the model was loaded from: each parameter gets the unit of the tensor(s) that load into it (by
+    in-memory name, so per-expert keys give their fused tensor's unit). A parameter ``placement`` does
+    not name is digital; one whose tensors disagree (some experts analog, some digital) is a
+    ModelInputError.
     Kinds, layouts and tile grids are the in-memory tensor's (``profile``'s tile size).
     """
     adapter = get_adapter(model.config)
     recorded = _recorded_units(placement)
     infos = [_placed(draft, adapter, profile, recorded) for draft in _model_drafts(model, adapter)]
-    return _placement(infos, profile, dict(placement.overrides))
+    return Placement.of(infos, profile, dict(placement.overrides))
 
 
 def _memory_names(info: TensorInfo) -> set[str]:

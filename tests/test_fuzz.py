@@ -26,11 +26,11 @@ from cimconvert.bundle.reader import (
     expected_key_changes,
     inspect_bundle,
     manifest_profile,
+    placement_from_manifest,
     read_manifest,
 )
 from cimconvert.checkpoint import DTYPES, read_header
 from cimconvert.errors import CimError
-from cimconvert.placement import placement_from_manifest
 from cimconvert.profiles import load_profile, profile_from_dict
 
 EXAMPLES = int(os.environ.get("CIMCONVERT_FUZZ_EXAMPLES", "150"))

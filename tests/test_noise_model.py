@@ -18,9 +18,10 @@ from transformers import (
 )
 
 from cimconvert.errors import ModelInputError
-from cimconvert.noise import EXPERTS_IMPLEMENTATION, apply_chip_noise, stable_seed
+from cimconvert.noise import EXPERTS_IMPLEMENTATION, apply_chip_noise
 from cimconvert.profiles import load_profile
 from cimconvert.profiles.schema import ChipProfile
+from cimconvert.simulator.rng import stable_seed
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ import torch
 
 from cimconvert import api
 from cimconvert.arch import get_adapter
-from cimconvert.bundle.reader import read_manifest
+from cimconvert.bundle.reader import placement_from_manifest, read_manifest
 from cimconvert.errors import CimError, ModelInputError
 from cimconvert.finetune.trainer import finetune
 from cimconvert.methods.romer.method import METHOD as ROMER
@@ -21,7 +21,6 @@ from cimconvert.onnx.export import export_bundle_onnx
 from cimconvert.placement import (
     Placement,
     model_placement,
-    placement_from_manifest,
     plan_model,
     plan_tensors,
     replan_tensors,

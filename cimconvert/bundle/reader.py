@@ -1,8 +1,9 @@
 """Read a bundle back: manifest, checksum verification, summary, and loading as a torch model.
 
 Later transforms (ROMER router calibration, HPD split, ...) record an entry in ``manifest.transforms``;
-their loaders register in :data:`TRANSFORM_LOADERS` under the entry's ``type`` and are called in manifest
-order on the loaded model. A bundle naming a transform type that has no loader is refused.
+their loaders are listed in :data:`cimconvert.transforms.TRANSFORM_LOADERS` under the entry's ``type`` and
+are called in manifest order on the loaded model. A bundle naming a transform type that has no loader is
+refused.
 """
 
 from __future__ import annotations
@@ -15,22 +16,23 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from cimconvert.arch import get_adapter
 from cimconvert.bundle.integrity import LOCK_NAME, member_path, signing_key, verified_manifest_bytes
-from cimconvert.bundle.manifest import MANIFEST_NAME, Manifest, TransformEntry
+from cimconvert.bundle.manifest import MANIFEST_NAME, Manifest, TensorEntry, TransformEntry
 from cimconvert.checkpoint import load_hf_model, sha256_file
 from cimconvert.errors import BundleError, failure_detail
+from cimconvert.placement import Placement, TensorInfo
 from cimconvert.profiles import ChipProfile, profile_from_dict
+from cimconvert.transforms import TRANSFORM_KEY_CHANGES, TRANSFORM_LOADERS
 
-#: transform type → fn(model, transform_entry, bundle_dir) that re-applies it on load (in place).
-TRANSFORM_LOADERS: dict[str, Callable[[torch.nn.Module, TransformEntry, Path], None]] = {}
-#: Transform type → fn(params) -> (keys the stock class reports missing, keys it reports unexpected).
-TRANSFORM_KEY_CHANGES: dict[str, Callable[[dict[str, Any]], tuple[list[str], list[str]]]] = {}
+
+def is_bundle(path: str | Path) -> bool:
+    """True when ``path`` is a folder holding a cimconvert manifest."""
+    return (Path(path) / MANIFEST_NAME).is_file()
 
 
 def expected_key_changes(manifest: Manifest) -> tuple[list[str], list[str]]:
     """Keys a stock ``from_pretrained`` of the bundle will miss / not expect, because transforms own them."""
-    import cimconvert.methods  # noqa: F401  (registers the methods' loaders and key changes)
-
     missing: list[str] = []
     unexpected: list[str] = []
     for entry in manifest.transforms:
@@ -93,6 +95,30 @@ def manifest_profile(manifest: Manifest) -> ChipProfile:
     return profile_from_dict(dict(manifest.profile.profile), origin="manifest.json")
 
 
+def placement_from_manifest(manifest: Manifest) -> Placement:
+    """The placement a bundle was written with, read back from ``manifest.tensors`` (on-disk names).
+
+    This is the one reader of a bundle's placement: every consumer of a bundle (eval, ONNX export,
+    validation, fine-tuning, analysis) takes the units from here instead of re-applying the rules.
+    ``memory_name`` is the in-memory parameter each key loads into (the bundle's architecture adapter);
+    ``placement.model_placement`` maps the result onto a loaded model.
+    """
+    adapter = get_adapter(manifest.source.model_type)
+    infos = [_tensor_info(entry, adapter.memory_name(entry.name)) for entry in manifest.tensors]
+    patterns = manifest.placement_config.overrides
+    overrides = {"analog": patterns.analog, "digital": patterns.digital}
+    return Placement.of(infos, manifest_profile(manifest), overrides)
+
+
+def _tensor_info(entry: TensorEntry, memory_name: str) -> TensorInfo:
+    """The :class:`~cimconvert.placement.TensorInfo` of one manifest tensor entry."""
+    grid = (len(entry.tile_grid.in_sizes), len(entry.tile_grid.out_sizes)) if entry.tile_grid else (0, 0)
+    return TensorInfo(name=entry.name, kind=entry.kind, shape=tuple(entry.shape),  # type: ignore[arg-type]
+                      layout=entry.layout, unit=entry.unit, module=entry.name.rpartition(".")[0],
+                      nbytes=entry.nbytes, dtype=entry.dtype, tiles=entry.tiles, tile_grid=grid,
+                      memory_name=memory_name, reason="manifest")  # fmt: skip
+
+
 def verify_bundle(out: str | Path, manifest: Manifest | None = None) -> list[str]:
     """Check every file against the manifest (presence, size, sha256) and look for extra files.
 
@@ -125,9 +151,7 @@ def _raise_problems(out: Path, problems: list[str]) -> None:
 
 
 def apply_transforms(model: torch.nn.Module, manifest: Manifest, out: Path) -> torch.nn.Module:
-    """Re-apply the manifest's transforms through :data:`TRANSFORM_LOADERS`, in order."""
-    import cimconvert.methods  # noqa: F401  (registers the methods' loaders)
-
+    """Re-apply the manifest's transforms in order through :mod:`cimconvert.transforms`' loaders."""
     for entry in manifest.transforms:
         loader = TRANSFORM_LOADERS.get(entry.type)
         if loader is None:

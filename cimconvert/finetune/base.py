@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from cimconvert.errors import CimError
-from cimconvert.noise import stable_seed
 from cimconvert.placement import Placement
 from cimconvert.simulator.program import Layout
+from cimconvert.simulator.rng import stable_seed
 
 
 @dataclass(frozen=True)

@@ -28,10 +28,10 @@ from torch import nn
 
 from cimconvert.errors import CimError
 from cimconvert.finetune.base import Target, generator, iter_targets, named_parameters, step_seed, to_out_in
-from cimconvert.noise import stable_seed
 from cimconvert.profiles import ChipProfile
 from cimconvert.simulator import program_weight, tile_grid, weight_scales
 from cimconvert.simulator.program import Layout, program_block
+from cimconvert.simulator.rng import stable_seed
 
 NatKind = Literal["gaussian", "chip"]
 NAT_KINDS: tuple[str, ...] = ("gaussian", "chip")

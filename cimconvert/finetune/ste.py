@@ -31,7 +31,7 @@ from transformers.pytorch_utils import Conv1D
 
 from cimconvert.arch.experts import dispatch_experts
 from cimconvert.finetune.base import Target, generator, iter_targets, named_parameters, step_seed, to_out_in
-from cimconvert.noise import EXPERT_PARAMS, WEIGHT_ONLY_MODULES, stable_seed
+from cimconvert.noise import EXPERT_PARAMS, WEIGHT_ONLY_MODULES
 from cimconvert.profiles import ChipProfile
 from cimconvert.simulator import (
     MvmWeights,
@@ -42,6 +42,7 @@ from cimconvert.simulator import (
     weight_scales,
 )
 from cimconvert.simulator.program import Layout
+from cimconvert.simulator.rng import stable_seed
 
 #: Name of the experts implementation registered in ``ALL_EXPERTS_FUNCTIONS`` while STE trains.
 STE_EXPERTS = "cimconvert_ste"

@@ -31,15 +31,16 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from cimconvert.bundle.manifest import MANIFEST_NAME
-from cimconvert.bundle.reader import read_manifest
-from cimconvert.data import token_ids
+from cimconvert.bundle.reader import is_bundle, placement_from_manifest, read_manifest
+from cimconvert.checkpoint import resolve_model
+from cimconvert.datasets import token_ids
 from cimconvert.errors import CimError
 from cimconvert.finetune.base import NoiseMethod, NoNoise, Target, analog_targets, generator
-from cimconvert.finetune.data import GUTENBERG_TRAIN, check_tokens, sample_batch, training_text
 from cimconvert.finetune.nat import NAT_KINDS, NatNoise
 from cimconvert.finetune.ste import SteNoise
-from cimconvert.placement import Placement, model_placement, placement_from_manifest, plan_model
+from cimconvert.finetune.training_data import check_tokens, sample_batch, training_text
+from cimconvert.gutenberg import GUTENBERG_TRAIN
+from cimconvert.placement import Placement, model_placement, plan_model
 from cimconvert.profiles import ChipProfile, load_profile
 
 METHODS = ("ste", "nat", "none")
@@ -278,7 +279,6 @@ def _load(model: Any, tokenizer: Any) -> tuple[nn.Module, Any, str]:
     """(model, tokenizer, display name) from a folder / hub id or an in-memory model."""
     if isinstance(model, nn.Module):
         return model, tokenizer, type(model).__name__
-    from cimconvert.checkpoint import resolve_model
 
     source = resolve_model(str(model))
     loaded = source.load_model()
@@ -294,7 +294,7 @@ def _placement(
 ) -> Placement:
     """The placement to train for: a bundle's own (read back from its manifest), else planned here, once,
     with the ``--analog``/``--digital`` overrides."""
-    if isinstance(model, nn.Module) or not (Path(model) / MANIFEST_NAME).is_file():
+    if isinstance(model, nn.Module) or not is_bundle(model):
         return plan_model(net, chip, analog=analog, digital=digital)
     if analog or digital:
         raise CimError("a bundle's placement is fixed by its manifest (--analog/--digital: checkpoints only)")

@@ -26,9 +26,9 @@ import onnxruntime as ort
 import torch
 from onnx import ModelProto
 
-from cimconvert.noise import tensor_generator
 from cimconvert.onnx import analog_op
 from cimconvert.onnx.export import clean_scales
+from cimconvert.onnx.metadata import read_metadata
 from cimconvert.profiles.schema import ChipProfile
 from cimconvert.runtime.session import (
     MvmInput,
@@ -39,7 +39,7 @@ from cimconvert.runtime.session import (
     prepare_model,
 )
 from cimconvert.simulator import prepare_mvm, program_weight
-from cimconvert.simulator.rng import CounterClock
+from cimconvert.simulator.rng import CounterClock, tensor_generator
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,6 @@ class AnalogTensor:
 def analog_tensors(model: ModelProto) -> list[AnalogTensor]:
     """Analog tensors of an exported graph, in node order (AnalogMatMul nodes + weight-only ones)."""
     import json
-
-    from cimconvert.onnx.metadata import read_metadata
 
     seen: dict[str, str] = {}
     for node in analog_op.analog_nodes(model):
