@@ -59,15 +59,8 @@ class Method(Protocol):
     families: tuple[str, ...]
     options: tuple[MethodOption, ...]
 
-    def apply(
-        self,
-        model: torch.nn.Module,
-        adapter: Any,
-        profile: ChipProfile,
-        options: dict[str, Any],
-        progress: bool = True,
-        placement: Placement | None = None,
-    ) -> MethodResult:
+    def apply(self, model: torch.nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],
+              progress: bool = True, placement: Placement | None = None) -> MethodResult:  # fmt: skip
         """Transform ``model`` in place for ``profile``; return what was done.
 
         ``placement``: the conversion's placement of the checkpoint ``model`` was loaded from (mapped

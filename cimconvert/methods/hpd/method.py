@@ -154,15 +154,8 @@ class HpdMethod:
         MethodOption("hpd_auto_top", int, 1, "HPD: number of layers 'auto' takes from the scan"),
     )
 
-    def apply(
-        self,
-        model: nn.Module,
-        adapter: Any,
-        profile: ChipProfile,
-        options: dict[str, Any],
-        progress: bool = True,
-        placement: Any = None,
-    ) -> MethodResult:
+    def apply(self, model: nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],
+              progress: bool = True, placement: Any = None) -> MethodResult:  # fmt: skip
         """Resolve the layers (running a quick scan for ``auto`` without ``hpd_scan``) and split them.
 
         ``placement`` is not used: the quick scan ranks the layers of the profile's default placement.

@@ -115,15 +115,8 @@ class RomerMethod:
     families = ("moe",)
     options = OPTIONS
 
-    def apply(
-        self,
-        model: torch.nn.Module,
-        adapter: Any,
-        profile: ChipProfile,
-        options: dict[str, Any],
-        progress: bool = True,
-        placement: Placement | None = None,
-    ) -> MethodResult:
+    def apply(self, model: torch.nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],
+              progress: bool = True, placement: Placement | None = None) -> MethodResult:  # fmt: skip
         """Calibrate on noisy statistics, replace experts, install the routing hooks; see module docs."""
         start = time.perf_counter()
         cfg = RomerConfig.from_options(options)
