@@ -98,6 +98,7 @@ def load(model_path: str) -> tuple[torch.nn.Module, Any]:
 def make_trainer(model: torch.nn.Module, name: str, args: argparse.Namespace, tokens: torch.Tensor) -> Any:
     """A Trainer for benchmark method ``name``."""
     from cimconvert.finetune import FinetuneConfig, Trainer, analog_targets
+    from cimconvert.placement import plan_model
     from cimconvert.profiles import load_profile
 
     chip = load_profile(args.profile)
@@ -111,7 +112,7 @@ def make_trainer(model: torch.nn.Module, name: str, args: argparse.Namespace, to
         seq_len=args.seq_len,
         seed=args.seed,
     )
-    return Trainer(model, chip, cfg, tokens, analog_targets(model, chip))
+    return Trainer(model, chip, cfg, tokens, analog_targets(model, plan_model(model, chip)))
 
 
 def rss_mb() -> float:

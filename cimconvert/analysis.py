@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from cimconvert.bundle.reader import is_bundle, manifest_overrides, read_manifest
+from cimconvert.bundle.reader import is_bundle
 from cimconvert.datasets import load_text, tokenize
 from cimconvert.errors import CimError
 from cimconvert.evaluation.loading import load_for_eval
@@ -118,11 +118,9 @@ def analyze(
     """
     if seeds < 1:
         raise CimError("--seeds must be at least 1")
-    net, tokenizer, _, chip = load_for_eval(model, profile)
-    if is_bundle(model) and not (analog or digital):
-        overrides = manifest_overrides(read_manifest(Path(model)))
-        analog, digital = overrides["analog"], overrides["digital"]
-    targets = hpd_placement(net, chip, analog, digital).analog()
+    net, tokenizer, targets, chip = load_for_eval(model, profile)
+    if analog or digital or not is_bundle(model):  # a what-if placement (a bundle's own is read back)
+        targets = hpd_placement(net, chip, analog, digital).analog()
     tokens = tokenize(tokenizer, load_text(dataset), max_tokens)
     scan = sensitivity_scan(net, tokens, targets, chip, [seed + i for i in range(seeds)], granularity,
                             seq_len=seq_len, batch_size=batch_size, progress=progress)  # fmt: skip

@@ -32,7 +32,7 @@ from cimconvert.evaluation.loading import load_for_eval
 from cimconvert.evaluation.noisy import evaluate_model
 from cimconvert.methods import METHODS, option_values, resolve_method
 from cimconvert.onnx.export import export_bundle_onnx
-from cimconvert.placement import plan_tensors
+from cimconvert.placement import plan_tensors, replan_tensors
 from cimconvert.profiles import ChipProfile, list_profiles, load_profile
 
 __all__ = [
@@ -107,11 +107,13 @@ def _dry_run_result(model: str, chip: ChipProfile, method: str, placement: Any) 
 
 
 def _apply_method(
-    name: str, source: Any, adapter: Any, chip: ChipProfile, options: dict[str, Any], progress: bool
+    name: str, source: Any, adapter: Any, chip: ChipProfile, options: dict[str, Any], progress: bool,
+    placement: Any,
 ) -> tuple[torch.nn.Module, Any]:
-    """Load the model, run the method on it in place; returns (model, MethodResult)."""
+    """Load the model, run the method on it in place with the conversion's ``placement`` (of ``source``);
+    returns (model, MethodResult)."""
     net = check_weights_finite(source.load_model(dtype=torch.float32))
-    result = METHODS[name].apply(net, adapter, chip, options, progress=progress)
+    result = METHODS[name].apply(net, adapter, chip, options, progress=progress, placement=placement)
     return net, result
 
 
@@ -166,15 +168,14 @@ def _bundle_transformed(
     out_dir: Path,
     chip: ChipProfile,
     adapter: Any,
-    overrides: tuple[Sequence[str], Sequence[str]],
+    planned: Any,
     extra: dict[str, Any],
     opts: dict[str, Any],
 ) -> tuple[Any, Any]:
-    """Save a method's transformed model to ``.OUT.src-<pid>-*`` beside OUT, plan and bundle it from
-    there; returns (BundleSummary, placement). A full disk while saving is a one-line BundleError."""
-    analog = [*overrides[0], *result.analog]
-    digital = [*overrides[1], *result.digital]
-    extra["overrides"] = {"analog": analog, "digital": digital}
+    """Save a method's transformed model to ``.OUT.src-<pid>-*`` beside OUT and bundle it from there;
+    returns (BundleSummary, placement). Its tensors keep the ``planned`` placement of the source; only
+    those the method created are placed (see ``replan_tensors``). A full disk while saving is a one-line
+    BundleError."""
     extra["method_report"] = result.report
     prefix = f"{tmp_path(out_dir, 'src').name}-"
     with tempfile.TemporaryDirectory(prefix=prefix, dir=out_dir.parent) as tmp:
@@ -183,7 +184,8 @@ def _bundle_transformed(
         except (OSError, SafetensorError) as exc:
             detail = failure_detail(exc)
             raise BundleError(f"writing the transformed model beside {out_dir} failed: {detail}") from None
-        placement = _plan(transformed, adapter, chip, analog, digital)
+        placement = replan_tensors(planned, transformed.tensor_shapes(), adapter, chip, result.analog,
+                                   result.digital, tied_lm_head=adapter.tied_embeddings(transformed.config))
         # the ONNX graph is exported from the model as load_bundle gives it
         hook = _onnx_exporter(net.float, opts["progress"]) if opts["onnx"] else None
         summary = write_bundle(transformed, out_dir, chip, placement, transforms=result.transforms,
@@ -227,11 +229,10 @@ def convert(
     if dry_run:  # plan only: the method (and any tensors it adds) runs at conversion time
         return _dry_run_result(model, chip, resolved, placement)
     out_dir = Path(out) if out is not None else default_out_dir(model, chip)
-    # The method sees the placement overrides too (e.g. ROMER calibrates with an analog router noisy).
-    options = {**option_values(resolved, dict(method_options or {})), "seed": seed,
-               "analog": list(analog), "digital": list(digital)}
-    extra: dict[str, Any] = {"method": resolved, "method_options": options,
-                             "overrides": {"analog": list(analog), "digital": list(digital)}}
+    # The method gets the placement itself (e.g. ROMER calibrates with an analog router noisy), not the
+    # patterns: they are recorded once, in placement_config.overrides.
+    options = {**option_values(resolved, dict(method_options or {})), "seed": seed}
+    extra: dict[str, Any] = {"method": resolved, "method_options": options}
     with out_lock(out_dir) as lock:  # one writer per OUT, from here to the final rename
         check_out_dir(out_dir, force)  # fail before any expensive work
         if resolved == "none":
@@ -241,11 +242,11 @@ def convert(
             report: dict[str, Any] = {}
             transform_types: list[str] = []
         else:
-            net, result = _apply_method(resolved, source, adapter, chip, options, progress)
+            net, result = _apply_method(resolved, source, adapter, chip, options, progress, placement)
             report = result.report
             transform_types = [t["type"] for t in result.transforms]
             summary, placement = _bundle_transformed(
-                net, result, source, out_dir, chip, adapter, (analog, digital), extra,
+                net, result, source, out_dir, chip, adapter, placement, extra,
                 dict(seed=seed, force=force, progress=progress, onnx=onnx, key=key),
             )
     return {

@@ -25,8 +25,8 @@ along the inputs and ``ceil(out / tile_cols)`` along the outputs; a fused 3-D ex
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -42,7 +42,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 Unit = Literal["analog", "digital"]
-
 
 
 @dataclass(frozen=True)
@@ -105,6 +104,19 @@ class Placement:
     tile_rows: int
     tile_cols: int
     overrides: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls, tensors: Iterable[TensorInfo], profile: ChipProfile, overrides: Mapping[str, Sequence[str]]
+    ) -> Placement:
+        """The placement of ``tensors`` for ``profile`` (its name and tile size), shaped by ``overrides``."""
+        return cls(
+            tensors=tuple(tensors),
+            profile=profile.name,
+            tile_rows=profile.mapping.tile_rows,
+            tile_cols=profile.mapping.tile_cols,
+            overrides={unit: tuple(patterns) for unit, patterns in overrides.items()},
+        )
 
     def __iter__(self) -> Iterator[TensorInfo]:
         return iter(self.tensors)
@@ -311,62 +323,76 @@ def _itemsize(dtype: str) -> int:
 
 
 # ------------------------------------------------------------------ planning
-@dataclass(frozen=True)
-class _Entry:
-    """A tensor to place: name, shape, dtype, bytes, the in-memory name it loads into, tied aliases."""
+#: Decides (unit, reason) for a tensor given its kind-classified draft entry.
+Decision = Callable[[TensorInfo], tuple[Unit, str]]
 
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    nbytes: int
-    memory_name: str
-    aliases: tuple[str, ...] = ()
-    tied: bool = False
+
+def _draft(
+    name: str, shape: tuple[int, ...], dtype: str, nbytes: int, memory_name: str,
+    aliases: tuple[str, ...] = (),
+) -> TensorInfo:
+    """A tensor to place (kind and layout filled in by :func:`_placed`; digital until decided)."""
+    return TensorInfo(name=name, kind="other", shape=shape, layout="none", unit="digital",
+                      module=name.rpartition(".")[0], nbytes=nbytes, dtype=dtype, memory_name=memory_name,
+                      aliases=aliases)  # fmt: skip
+
+
+def _placed(draft: TensorInfo, adapter: ArchAdapter, profile: ChipProfile, decide: Decision) -> TensorInfo:
+    """``draft`` classified by the adapter, its unit from ``decide`` and (analog) its tile grid."""
+    kind, layout = adapter.classify(draft.name, draft.shape)
+    classified = replace(draft, kind=kind, layout=layout)
+    unit, reason = decide(classified)
+    grid, tiles = _grid(draft.shape, layout, profile) if unit == "analog" else ((0, 0), 0)
+    return replace(classified, unit=unit, reason=reason, tiles=tiles, tile_grid=grid)
+
+
+def _by_rules(
+    profile: ChipProfile, analog: list[_Pattern], digital: list[_Pattern], tied: frozenset[str] = frozenset()
+) -> Decision:
+    """The placement rules (module docstring) as a :data:`Decision`; ``tied`` names stay digital."""
+
+    def decide(info: TensorInfo) -> tuple[Unit, str]:
+        candidates = _candidates(info.name, info.memory_name, info.aliases)
+        unit, reason = _decide(info.name, info.kind, candidates, profile, analog, digital)
+        if info.name in tied and unit == "analog":
+            return "digital", "tied to the embedding"
+        return unit, reason
+
+    return decide
 
 
 def _plan(
-    entries: Iterable[_Entry],
+    drafts: Iterable[TensorInfo],
     adapter: ArchAdapter,
     profile: ChipProfile,
     analog: Sequence[str],
     digital: Sequence[str],
+    tied: frozenset[str] = frozenset(),
 ) -> Placement:
     analog_p, digital_p = _parse_patterns(analog, digital)
-    infos = [_place(entry, adapter, profile, analog_p, digital_p) for entry in entries]
+    decide = _by_rules(profile, analog_p, digital_p, tied)
+    infos = [_placed(draft, adapter, profile, decide) for draft in drafts]
     _check_patterns([*digital_p, *analog_p])
-    return Placement(
-        tensors=tuple(infos),
-        profile=profile.name,
-        tile_rows=profile.mapping.tile_rows,
-        tile_cols=profile.mapping.tile_cols,
-        overrides={"analog": tuple(analog), "digital": tuple(digital)},
-    )
+    return Placement.of(infos, profile, {"analog": tuple(analog), "digital": tuple(digital)})
 
 
-def _place(
-    entry: _Entry, adapter: ArchAdapter, profile: ChipProfile, analog: list[_Pattern], digital: list[_Pattern]
-) -> TensorInfo:
-    kind, layout = adapter.classify(entry.name, entry.shape)
-    candidates = _candidates(entry.name, entry.memory_name, entry.aliases)
-    unit, reason = _decide(entry.name, kind, candidates, profile, analog, digital)
-    if entry.tied and unit == "analog":
-        unit, reason = "digital", "tied to the embedding"
-    grid, tiles = _grid(entry.shape, layout, profile) if unit == "analog" else ((0, 0), 0)
-    return TensorInfo(
-        name=entry.name,
-        kind=kind,
-        shape=entry.shape,
-        layout=layout,
-        unit=unit,
-        module=entry.name.rpartition(".")[0],
-        nbytes=entry.nbytes,
-        dtype=entry.dtype,
-        tiles=tiles,
-        tile_grid=grid,
-        memory_name=entry.memory_name,
-        aliases=entry.aliases,
-        reason=reason,
-    )
+def _model_drafts(model: nn.Module, adapter: ArchAdapter) -> list[TensorInfo]:
+    """One draft per parameter of ``model``; a shared parameter appears once, under its non-lm_head
+    name, with the other names in ``aliases``."""
+    names: dict[int, list[str]] = {}
+    params: dict[int, Any] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+        params[id(param)] = param
+    drafts = []
+    for key, group in names.items():
+        main = next((n for n in group if adapter.classify(n)[0] != "lm_head"), group[0])
+        param = params[key]
+        dtype = str(param.dtype).removeprefix("torch.")
+        aliases = tuple(n for n in group if n != main)
+        nbytes = param.numel() * param.element_size()
+        drafts.append(_draft(main, tuple(param.shape), dtype, nbytes, main, aliases))
+    return drafts
 
 
 def plan_model(
@@ -376,29 +402,11 @@ def plan_model(
 
     A parameter shared by several names (lm_head tied to the embedding) appears once, under its
     non-lm_head name, with the other names in ``aliases``: it is the embedding and stays digital.
+    Use this once, where a plain model enters (no bundle); a bundle's placement is read back with
+    ``bundle.reader.placement_from_manifest`` and mapped onto its loaded model with :func:`model_placement`.
     """
     adapter = get_adapter(model.config)
-    names: dict[int, list[str]] = {}
-    params: dict[int, Any] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-        params[id(param)] = param
-    entries = []
-    for key, group in names.items():
-        main = next((n for n in group if adapter.classify(n)[0] != "lm_head"), group[0])
-        param = params[key]
-        dtype = str(param.dtype).removeprefix("torch.")
-        entries.append(
-            _Entry(
-                main,
-                tuple(param.shape),
-                dtype,
-                param.numel() * param.element_size(),
-                main,
-                tuple(n for n in group if n != main),
-            )
-        )
-    return _plan(entries, adapter, profile, analog, digital)
+    return _plan(_model_drafts(model, adapter), adapter, profile, analog, digital)
 
 
 def plan_tensors(
@@ -417,7 +425,15 @@ def plan_tensors(
     ``.dtype``, ``.nbytes``, e.g. a header entry); ``dtype`` is assumed where none is given.
     ``tied_lm_head``: the config ties lm_head to the embedding, so an ``lm_head`` key stays digital.
     """
-    entries = []
+    drafts, tied = _tensor_drafts(shapes, adapter, dtype, tied_lm_head)
+    return _plan(drafts, adapter, profile, analog, digital, tied)
+
+
+def _tensor_drafts(
+    shapes: Mapping[str, Any], adapter: ArchAdapter, dtype: str, tied_lm_head: bool
+) -> tuple[list[TensorInfo], frozenset[str]]:
+    """One draft per on-disk tensor, and the lm_head keys tied to the embedding (see :func:`plan_tensors`)."""
+    drafts, tied = [], set()
     for name, value in shapes.items():
         shape = tuple(int(d) for d in getattr(value, "shape", value))
         value_dtype = str(getattr(value, "dtype", None) or dtype)
@@ -426,9 +442,90 @@ def plan_tensors(
             params *= dim
         nbytes = getattr(value, "nbytes", None)
         nbytes = int(nbytes) if nbytes is not None else params * _itemsize(value_dtype)
-        is_tied = tied_lm_head and adapter.classify(name, shape)[0] == "lm_head"
-        entries.append(_Entry(name, shape, value_dtype, nbytes, adapter.memory_name(name), tied=is_tied))
-    return _plan(entries, adapter, profile, analog, digital)
+        if tied_lm_head and adapter.classify(name, shape)[0] == "lm_head":
+            tied.add(name)
+        drafts.append(_draft(name, shape, value_dtype, nbytes, adapter.memory_name(name)))
+    return drafts, frozenset(tied)
+
+
+def replan_tensors(
+    placement: Placement,
+    shapes: Mapping[str, Any],
+    adapter: ArchAdapter,
+    profile: ChipProfile,
+    analog: Sequence[str] = (),
+    digital: Sequence[str] = (),
+    *,
+    tied_lm_head: bool = False,
+) -> Placement:
+    """Place the tensors of a checkpoint that a method rewrote, keeping the conversion's ``placement``.
+
+    A tensor that loads into a parameter ``placement`` already places (same in-memory name) keeps that
+    unit; only tensors the method created (e.g. HPD's factors) are decided, by the rules with
+    ``placement``'s overrides plus the method's ``analog``/``digital`` patterns, each of which must place
+    one of them. The result records both sets of patterns as its overrides.
+    """
+    drafts, tied = _tensor_drafts(shapes, adapter, "F32", tied_lm_head)
+    user_analog, user_digital = _parse_patterns(placement.overrides["analog"], placement.overrides["digital"])
+    method_analog, method_digital = _parse_patterns(analog, digital)
+    rules = _by_rules(profile, [*user_analog, *method_analog], [*user_digital, *method_digital], tied)
+    recorded = _recorded_units(placement)
+
+    def decide(info: TensorInfo) -> tuple[Unit, str]:
+        return recorded(info) if recorded.covers(info) else rules(info)
+
+    infos = [_placed(draft, adapter, profile, decide) for draft in drafts]
+    _check_patterns([*method_digital, *method_analog])
+    overrides = {"analog": (*placement.overrides["analog"], *analog),
+                 "digital": (*placement.overrides["digital"], *digital)}  # fmt: skip
+    return Placement.of(infos, profile, overrides)
+
+
+# ------------------------------------------------------------------ a placement read back
+def model_placement(model: nn.Module, placement: Placement, profile: ChipProfile) -> Placement:
+    """The placement of ``model``'s parameters with every unit taken from ``placement``, not the rules.
+
+    ``placement`` is a bundle's (``bundle.reader.placement_from_manifest``) or a plan of the checkpoint
+    the model was loaded from: each parameter gets the unit of the tensor(s) that load into it (by
+    in-memory name, so per-expert keys give their fused tensor's unit). A parameter ``placement`` does
+    not name is digital; one whose tensors disagree (some experts analog, some digital) is a
+    ModelInputError.
+    Kinds, layouts and tile grids are the in-memory tensor's (``profile``'s tile size).
+    """
+    adapter = get_adapter(model.config)
+    recorded = _recorded_units(placement)
+    infos = [_placed(draft, adapter, profile, recorded) for draft in _model_drafts(model, adapter)]
+    return Placement.of(infos, profile, dict(placement.overrides))
+
+
+def _memory_names(info: TensorInfo) -> set[str]:
+    """Every name ``info`` is known by in memory: its in-memory name, its own name and its aliases."""
+    return {info.memory_name or info.name, info.name, *info.aliases}
+
+
+@dataclass(frozen=True)
+class _RecordedUnits:
+    """A :data:`Decision` that reads each tensor's unit from an existing placement (by in-memory name)."""
+
+    units: dict[str, frozenset[Unit]]
+
+    def covers(self, info: TensorInfo) -> bool:
+        """Whether the placement holds a tensor that loads into ``info``'s parameter."""
+        return any(name in self.units for name in _memory_names(info))
+
+    def __call__(self, info: TensorInfo) -> tuple[Unit, str]:
+        found = frozenset().union(*(self.units.get(n, frozenset()) for n in _memory_names(info)))
+        if len(found) > 1:
+            raise ModelInputError(f"tensor '{info.name}' loads from both analog and digital tensors")
+        return (next(iter(found)), "placement read back") if found else ("digital", "not in the placement")
+
+
+def _recorded_units(placement: Placement) -> _RecordedUnits:
+    units: dict[str, set[Unit]] = {}
+    for info in placement:
+        for name in _memory_names(info):
+            units.setdefault(name, set()).add(info.unit)
+    return _RecordedUnits({name: frozenset(found) for name, found in units.items()})
 
 
 def human_bytes(n: float) -> str:

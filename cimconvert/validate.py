@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cimconvert.bundle.reader import load_bundle, manifest_overrides, manifest_profile, read_manifest
+from cimconvert.bundle.reader import load_bundle, manifest_profile, placement_from_manifest, read_manifest
 from cimconvert.checkpoint import sha256_file
 from cimconvert.datasets import load_text, tokenize
 from cimconvert.errors import BundleError, CimError
@@ -45,7 +45,7 @@ from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.evaluation.stats import paired_log_ratio_test
 from cimconvert.noise import apply_chip_noise
 from cimconvert.onnx import analog_op
-from cimconvert.placement import plan_model
+from cimconvert.placement import model_placement
 from cimconvert.plausibility import fail_implausible
 from cimconvert.profiles import ChipProfile, load_profile
 from cimconvert.runtime import OrtCausalLM, OrtNoiseRunner, analog_tensors, load_model
@@ -208,12 +208,12 @@ def _node_summary(checks: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def placement_targets(net: torch.nn.Module, manifest: Any) -> list[Any]:
-    """The analog tensors of the bundle's own placement (its profile and overrides), for the torch side.
+    """The analog tensors of the bundle's own placement (its manifest's per-tensor units), for the torch side.
 
-    Taken from the manifest, not from the graph, so that a graph missing an analog node cannot make
+    Read back from the manifest, not from the graph, so that a graph missing an analog node cannot make
     torch skip that tensor's noise too.
     """
-    return list(plan_model(net, manifest_profile(manifest), **manifest_overrides(manifest)).analog())
+    return list(model_placement(net, placement_from_manifest(manifest), manifest_profile(manifest)).analog())
 
 
 def per_mvm_random(chip: ChipProfile) -> bool:

@@ -278,7 +278,9 @@ CASES: dict[str, Callable[[Case], list[str]]] = {
     "manifest-without-rank": _eval_bundle(_transform({
         "module": "lm_head", "digital": "lm_head.digital.weight", "analog": "lm_head.analog.weight",
         "replaces": [], "in_features": 128, "out_features": 4096, "bias": False})),  # no "rank"
-    "manifest-overrides-not-a-mapping": _eval_bundle(_set("extra.overrides", 5)),
+    "manifest-overrides-not-a-mapping": _eval_bundle(_set("placement_config.overrides", 5)),
+    "manifest-overrides-not-patterns": _eval_bundle(_set("placement_config.overrides", {"analog": "x"})),
+    "manifest-tensor-unit-unknown": _eval_bundle(lambda m: m["tensors"][0].update(unit="optical")),
     "manifest-placement-overrides-null": _eval_bundle(_set("placement_config.overrides", None)),
     "manifest-tensors-missing": _inspect(lambda m: m.pop("tensors")),
     "listed-file-symlinked-outside": _symlinked_file,

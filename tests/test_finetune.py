@@ -23,6 +23,7 @@ from cimconvert.finetune import (
 )
 from cimconvert.finetune.nat import row_absmax
 from cimconvert.finetune.trainer import STATE_FILE
+from cimconvert.placement import plan_model
 from cimconvert.profiles import load_profile
 from cimconvert.simulator import prepare_mvm
 
@@ -37,7 +38,7 @@ FAST = {"batch_size": 4, "seq_len": 16, "lr": 1e-2, "warmup": 0}
 def _trainer(model_type: str, method: str, profile=CHIP, **kw) -> Trainer:
     model = build_tiny(model_type)
     cfg = FinetuneConfig(method=method, steps=kw.pop("steps", 8), **{**FAST, **kw})
-    return Trainer(model, profile, cfg, TOKENS, analog_targets(model, profile))
+    return Trainer(model, profile, cfg, TOKENS, analog_targets(model, plan_model(model, profile)))
 
 
 @pytest.mark.parametrize("model_type", ["olmoe", "mamba"])
@@ -116,7 +117,7 @@ def test_analog_matmul_ste_backward_is_linear_at_programmed_weights() -> None:
 
 def test_noise_redrawn_each_step_and_seeded() -> None:
     model = build_tiny("olmoe")
-    targets = analog_targets(model, CHIP)
+    targets = analog_targets(model, plan_model(model, CHIP))
     a, b, c = (SteNoise(model, targets, CHIP, seed) for seed in (0, 0, 1))
     name = targets[0].name
     step0, step1 = a.programmed(0)[name], a.programmed(1)[name]
@@ -131,7 +132,7 @@ def test_noise_redrawn_each_step_and_seeded() -> None:
 
 def test_nat_gradient_includes_noise_path() -> None:
     model = build_tiny("olmoe")
-    targets = analog_targets(model, CHIP)
+    targets = analog_targets(model, plan_model(model, CHIP))
     nat = NatNoise(model, targets, CHIP, 0)
     assert 0.005 < nat.sigma < 0.2  # matched to chipA's effective relative weight noise
     name = "model.layers.0.self_attn.q_proj.weight"

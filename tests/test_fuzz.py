@@ -25,8 +25,8 @@ from cimconvert.bundle.integrity import write_manifest_and_lock
 from cimconvert.bundle.reader import (
     expected_key_changes,
     inspect_bundle,
-    manifest_overrides,
     manifest_profile,
+    placement_from_manifest,
     read_manifest,
 )
 from cimconvert.checkpoint import DTYPES, read_header
@@ -151,7 +151,7 @@ def _read_everything(folder: Path) -> None:
     manifest = read_manifest(folder)
     inspect_bundle(folder, verify=True)
     manifest_profile(manifest)
-    manifest_overrides(manifest)
+    placement_from_manifest(manifest)
     expected_key_changes(manifest)
 
 

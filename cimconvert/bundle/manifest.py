@@ -101,6 +101,14 @@ class PlacementGroup(Entry):
     params: UnitParams
 
 
+class Overrides(Entry):
+    """The user's ``--analog``/``--digital`` patterns (plus a method's, e.g. HPD's split factors) that
+    shaped the placement; informational: the placement itself is ``tensors[].unit``."""
+
+    analog: list[str] = Field(default_factory=list)
+    digital: list[str] = Field(default_factory=list)
+
+
 class PlacementConfig(Entry):
     """compressed-tensors-style placement: groups with targets plus ``ignore`` (kept digital)."""
 
@@ -108,8 +116,8 @@ class PlacementConfig(Entry):
     version: int = MANIFEST_SCHEMA_VERSION
     config_groups: dict[str, PlacementGroup]
     ignore: list[str] = Field(description="targets kept on the digital unit (same syntax as targets)")
-    overrides: dict[str, list[str]] = Field(
-        default_factory=dict, description="user --analog/--digital patterns that shaped the placement"
+    overrides: Overrides = Field(
+        default_factory=Overrides, description="--analog/--digital patterns that shaped the placement"
     )
 
 
@@ -122,10 +130,13 @@ class TileGridEntry(Entry):
 
 
 class TensorEntry(Entry):
-    """One stored tensor, fully resolved (on-disk name, as in ``model.safetensors.index.json``)."""
+    """One stored tensor, fully resolved (on-disk name, as in ``model.safetensors.index.json``).
+
+    ``unit`` is the bundle's placement: every consumer reads it back (``placement_from_manifest``).
+    """
 
     name: str
-    unit: Unit
+    unit: Unit = Field(description="where the tensor runs; consumers read it back, never re-derive it")
     kind: str
     shard: str = Field(description="bundle file holding the tensor")
     shape: list[int]

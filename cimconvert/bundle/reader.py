@@ -16,10 +16,12 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
+from cimconvert.arch import get_adapter
 from cimconvert.bundle.integrity import LOCK_NAME, member_path, signing_key, verified_manifest_bytes
-from cimconvert.bundle.manifest import MANIFEST_NAME, Manifest, TransformEntry
+from cimconvert.bundle.manifest import MANIFEST_NAME, Manifest, TensorEntry, TransformEntry
 from cimconvert.checkpoint import load_hf_model, sha256_file
 from cimconvert.errors import BundleError, failure_detail
+from cimconvert.placement import Placement, TensorInfo
 from cimconvert.profiles import ChipProfile, profile_from_dict
 from cimconvert.transforms import TRANSFORM_KEY_CHANGES, TRANSFORM_LOADERS
 
@@ -93,18 +95,28 @@ def manifest_profile(manifest: Manifest) -> ChipProfile:
     return profile_from_dict(dict(manifest.profile.profile), origin="manifest.json")
 
 
-def manifest_overrides(manifest: Manifest) -> dict[str, list[str]]:
-    """The --analog/--digital overrides a bundle was placed with (so eval and export reproduce it)."""
-    overrides = (manifest.extra or {}).get("overrides") or {}
-    if not isinstance(overrides, dict):
-        raise BundleError("manifest extra.overrides is not a mapping")
-    result: dict[str, list[str]] = {}
-    for unit in ("analog", "digital"):
-        patterns = overrides.get(unit) or []
-        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
-            raise BundleError(f"manifest extra.overrides.{unit} is not a list of patterns")
-        result[unit] = list(patterns)
-    return result
+def placement_from_manifest(manifest: Manifest) -> Placement:
+    """The placement a bundle was written with, read back from ``manifest.tensors`` (on-disk names).
+
+    This is the one reader of a bundle's placement: every consumer of a bundle (eval, ONNX export,
+    validation, fine-tuning, analysis) takes the units from here instead of re-applying the rules.
+    ``memory_name`` is the in-memory parameter each key loads into (the bundle's architecture adapter);
+    ``placement.model_placement`` maps the result onto a loaded model.
+    """
+    adapter = get_adapter(manifest.source.model_type)
+    infos = [_tensor_info(entry, adapter.memory_name(entry.name)) for entry in manifest.tensors]
+    patterns = manifest.placement_config.overrides
+    overrides = {"analog": patterns.analog, "digital": patterns.digital}
+    return Placement.of(infos, manifest_profile(manifest), overrides)
+
+
+def _tensor_info(entry: TensorEntry, memory_name: str) -> TensorInfo:
+    """The :class:`~cimconvert.placement.TensorInfo` of one manifest tensor entry."""
+    grid = (len(entry.tile_grid.in_sizes), len(entry.tile_grid.out_sizes)) if entry.tile_grid else (0, 0)
+    return TensorInfo(name=entry.name, kind=entry.kind, shape=tuple(entry.shape),  # type: ignore[arg-type]
+                      layout=entry.layout, unit=entry.unit, module=entry.name.rpartition(".")[0],
+                      nbytes=entry.nbytes, dtype=entry.dtype, tiles=entry.tiles, tile_grid=grid,
+                      memory_name=memory_name, reason="manifest")  # fmt: skip
 
 
 def verify_bundle(out: str | Path, manifest: Manifest | None = None) -> list[str]:

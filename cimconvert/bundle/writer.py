@@ -33,6 +33,7 @@ from cimconvert.bundle.manifest import (
     MANIFEST_NAME,
     FileEntry,
     Manifest,
+    Overrides,
     PlacementConfig,
     PlacementGroup,
     Producer,
@@ -289,9 +290,7 @@ def _unit_params(profile: ChipProfile, unit: str, dtypes: Sequence[str]) -> Unit
     )
 
 
-def _placement_config(
-    entries: list[TensorEntry], profile: ChipProfile, extra: dict[str, Any]
-) -> PlacementConfig:
+def _placement_config(entries: list[TensorEntry], profile: ChipProfile, placement: Any) -> PlacementConfig:
     names = {unit: [e.name for e in entries if e.unit == unit] for unit in UNITS}
     groups: dict[str, PlacementGroup] = {}
     targets: dict[str, list[str]] = {}
@@ -305,11 +304,11 @@ def _placement_config(
             kinds=sorted({e.kind for e in members}),
             params=_unit_params(profile, unit, [e.dtype for e in members]),
         )
-    overrides = extra.get("overrides", {}) if isinstance(extra.get("overrides"), dict) else {}
+    overrides = getattr(placement, "overrides", None) or {}
     return PlacementConfig(
         config_groups=groups,
         ignore=targets["digital"],
-        overrides={k: [str(v) for v in vals] for k, vals in overrides.items()},
+        overrides=Overrides(**{unit: [str(p) for p in patterns] for unit, patterns in overrides.items()}),
     )
 
 
@@ -597,7 +596,7 @@ def _assemble(
         profile=ProfileInfo(
             name=profile.name, content_hash=profile.content_hash(), profile=profile.model_dump(mode="json")
         ),
-        placement_config=_placement_config(entries, profile, recorded.extra),
+        placement_config=_placement_config(entries, profile, placement),
         scales_file=scales_file,
         tensors=entries,
         transforms=plan.transforms,

@@ -11,24 +11,28 @@ from transformers import AutoTokenizer
 from cimconvert.bundle.reader import (
     is_bundle,
     load_bundle,
-    manifest_overrides,
     manifest_profile,
+    placement_from_manifest,
     read_manifest,
 )
 from cimconvert.checkpoint import check_weights_finite, resolve_model
 from cimconvert.errors import CimError
-from cimconvert.placement import plan_model
+from cimconvert.placement import model_placement, plan_model
 from cimconvert.profiles import ChipProfile, load_profile
 
 
 def load_for_eval(model: str, profile: str | None) -> tuple[torch.nn.Module, Any, list[Any], ChipProfile]:
-    """(model, tokenizer, analog targets, profile) for a source checkpoint or a bundle."""
+    """(model, tokenizer, analog targets, profile) for a source checkpoint or a bundle.
+
+    A bundle's analog targets are its manifest's placement (read back, whatever ``profile`` says); a
+    checkpoint's are planned here, once, under ``profile`` with the default rules.
+    """
     if is_bundle(model):
         manifest = read_manifest(Path(model))
         chip = load_profile(profile) if profile else manifest_profile(manifest)
-        overrides = manifest_overrides(manifest)  # every manifest field is checked before loading
+        recorded = placement_from_manifest(manifest)  # every manifest field is checked before loading
         net = check_weights_finite(load_bundle(Path(model)))
-        targets = plan_model(net, chip, **overrides).analog()
+        targets = model_placement(net, recorded, chip).analog()
         folder = Path(model)
     else:
         if not profile:

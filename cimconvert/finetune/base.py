@@ -19,8 +19,7 @@ import torch
 from torch import nn
 
 from cimconvert.errors import CimError
-from cimconvert.placement import plan_model
-from cimconvert.profiles import ChipProfile
+from cimconvert.placement import Placement
 from cimconvert.simulator.program import Layout
 from cimconvert.simulator.rng import stable_seed
 
@@ -62,18 +61,17 @@ class NoNoise:
         return {"method": self.name, "forward": "clean weights", "backward": "plain autograd"}
 
 
-def analog_targets(
-    model: nn.Module, profile: ChipProfile, analog: Sequence[str] = (), digital: Sequence[str] = ()
-) -> list[Target]:
-    """The analog matmul weights of ``model`` under ``profile`` (placement rules plus overrides)."""
+def analog_targets(model: nn.Module, placement: Placement) -> list[Target]:
+    """The analog matmul weights of ``model`` in ``placement`` (planned once where the model entered, or
+    a bundle's read back and mapped onto the model; see :mod:`cimconvert.placement`)."""
     params = dict(model.named_parameters())
     targets = [
         Target(info.name, info.layout)  # type: ignore[arg-type]
-        for info in plan_model(model, profile, analog=analog, digital=digital).analog()
+        for info in placement.analog()
         if info.name in params and info.layout in ("out_in", "in_out") and params[info.name].dim() in (2, 3)
     ]
     if not targets:
-        raise CimError(f"profile '{profile.name}' places no tensor of this model on analog tiles")
+        raise CimError(f"profile '{placement.profile}' places no tensor of this model on analog tiles")
     return targets
 
 

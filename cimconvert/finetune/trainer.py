@@ -31,6 +31,7 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
+from cimconvert.bundle.reader import is_bundle, placement_from_manifest, read_manifest
 from cimconvert.checkpoint import resolve_model
 from cimconvert.datasets import token_ids
 from cimconvert.errors import CimError
@@ -39,6 +40,7 @@ from cimconvert.finetune.nat import NAT_KINDS, NatNoise
 from cimconvert.finetune.ste import SteNoise
 from cimconvert.finetune.training_data import check_tokens, sample_batch, training_text
 from cimconvert.gutenberg import GUTENBERG_TRAIN
+from cimconvert.placement import Placement, model_placement, plan_model
 from cimconvert.profiles import ChipProfile, load_profile
 
 METHODS = ("ste", "nat", "none")
@@ -287,6 +289,18 @@ def _load(model: Any, tokenizer: Any) -> tuple[nn.Module, Any, str]:
     return loaded, tokenizer, str(model)
 
 
+def _placement(
+    model: Any, net: nn.Module, chip: ChipProfile, analog: Sequence[str], digital: Sequence[str]
+) -> Placement:
+    """The placement to train for: a bundle's own (read back from its manifest), else planned here, once,
+    with the ``--analog``/``--digital`` overrides."""
+    if isinstance(model, nn.Module) or not is_bundle(model):
+        return plan_model(net, chip, analog=analog, digital=digital)
+    if analog or digital:
+        raise CimError("a bundle's placement is fixed by its manifest (--analog/--digital: checkpoints only)")
+    return model_placement(net, placement_from_manifest(read_manifest(Path(model))), chip)
+
+
 def _tokens(
     data: Any, tokenizer: Any, cfg: FinetuneConfig, vocab: int | None, max_tokens: int | None
 ) -> torch.Tensor:
@@ -355,8 +369,8 @@ def finetune(
     ``method``: ``ste`` (extended straight-through: full chip simulator forward, identity backward),
     ``nat`` (differentiable noise in autograd; ``nat_noise`` ``gaussian`` with σ matched to the profile
     or ``nat_sigma``, or ``chip``) or ``none`` (clean fine-tuning, the control). ``model``: HF folder /
-    cached hub id or an in-memory model (then ``data`` must be token ids unless a ``tokenizer`` is
-    given; the model is trained in place).
+    cached hub id, a bundle (trained for the placement its manifest records) or an in-memory model
+    (then ``data`` must be token ids unless a ``tokenizer`` is given; the model is trained in place).
     ``data``: ``gutenberg-train`` (the demo models' training split), a dataset name, a text file or a
     1-D LongTensor. ``resume``: True continues the run in ``out`` (or a state file / folder path).
     Returns a JSON-serialisable summary (losses, seconds per step, tokens/s, method settings).
@@ -387,7 +401,8 @@ def finetune(
     vocab = getattr(net.config, "vocab_size", None)
     tokens = _tokens(data, tok, cfg, vocab, max_tokens)
     teacher = copy.deepcopy(net).eval().requires_grad_(False) if distill else None
-    trainer = Trainer(net, chip, cfg, tokens, analog_targets(net, chip, analog, digital), teacher)
+    targets = analog_targets(net, _placement(model, net, chip, analog, digital))
+    trainer = Trainer(net, chip, cfg, tokens, targets, teacher)
     if resume_from is not None:
         trainer.load_state(resume_from)
     start_step = trainer.step

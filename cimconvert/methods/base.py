@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from cimconvert.errors import CimError
+from cimconvert.placement import Placement
 from cimconvert.profiles import ChipProfile
 
 
@@ -59,8 +60,12 @@ class Method(Protocol):
     options: tuple[MethodOption, ...]
 
     def apply(self, model: torch.nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],
-              progress: bool = True) -> MethodResult:  # fmt: skip
-        """Transform ``model`` in place for ``profile``; return what was done."""
+              progress: bool = True, placement: Placement | None = None) -> MethodResult:  # fmt: skip
+        """Transform ``model`` in place for ``profile``; return what was done.
+
+        ``placement``: the conversion's placement of the checkpoint ``model`` was loaded from (mapped
+        onto the model with ``placement.model_placement``); None when a method is called on its own.
+        """
         ...
 
 

@@ -39,12 +39,12 @@ from torch import nn
 from cimconvert import __version__
 from cimconvert.arch import get_adapter
 from cimconvert.bundle.manifest import Manifest
-from cimconvert.bundle.reader import manifest_overrides, manifest_profile
+from cimconvert.bundle.reader import manifest_profile, placement_from_manifest
 from cimconvert.errors import CimError
 from cimconvert.onnx import analog_op, rope, ssm
 from cimconvert.onnx.analog_op import SCALES_SUFFIX, AnalogSpec
 from cimconvert.onnx.metadata import build_metadata, set_metadata
-from cimconvert.placement import plan_model
+from cimconvert.placement import model_placement
 from cimconvert.profiles.schema import ChipProfile
 from cimconvert.simulator import tile_grid, weight_scales
 from cimconvert.simulator.program import to_out_in
@@ -520,14 +520,15 @@ def export_bundle_onnx(
 ) -> dict:
     """Export the (transformed) in-memory ``model`` of a bundle to ``bundle_dir/onnx/model.onnx``.
 
-    ``manifest``: the bundle's Manifest (or its dict); its profile and placement overrides decide what
-    is analog. Returns ``{"files": [FileEntry dicts, names relative to bundle_dir], "onnx": summary}``:
-    append ``files`` to ``manifest.files`` and store ``onnx`` under ``manifest.extra["onnx"]``.
+    ``manifest``: the bundle's Manifest (or its dict); its profile, and its per-tensor placement (read
+    back, not re-planned) decides what is analog. Returns ``{"files": [FileEntry dicts, names relative
+    to bundle_dir], "onnx": summary}``: append ``files`` to ``manifest.files`` and store ``onnx`` under
+    ``manifest.extra["onnx"]``.
     """
     if isinstance(manifest, dict):
         manifest = Manifest.model_validate(manifest)
     chip = manifest_profile(manifest)
-    targets = plan_model(model, chip, **manifest_overrides(manifest)).analog()
+    targets = model_placement(model, placement_from_manifest(manifest), chip).analog()
     if progress:
         print(f"exporting ONNX ({len(targets)} analog tensors) ...", file=sys.stderr, flush=True)
     folder = Path(bundle_dir)

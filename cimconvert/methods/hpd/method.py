@@ -155,8 +155,11 @@ class HpdMethod:
     )
 
     def apply(self, model: nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],
-              progress: bool = True) -> MethodResult:  # fmt: skip
-        """Resolve the layers (running a quick scan for ``auto`` without ``hpd_scan``) and split them."""
+              progress: bool = True, placement: Any = None) -> MethodResult:  # fmt: skip
+        """Resolve the layers (running a quick scan for ``auto`` without ``hpd_scan``) and split them.
+
+        ``placement`` is not used: the quick scan ranks the layers of the profile's default placement.
+        """
         requested = list(options.get("hpd_layers") or ())
         scan = _scan_for(model, adapter, profile, options, progress) if "auto" in requested else None
         layers = resolve_layers(model, adapter, requested, scan, int(options.get("hpd_auto_top") or 1))

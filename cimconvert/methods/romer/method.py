@@ -32,7 +32,7 @@ from cimconvert.methods.romer.core import (
     calibration_stats,
     install,
 )
-from cimconvert.placement import plan_model
+from cimconvert.placement import Placement, model_placement, plan_model
 from cimconvert.profiles import ChipProfile
 from cimconvert.transforms.romer.loader import REPLACEMENT_TYPE, ROUTING_TYPE
 from cimconvert.transforms.romer.moe import MoeRouting, moe_routers
@@ -69,7 +69,13 @@ OPTIONS: tuple[MethodOption, ...] = (
 )  # fmt: skip
 
 
-def _noise_targets(model: torch.nn.Module, profile: ChipProfile, options: dict[str, Any]) -> list[Any]:
+def _noise_targets(
+    model: torch.nn.Module, profile: ChipProfile, options: dict[str, Any], placement: Placement | None
+) -> list[Any]:
+    """The analog tensors the calibration runs noisy: the conversion's ``placement`` mapped onto
+    ``model``; called on its own (no placement), ROMER plans the model here, with the options' overrides."""
+    if placement is not None:
+        return model_placement(model, placement, profile).analog()
     analog = tuple(options.get("analog") or ())
     digital = tuple(options.get("digital") or ())
     return plan_model(model, profile, analog=analog, digital=digital).analog()
@@ -110,7 +116,7 @@ class RomerMethod:
     options = OPTIONS
 
     def apply(self, model: torch.nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],
-              progress: bool = True) -> MethodResult:  # fmt: skip
+              progress: bool = True, placement: Placement | None = None) -> MethodResult:  # fmt: skip
         """Calibrate on noisy statistics, replace experts, install the routing hooks; see module docs."""
         start = time.perf_counter()
         cfg = RomerConfig.from_options(options)
@@ -120,7 +126,7 @@ class RomerMethod:
             if (cfg.calib_mode == "in-situ" and cfg.insitu_logits)
             else calibration_tokens(model, options)
         )
-        targets = _noise_targets(model, profile, options)
+        targets = _noise_targets(model, profile, options, placement)
         if (not targets or profile.is_ideal) and not (cfg.calib_mode == "in-situ" and cfg.insitu_logits):
             note = f"profile {profile.name} adds no analog noise: ROMER left the model unchanged"
             return MethodResult(report={"config": dict(cfg.__dict__), "skipped": note})
