@@ -1,18 +1,12 @@
-"""Apply a chip profile to an in-memory Hugging Face model (weights in place + per-MVM hooks).
+"""The simulator kernel: a chip profile applied to an in-memory Hugging Face model.
 
 :func:`apply_chip_noise` programs every analog tensor once (``simulator.program_weight``) and writes
 the result into the parameter in place, keeping a CPU copy of the clean values; no module is swapped.
-When the profile has per-MVM effects (DAC/ADC, out_noise, w_noise), matmuls that own an analog weight
-run through ``simulator.analog_matmul``:
-
-* ``nn.Linear`` and GPT-2 ``Conv1D``: a forward pre-hook hands the module an empty batch (so its own
-  matmul costs nothing) and a forward hook returns the simulated output, bias added digitally;
-* transformers-5 fused experts (``gate_up_proj [E, 2I, H]`` / ``up_proj``, ``down_proj [E, H, I]``):
-  an experts implementation registered in ``ALL_EXPERTS_FUNCTIONS`` runs each hit expert's matmuls
-  through the simulation; the model's config is switched to it while the handle is active.
-
-Mamba's ``dt_proj.weight`` is read directly by HF code (``dt_proj.weight @ dt``; the module is never
-called), so it gets weight-level noise only. :class:`NoiseHandle` restores the clean weights bit-exactly.
+When the profile has per-MVM effects (DAC/ADC, out_noise, w_noise), the matmuls that own an analog
+weight are routed (:class:`~cimconvert.analog.patch.AnalogPatch`) through :class:`MvmKernel`, which runs
+``simulator.analog_matmul`` on the prepared programmed weights — Linear/Conv1D forwards and fused
+experts alike; tensors on the ``weight`` route (Mamba's ``dt_proj``) get weight-level noise only.
+:class:`NoiseHandle` restores the clean weights bit-exactly.
 """
 
 from __future__ import annotations
