@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.checkpoint import resolve_model
-from cimconvert.noise import apply_chip_noise
 from cimconvert.onnx.export import build_onnx
 from cimconvert.placement import plan_model
 from cimconvert.profiles import load_profile

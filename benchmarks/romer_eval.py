@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.api import tokenize
 from cimconvert.arch import get_adapter
 from cimconvert.calibration import calibration_batches
@@ -43,7 +44,6 @@ from cimconvert.methods.romer import (
     install,
     moe_routers,
 )
-from cimconvert.noise import apply_chip_noise
 from cimconvert.placement import plan_model
 from cimconvert.profiles import load_profile
 

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cimconvert.errors import CimError
-from cimconvert.evaluation.noisy import noisy_perplexities
+from cimconvert.evaluation.monte_carlo import noisy_perplexities
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.profiles import ChipProfile
 

@@ -347,7 +347,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Clean perplexity and perplexity under ``seeds`` chip-noise draws (seed, seed+1, ...)."""
     from cimconvert.data import load_text
-    from cimconvert.evaluation.noisy import evaluate_model
+    from cimconvert.evaluation.monte_carlo import evaluate_model
 
     _set_threads(threads)
     text = load_text(dataset)

@@ -2,7 +2,7 @@
 
 For the same windows of the same tokens it reports, from onnxruntime and from the torch simulator:
 clean perplexity and perplexity over ``seeds`` noise draws (seed, seed+1, ...). Programmed weights
-reach onnxruntime through IO binding (:class:`~cimconvert.runtime.noise.OrtNoiseRunner`) and are
+reach onnxruntime through IO binding (:class:`~cimconvert.runtime.ort_noise.OrtNoiseRunner`) and are
 checked bit-identical to the torch model's for every draw; per-MVM effects run in-graph (standard-op
 per-MVM bodies on weights prepared once per draw by ``simulator.prepare_mvm``).
 
@@ -146,7 +146,7 @@ def node_check(handle: Any, runner: Any, seed: int, rows: int = NODE_ROWS) -> di
     than 1e-4·max|y| (an ADC step flipped by float32 summation order) must be at most ``NODE_MISMATCH``
     of the elements; a wrong noise scale or a node without noise moves a large fraction.
     """
-    from cimconvert.noise import stable_seed
+    from cimconvert.analog.chip_noise import stable_seed
     from cimconvert.onnx import analog_op
     from cimconvert.simulator import analog_matmul
     from cimconvert.simulator.rng import CounterClock, CounterNoise, node_key
@@ -183,8 +183,8 @@ def _noisy_draws(
     tensor by tensor (nothing kept), each per-MVM node is checked alone (counter mode), and both
     runtimes score the same windows in the same order.
     """
-    from cimconvert.noise import apply_chip_noise
-    from cimconvert.runtime.noise import OrtCausalLM
+    from cimconvert.analog.chip_noise import apply_chip_noise
+    from cimconvert.runtime.ort_noise import OrtCausalLM
 
     out: dict[str, Any] = {"torch": [], "ort": [], "ort_seconds": [], "identical": True, "nodes": []}
     ort_model = OrtCausalLM(runner)

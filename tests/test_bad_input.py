@@ -412,7 +412,7 @@ def test_real_process_stderr_is_one_line(name: str, sources: tuple[Path, Path], 
 # ------------------------------------------------------------------ finite results
 def test_strict_json_and_finite_results() -> None:
     from cimconvert.errors import CimError
-    from cimconvert.evaluation.noisy import NoisyEvalResult
+    from cimconvert.evaluation.monte_carlo import NoisyEvalResult
     from cimconvert.finite import dumps, nulls_for_non_finite
 
     assert json.loads(dumps({"a": [1.5, {"b": 2}]})) == {"a": [1.5, {"b": 2}]}

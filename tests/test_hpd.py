@@ -6,6 +6,7 @@ import pytest
 import torch
 from tiny_models import VOCAB, build_tiny
 
+from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.arch import get_adapter, load_pretrained
 from cimconvert.errors import CimError
 from cimconvert.methods import METHODS, resolve_method
@@ -19,7 +20,6 @@ from cimconvert.methods.hpd import (
     hpd_placement,
     load_hpd_split,
 )
-from cimconvert.noise import apply_chip_noise
 from cimconvert.profiles import load_profile
 
 SSM_TYPES = ("mamba", "mamba2", "falcon_mamba")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny_models import TINY_CONFIGS, build_tiny
 
+from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.arch import get_adapter
 from cimconvert.arch.loading import build_model, load_config
 from cimconvert.bundle.manifest import TransformEntry
@@ -28,7 +29,6 @@ from cimconvert.methods.romer import (
     save_router_logits,
 )
 from cimconvert.methods.romer.calibrate import column_percentiles, fit_affine
-from cimconvert.noise import apply_chip_noise
 from cimconvert.placement import plan_model
 from cimconvert.profiles import load_profile
 

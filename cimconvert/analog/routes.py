@@ -48,6 +48,7 @@ def route_of(model: nn.Module, name: str) -> Route:
     if isinstance(owner, (nn.Linear, Conv1D)) and attr == "weight" and not is_weight_only(module_path):
         return "linear"
     param = getattr(owner, attr, None)
-    if attr in EXPERT_PARAMS and isinstance(param, nn.Parameter) and param.dim() == 3 and hasattr(owner, "config"):
+    fused = isinstance(param, nn.Parameter) and param.dim() == 3
+    if attr in EXPERT_PARAMS and fused and hasattr(owner, "config"):
         return "experts"
     return "weight"

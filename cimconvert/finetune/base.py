@@ -18,8 +18,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from cimconvert.analog.chip_noise import stable_seed
 from cimconvert.errors import CimError
-from cimconvert.noise import stable_seed
 from cimconvert.profiles import ChipProfile
 from cimconvert.simulator.program import Layout
 
@@ -86,11 +86,6 @@ def step_seed(seed: int, step: int, stream: str) -> int:
 def generator(seed: int) -> torch.Generator:
     """A CPU generator seeded with ``seed``."""
     return torch.Generator().manual_seed(seed)
-
-
-def to_out_in(w: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Differentiable view of a 2-D/3-D weight as ``[..., out, in]`` (Conv1D ``in_out`` transposed)."""
-    return w.transpose(-1, -2) if layout == "in_out" else w
 
 
 def named_parameters(model: nn.Module, targets: Sequence[Target]) -> dict[str, nn.Parameter]:

@@ -34,11 +34,6 @@ SELECTIVE = "SelectiveScan"
 SSD = "SsdScan"
 
 
-def is_weight_only(path: str) -> bool:
-    """Whether a module's weight is read directly by HF code (Mamba ``dt_proj``: ``weight @ dt``)."""
-    return path.rpartition(".")[2] == "dt_proj"
-
-
 # ----------------------------------------------------------------------------------------------
 # torch side
 # ----------------------------------------------------------------------------------------------

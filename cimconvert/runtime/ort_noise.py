@@ -26,9 +26,8 @@ import onnxruntime as ort
 import torch
 from onnx import ModelProto
 
-from cimconvert.noise import tensor_generator
+from cimconvert.analog.chip_noise import tensor_generator
 from cimconvert.onnx import analog_op
-from cimconvert.onnx.export import clean_scales
 from cimconvert.profiles.schema import ChipProfile
 from cimconvert.runtime.session import (
     MvmInput,
@@ -39,6 +38,7 @@ from cimconvert.runtime.session import (
     prepare_model,
 )
 from cimconvert.simulator import prepare_mvm, program_weight
+from cimconvert.simulator.program import clean_scales
 from cimconvert.simulator.rng import CounterClock
 
 

@@ -24,7 +24,7 @@ import onnx
 import onnxruntime as ort
 from onnx import ModelProto, helper, numpy_helper
 
-from cimconvert.noise import stable_seed
+from cimconvert.analog.chip_noise import stable_seed
 from cimconvert.onnx import analog_op
 from cimconvert.onnx.analog_op import AnalogSpec
 from cimconvert.profiles.schema import ChipProfile

@@ -150,7 +150,7 @@ def _noisy_run(
     noise: tuple[Sequence[Any], Any, int], progress: bool,
 ) -> tuple[RouterStats, float]:  # fmt: skip
     """Statistics under one programmed chip instance; returns them and the programming time."""
-    from cimconvert.noise import apply_chip_noise
+    from cimconvert.analog.chip_noise import apply_chip_noise
 
     targets, profile, seed = noise
     start = time.perf_counter()
