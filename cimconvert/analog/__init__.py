@@ -8,14 +8,15 @@
   experts through an :class:`AnalogKernel` and undoes it exactly;
 * :mod:`~cimconvert.analog.chip_noise` — the simulator kernel (:func:`apply_chip_noise`).
 
-Kernels plugged in elsewhere: straight-through (``finetune.ste.SteKernel``) and the ONNX AnalogMatMul
+Kernels: :class:`CleanKernel` (exact, the reference), the simulator's ``MvmKernel``;
+plugged in elsewhere: straight-through (``finetune.ste.SteKernel``) and the ONNX AnalogMatMul
 marker (``onnx.export.ExportKernel``). Layout and clean-scale helpers (``to_out_in``, ``out_in_view``,
 ``clean_scales``) live in :mod:`cimconvert.simulator.program` and are re-exported here.
 """
 
 from cimconvert.analog.chip_noise import NoiseHandle, apply_chip_noise, stable_seed, tensor_generator
 from cimconvert.analog.experts import EXPERTS_IMPLEMENTATION
-from cimconvert.analog.patch import AnalogKernel, AnalogPatch
+from cimconvert.analog.patch import AnalogKernel, AnalogPatch, CleanKernel
 from cimconvert.analog.routes import EXPERT_PARAMS, WEIGHT_ONLY_MODULES, Route, is_weight_only, route_of
 from cimconvert.simulator.program import clean_scales, out_in_view, to_out_in
 
@@ -25,6 +26,7 @@ __all__ = [
     "WEIGHT_ONLY_MODULES",
     "AnalogKernel",
     "AnalogPatch",
+    "CleanKernel",
     "NoiseHandle",
     "Route",
     "apply_chip_noise",

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from cimconvert.arch.experts import Projection, dispatch_experts
@@ -42,12 +42,8 @@ class ExpertKernel(Protocol):
 
 
 def dispatch_all_experts(
-    module: nn.Module,
-    hidden_states: torch.Tensor,
-    top_k_index: torch.Tensor,
-    top_k_weights: torch.Tensor,
-    project: Projection,
-) -> torch.Tensor:
+    module: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor, project: Projection
+) -> Tensor:
     """Static loop over all experts, sparse token selection (exportable, routing-independent graph).
 
     Each expert gathers the tokens routed to it (``NonZero`` of ``top_k_index == e``), so a traced

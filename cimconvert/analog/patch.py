@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from cimconvert.analog import experts as experts_impl
 from cimconvert.analog.experts import Dispatch, ExpertsBinding
@@ -39,6 +40,21 @@ class AnalogKernel(Protocol):
     def expert(self, name: str, module: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
         """``x @ W[expert]ᵀ`` of the analog fused tensor ``name`` of an experts ``module`` (no bias)."""
         ...
+
+
+class CleanKernel:
+    """The exact digital matmul of the module's current weight (the reference a kernel is checked against)."""
+
+    def linear(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``x @ Wᵀ`` (``Conv1D`` weights are stored ``[in, out]``)."""
+        if isinstance(module, Conv1D):
+            return x @ module.weight
+        return nn.functional.linear(x, module.weight)
+
+    def expert(self, name: str, module: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W[expert]ᵀ`` of the fused tensor ``name``."""
+        w = getattr(module, name.rpartition(".")[2])[expert]
+        return x @ w if getattr(module, "is_transposed", False) else nn.functional.linear(x, w)
 
 
 def _input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
