@@ -168,7 +168,7 @@ def test_external_data_is_one_page_aligned_file(chip, tmp_path):
 
 @pytest.mark.parametrize("model_type", ["olmoe", "mamba"])
 def test_programmed_weights_bit_identical_and_logits_agree(model_type, chip):
-    """IO-bound programmed weights equal noise.py's for the same seed; weight-noise logits agree."""
+    """IO-bound programmed weights equal apply_chip_noise's for the same seed; weight-noise logits agree."""
     model, _, proto, _, _ = _export(model_type, chip)
     tensors = analog_tensors(proto)
     runner = OrtNoiseRunner(proto, chip, tensors, mvm=False)

@@ -3,15 +3,15 @@
 :class:`OrtNoiseRunner` owns one session whose weight inputs are bound once to numpy buffers
 (zero-copy ``OrtValue``); a draw (:meth:`OrtNoiseRunner.program`) overwrites the buffers in place, so
 no session is rebuilt. The weights are programmed by the *torch simulator*
-(``simulator.program_weight`` with ``noise.tensor_generator(seed, name)``, exactly as
-``noise.apply_chip_noise`` does), so they are bit-identical to the torch model's for the same seed.
+(``simulator.program_weight`` with ``analog.tensor_generator(seed, name)``, exactly as
+``analog.apply_chip_noise`` does), so they are bit-identical to the torch model's for the same seed.
 
 * Programmed weights only (``mvm=False``, or a profile without per-MVM effects): the analog
   initializers are overridable graph inputs fed with the programmed weights; the ideal body runs.
 * Per-MVM effects (DAC/ADC, out_noise, w_noise): each AnalogMatMul runs a per-MVM body
   (``analog_op.mvm_functions``) whose weight inputs are bound to the output of
   ``simulator.prepare_mvm(programmed, profile, layout, clean scales)`` — the same prepared weights
-  noise.py's hooks compute — refreshed once per draw, so a call does only DAC → matmul → noise → ADC.
+  the simulator kernel computes — refreshed once per draw, so a call does only DAC → matmul → noise → ADC.
 """
 
 from __future__ import annotations
