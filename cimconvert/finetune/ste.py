@@ -149,22 +149,17 @@ class SteNoise:
         """Effective weights W̃ of ``step``; per-MVM routing attached while the context is open."""
         programmed = self.programmed(step)
         weights = {name: effective_weight(self.params[name], h) for name, h in programmed.items()}
-        patch = AnalogPatch(
-            self.model,
-            SteKernel(generator(step_seed(self.seed, step, "mvm"))),
-            self.calls,
-            keep_fallback=False,
-        )
+        kernel = SteKernel(generator(step_seed(self.seed, step, "mvm")))
+        patch = AnalogPatch(self.model, kernel, self.calls, keep_fallback=False)
         try:
             if self.mvm:
-                self._attach(patch, programmed)
+                self._attach(patch, kernel, programmed)
             yield weights
         finally:
             patch.close()
 
-    def _attach(self, patch: AnalogPatch, programmed: dict[str, torch.Tensor]) -> None:
+    def _attach(self, patch: AnalogPatch, kernel: SteKernel, programmed: dict[str, torch.Tensor]) -> None:
         """Route every analog matmul of the step through the straight-through simulation."""
-        kernel: SteKernel = patch.kernel  # type: ignore[assignment]
         for target, param in iter_targets(self.targets, self.params):
             if self.routes[target.name] == "weight":
                 continue
