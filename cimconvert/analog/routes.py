@@ -24,8 +24,11 @@ EXPERT_PARAMS = ("gate_up_proj", "up_proj", "down_proj")
 WEIGHT_ONLY_MODULES = ("dt_proj",)
 
 
-def is_weight_only(module_path: str) -> bool:
-    """Whether the module at ``module_path`` has its weight read directly by HF code (Mamba ``dt_proj``)."""
+def is_weight_only(model: nn.Module, module_path: str) -> bool:
+    """Whether the module at ``module_path`` has its weight read directly by HF code (Mamba ``dt_proj``).
+
+    The one place the rule is asked (the simulator, STE and the exporter all route through here).
+    """
     return module_path.rpartition(".")[2] in WEIGHT_ONLY_MODULES
 
 
@@ -45,7 +48,7 @@ def is_fused_experts(module: nn.Module) -> bool:
 def route_of(model: nn.Module, name: str) -> Route:
     """How the matmul that owns the parameter ``name`` is routed (see the module docstring)."""
     owner, module_path, attr = owner_of(model, name)
-    if isinstance(owner, (nn.Linear, Conv1D)) and attr == "weight" and not is_weight_only(module_path):
+    if isinstance(owner, (nn.Linear, Conv1D)) and attr == "weight" and not is_weight_only(model, module_path):
         return "linear"
     param = getattr(owner, attr, None)
     fused = isinstance(param, nn.Parameter) and param.dim() == 3
