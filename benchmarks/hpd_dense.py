@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 
 from cimconvert.analog.chip_noise import apply_chip_noise
-from cimconvert.api import tokenize
 from cimconvert.arch import get_adapter, load_pretrained
-from cimconvert.data import load_text
+from cimconvert.datasets import load_text, tokenize
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.methods.hpd import apply_hpd, hpd_placement
 from cimconvert.profiles import load_profile

@@ -27,9 +27,8 @@ from typing import Any
 import torch
 
 from cimconvert.analog.chip_noise import apply_chip_noise
-from cimconvert.api import tokenize
 from cimconvert.arch import get_adapter, load_pretrained
-from cimconvert.data import load_text
+from cimconvert.datasets import load_text, tokenize
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.evaluation.piqa import load_piqa, prepare_piqa, score_piqa
 from cimconvert.methods.hpd import apply_hpd, hpd_placement

@@ -35,9 +35,8 @@ import torch
 from torch import nn
 
 from cimconvert.analog.chip_noise import apply_chip_noise
-from cimconvert.api import tokenize
 from cimconvert.arch import get_adapter, load_pretrained
-from cimconvert.data import load_text
+from cimconvert.datasets import load_text, tokenize
 from cimconvert.evaluation.monte_carlo import noisy_perplexities
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.placement import plan_model

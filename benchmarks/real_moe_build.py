@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ladder and write the result files."""
     from transformers import AutoTokenizer
 
-    from cimconvert.data import load_text, token_ids
+    from cimconvert.datasets import load_text, token_ids
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("dense", type=Path)

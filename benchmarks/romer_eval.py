@@ -29,12 +29,11 @@ from typing import Any
 import torch
 
 from cimconvert.analog.chip_noise import apply_chip_noise
-from cimconvert.api import tokenize
 from cimconvert.arch import get_adapter
-from cimconvert.calibration import calibration_batches
 from cimconvert.checkpoint import resolve_model
-from cimconvert.data import load_text
+from cimconvert.datasets import load_text, tokenize
 from cimconvert.evaluation.perplexity import perplexity
+from cimconvert.methods.calibration import calibration_batches
 from cimconvert.methods.romer import (
     METHOD,
     RomerConfig,

@@ -330,8 +330,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(memory_worker(args)))
         return
     torch.set_num_threads(args.threads)
-    from cimconvert.data import load_text, token_ids
-    from cimconvert.finetune.data import training_text
+    from cimconvert.datasets import load_text, token_ids
+    from cimconvert.finetune.training_data import training_text
 
     began = time.perf_counter()
     names = [n.strip() for n in args.methods.split(",") if n.strip()]

@@ -1,159 +1,36 @@
-"""Per-layer / per-block noise sensitivity: chip noise in one part of the model at a time.
+"""The ``analyze`` command: the per-layer / per-block noise sensitivity scan of a model or bundle, written
+to files.
 
-For every analog tensor (``granularity="layer"``) or every decoder block (``"block"``: all analog tensors
-of that block together; top-level tensors such as an analog LM head form their own group) the model is
-evaluated with chip noise programmed into that group only, over several seeds; the row reports the
-perplexity and its change against the clean model (mean ± std over seeds). An ``all`` row (noise in
-every analog tensor) is the reference. :func:`write_scan` saves ``sensitivity.json`` (read by
-``--hpd-layers auto``), ``sensitivity.md`` and ``sensitivity.png``.
+The scan itself (noise in one group of analog tensors at a time, over several seeds, against the clean
+model) is :mod:`cimconvert.evaluation.sensitivity`, which HPD's ``--hpd-layers auto`` uses too;
+:func:`write_scan` saves ``sensitivity.json`` (read by ``--hpd-layers auto --hpd-scan``),
+``sensitivity.md`` and ``sensitivity.png``.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-from tqdm.auto import tqdm
-
+from cimconvert.bundle.reader import is_bundle, manifest_overrides, read_manifest
+from cimconvert.datasets import load_text, tokenize
 from cimconvert.errors import CimError
-from cimconvert.evaluation.monte_carlo import noisy_perplexities
-from cimconvert.evaluation.perplexity import perplexity
-from cimconvert.profiles import ChipProfile
+from cimconvert.evaluation.loading import load_for_eval
+from cimconvert.evaluation.sensitivity import FIRST_SEED, GRANULARITIES, group_targets, sensitivity_scan
+from cimconvert.finite import dumps
+from cimconvert.methods.hpd import hpd_placement
 
-GRANULARITIES = ("layer", "block")
-FIRST_SEED = 1000
-
-
-def _module_of(model: nn.Module, tensor: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(tensor.rpartition(".")[0])
-    except AttributeError:
-        return None
-
-
-def _splittable(model: nn.Module, tensor: str) -> bool:
-    """Whether HPD can split the module owning ``tensor`` (a called linear layer)."""
-    from cimconvert.methods.hpd.layers import UNSPLITTABLE, is_linear
-
-    module_path = tensor.rpartition(".")[0]
-    module = _module_of(model, tensor)
-    return module is not None and is_linear(module) and module_path.rpartition(".")[2] not in UNSPLITTABLE
-
-
-def group_targets(model: nn.Module, targets: Sequence[Any], granularity: str) -> list[dict[str, Any]]:
-    """Groups of analog targets to perturb one at a time: ``{name, block, kind, targets, splittable}``."""
-    from cimconvert.arch import get_adapter
-
-    if granularity not in GRANULARITIES:
-        raise CimError(f"granularity must be one of {', '.join(GRANULARITIES)} (got '{granularity}')")
-    adapter = get_adapter(model.config)
-    groups: dict[str, dict[str, Any]] = {}
-    for target in targets:
-        block = adapter.layer_index(target.name)
-        if granularity == "layer":
-            key = target.name.removesuffix(".weight")
-            entry = groups.setdefault(
-                key, {"name": key, "block": block, "kind": target.kind, "targets": [],
-                      "splittable": _splittable(model, target.name)},
-            )  # fmt: skip
-        else:
-            key = (
-                f"{adapter.layers_path}.{block}" if block is not None else target.name.removesuffix(".weight")
-            )
-            entry = groups.setdefault(
-                key, {"name": key, "block": block, "kind": "block" if block is not None else target.kind,
-                      "targets": [], "splittable": False},
-            )  # fmt: skip
-        entry["targets"].append(target)
-    return list(groups.values())
-
-
-def _stats(clean: float, values: list[float]) -> dict[str, Any]:
-    deltas = [100.0 * (v / clean - 1.0) for v in values]
-    return {
-        "ppl_mean": statistics.fmean(values),
-        "ppl_std": statistics.stdev(values) if len(values) > 1 else 0.0,
-        "delta_pct_mean": statistics.fmean(deltas),
-        "delta_pct_std": statistics.stdev(deltas) if len(deltas) > 1 else 0.0,
-        "per_seed": values,
-    }
-
-
-def sensitivity_scan(
-    model: nn.Module,
-    tokens: torch.Tensor,
-    targets: Sequence[Any],
-    profile: ChipProfile,
-    seeds: Sequence[int],
-    granularity: str = "layer",
-    seq_len: int = 256,
-    batch_size: int = 8,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Noise in one group at a time (see the module docstring); rows sorted in model order."""
-    if not targets:
-        raise CimError(
-            f"profile {profile.name} places no tensor of this model on analog tiles; nothing to scan"
-        )
-
-    def ppl_fn(m: nn.Module, t: torch.Tensor) -> float:
-        return perplexity(m, t, seq_len=seq_len, batch_size=batch_size)
-
-    start = time.perf_counter()
-    clean = ppl_fn(model, tokens)
-    groups = group_targets(model, targets, granularity)
-    rows = []
-    for group in tqdm(groups, desc=f"sensitivity ({profile.name})", disable=not progress, unit="group"):
-        values = noisy_perplexities(model, tokens, group["targets"], profile, seeds, ppl_fn)
-        rows.append({
-            "name": group["name"], "block": group["block"], "kind": group["kind"],
-            "granularity": granularity, "splittable": group["splittable"],
-            "tensors": [t.name for t in group["targets"]], **_stats(clean, values),
-        })  # fmt: skip
-    everything = _stats(clean, noisy_perplexities(model, tokens, targets, profile, seeds, ppl_fn))
-    return {
-        "profile": profile.name,
-        "profile_hash": profile.content_hash(),
-        "granularity": granularity,
-        "seeds": list(seeds),
-        "tokens": int(tokens.numel()),
-        "seq_len": seq_len,
-        "clean_ppl": clean,
-        "all": everything,
-        "rows": rows,
-        "seconds": time.perf_counter() - start,
-    }
-
-
-def quick_scan(
-    model: nn.Module, profile: ChipProfile, seed: int = 0, progress: bool = False, max_tokens: int = 2048
-) -> dict[str, Any]:
-    """A 2-seed layer scan on the shipped calibration text (for ``--hpd-layers auto`` without a JSON).
-
-    Needs the model's tokenizer in ``model.config._name_or_path``.
-    """
-    from transformers import AutoTokenizer
-
-    from cimconvert.api import tokenize
-    from cimconvert.data import load_text
-    from cimconvert.methods.hpd import hpd_placement
-
-    folder = getattr(model.config, "_name_or_path", "")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError):
-        raise CimError(
-            f"--hpd-layers auto: no tokenizer for a quick scan in '{folder}'; pass --hpd-scan"
-        ) from None
-    tokens = tokenize(tokenizer, load_text("calib"), max_tokens)
-    targets = hpd_placement(model, profile).analog()
-    seeds = [FIRST_SEED + seed, FIRST_SEED + seed + 1]
-    return sensitivity_scan(model, tokens, targets, profile, seeds, "layer", progress=progress)
+__all__ = [
+    "FIRST_SEED",
+    "GRANULARITIES",
+    "analyze",
+    "format_table",
+    "group_targets",
+    "plot_scan",
+    "sensitivity_scan",
+    "write_scan",
+]
 
 
 # -------------------------------------------------------------------------------------- outputs
@@ -209,8 +86,6 @@ def _short(name: str) -> str:
 
 def write_scan(scan: dict[str, Any], out: str | Path) -> dict[str, str]:
     """Write ``sensitivity.json``, ``.md`` and ``.png`` into folder ``out``; returns their paths."""
-    from cimconvert.finite import dumps
-
     text = dumps(scan, indent=2)  # a NaN/Inf figure fails here, before anything is written
     folder = Path(out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -241,11 +116,6 @@ def analyze(
 
     ``out`` defaults to ``./<model>-sensitivity-<profile>/``. Returns the scan plus the written paths.
     """
-    from cimconvert.api import is_bundle, load_for_eval, tokenize
-    from cimconvert.bundle.reader import manifest_overrides, read_manifest
-    from cimconvert.data import load_text
-    from cimconvert.methods.hpd import hpd_placement
-
     if seeds < 1:
         raise CimError("--seeds must be at least 1")
     net, tokenizer, _, chip = load_for_eval(model, profile)

@@ -2,19 +2,52 @@
 
 Every function returns plain, JSON-serialisable dicts with stable keys (docs/JSON.md) and raises
 ``CimError`` (one line) on bad input. The CLI only formats what these return.
+
+The facade only calls down: helpers that lower layers need live in those layers and are re-exported
+here (``is_bundle``, ``load_for_eval``, ``tokenize``, ``check_weights_finite``) so ``cimconvert.api.X``
+keeps working.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
+from cimconvert.arch import get_adapter
+from cimconvert.bundle.outdir import out_lock, tmp_path
+from cimconvert.bundle.reader import inspect_bundle, is_bundle
+from cimconvert.bundle.reader import load_bundle as read_bundle
+from cimconvert.bundle.writer import check_out_dir, write_bundle
+from cimconvert.checkpoint import DTYPES, check_weights_finite, resolve_model
+from cimconvert.datasets import load_text, tokenize
 from cimconvert.errors import BundleError, CimError, failure_detail
+from cimconvert.evaluation.loading import load_for_eval
+from cimconvert.evaluation.monte_carlo import evaluate_model
+from cimconvert.methods import METHODS, option_values, resolve_method
+from cimconvert.onnx.export import export_bundle_onnx
+from cimconvert.placement import plan_tensors
 from cimconvert.profiles import ChipProfile, list_profiles, load_profile
+
+__all__ = [
+    "check_weights_finite",
+    "convert",
+    "default_out_dir",
+    "evaluate",
+    "inspect",
+    "is_bundle",
+    "load_bundle",
+    "load_for_eval",
+    "profiles",
+    "show_profile",
+    "tokenize",
+]
 
 
 def profiles() -> list[dict[str, Any]]:
@@ -56,8 +89,6 @@ def _set_threads(threads: int | None) -> None:
 
 
 def _plan(source: Any, adapter: Any, chip: ChipProfile, analog: Sequence[str], digital: Sequence[str]):
-    from cimconvert.placement import plan_tensors
-
     return plan_tensors(source.tensor_shapes(), adapter, chip, analog=analog, digital=digital,
                         tied_lm_head=adapter.tied_embeddings(source.config))
 
@@ -75,21 +106,10 @@ def _dry_run_result(model: str, chip: ChipProfile, method: str, placement: Any) 
     }
 
 
-def check_weights_finite(net: torch.nn.Module) -> torch.nn.Module:
-    """Return ``net``, or raise ModelInputError naming the first parameter or buffer with NaN/Inf."""
-    from cimconvert.checkpoint import check_finite
-
-    for pname, tensor in net.state_dict().items():
-        check_finite(pname, tensor)
-    return net
-
-
 def _apply_method(
     name: str, source: Any, adapter: Any, chip: ChipProfile, options: dict[str, Any], progress: bool
 ) -> tuple[torch.nn.Module, Any]:
     """Load the model, run the method on it in place; returns (model, MethodResult)."""
-    from cimconvert.methods import METHODS
-
     net = check_weights_finite(source.load_model(dtype=torch.float32))
     result = METHODS[name].apply(net, adapter, chip, options, progress=progress)
     return net, result
@@ -105,8 +125,6 @@ def _cast_to_source_dtype(net: torch.nn.Module, source: Any, keep: Sequence[str]
     Tensors a method created (``keep``, e.g. HPD's SVD factors) stay float32: rounding them would
     break the exact reconstruction of the layer they replace.
     """
-    from cimconvert.checkpoint import DTYPES
-
     counts: dict[str, int] = {}
     for meta in source.tensor_shapes().values():
         if meta.dtype in _CASTABLE:
@@ -122,10 +140,6 @@ def _cast_to_source_dtype(net: torch.nn.Module, source: Any, keep: Sequence[str]
 
 def _save_transformed(net: torch.nn.Module, source: Any, folder: Path, keep: Sequence[str]) -> Any:
     """Save a transformed model as a checkpoint (plus the source's tokenizer files) and resolve it."""
-    import shutil
-
-    from cimconvert.checkpoint import resolve_model
-
     _cast_to_source_dtype(net, source, keep)
     net.save_pretrained(folder, safe_serialization=True)
     for name in source.aux_files:
@@ -140,8 +154,6 @@ def _onnx_exporter(net_factory: Any, progress: bool) -> Any:
     """A ``write_bundle`` finalize hook that exports ``onnx/model.onnx`` from ``net_factory()``."""
 
     def export(folder: Path, manifest: Any) -> dict[str, Any]:
-        from cimconvert.onnx.export import export_bundle_onnx
-
         return {"onnx": export_bundle_onnx(folder, net_factory(), manifest, progress)["onnx"]}
 
     return export
@@ -160,13 +172,6 @@ def _bundle_transformed(
 ) -> tuple[Any, Any]:
     """Save a method's transformed model to ``.OUT.src-<pid>-*`` beside OUT, plan and bundle it from
     there; returns (BundleSummary, placement). A full disk while saving is a one-line BundleError."""
-    import tempfile
-
-    from safetensors import SafetensorError
-
-    from cimconvert.bundle.outdir import tmp_path
-    from cimconvert.bundle.writer import write_bundle
-
     analog = [*overrides[0], *result.analog]
     digital = [*overrides[1], *result.digital]
     extra["overrides"] = {"analog": analog, "digital": digital}
@@ -215,12 +220,6 @@ def convert(
     OUT is locked against other writers for the whole run; leftovers of killed runs on OUT are removed
     first and listed under ``recovered``. ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) signs ``bundle.lock``.
     """
-    from cimconvert.arch import get_adapter
-    from cimconvert.bundle.outdir import out_lock
-    from cimconvert.bundle.writer import check_out_dir, write_bundle
-    from cimconvert.checkpoint import resolve_model
-    from cimconvert.methods import option_values, resolve_method
-
     chip = load_profile(profile)
     source = resolve_model(model, trust_remote_code=trust_remote_code, dtype=dtype, progress=progress)
     adapter = get_adapter(source.model_type)
@@ -267,68 +266,15 @@ def convert(
     }
 
 
-def is_bundle(path: str | Path) -> bool:
-    """True when ``path`` is a folder holding a cimconvert manifest."""
-    return (Path(path) / "manifest.json").is_file()
-
-
 def load_bundle(out: str | Path, dtype: torch.dtype = torch.float32, verify: bool = True) -> torch.nn.Module:
     """Load a bundle as a torch model (checksums verified), with every recorded transform applied."""
-    from cimconvert.bundle.reader import load_bundle as _load
-
-    return _load(Path(out), dtype=dtype, verify=verify)
+    return read_bundle(Path(out), dtype=dtype, verify=verify)
 
 
 def inspect(out: str | Path, key: bytes | str | None = None) -> dict[str, Any]:
     """Summary of a bundle plus ``verified`` (all checksums match) and ``problems``; with a signing
     ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) its bundle.lock signature must match too."""
-    from cimconvert.bundle.reader import inspect_bundle
-
     return inspect_bundle(Path(out), key=key)
-
-
-def load_for_eval(
-    model: str, profile: str | None, trust_remote_code: bool = False
-) -> tuple[torch.nn.Module, Any, list[Any], ChipProfile]:
-    """(model, tokenizer, analog targets, profile) for a source checkpoint or a bundle."""
-    from transformers import AutoTokenizer
-
-    from cimconvert.placement import plan_model
-
-    if is_bundle(model):
-        from cimconvert.bundle.reader import manifest_overrides, manifest_profile, read_manifest
-
-        manifest = read_manifest(Path(model))
-        chip = load_profile(profile) if profile else manifest_profile(manifest)
-        overrides = manifest_overrides(manifest)  # every manifest field is checked before loading
-        net = check_weights_finite(load_bundle(model))
-        targets = plan_model(net, chip, **overrides).analog()
-        folder = Path(model)
-    else:
-        from cimconvert.checkpoint import resolve_model
-
-        if not profile:
-            raise CimError("--profile is required unless MODEL is a bundle")
-        chip = load_profile(profile)
-        source = resolve_model(model, trust_remote_code=trust_remote_code)
-        net = check_weights_finite(source.load_model(dtype=torch.float32))
-        targets = plan_model(net, chip).analog()
-        folder = source.dir
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise CimError(f"no usable tokenizer in {folder}: {str(exc).splitlines()[0]}") from None
-    return net, tokenizer, targets, chip
-
-
-def tokenize(tokenizer: Any, text: str, max_tokens: int) -> torch.Tensor:
-    """Token ids of ``text`` (truncated to ``max_tokens``) as a 1-D LongTensor; too short is an error."""
-    from cimconvert.data import token_ids
-
-    ids = token_ids(tokenizer, text, max_tokens)
-    if ids.numel() < 16:
-        raise CimError(f"dataset too short: {ids.numel()} tokens (need at least 16)")
-    return ids
 
 
 def evaluate(
@@ -346,9 +292,6 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Clean perplexity and perplexity under ``seeds`` chip-noise draws (seed, seed+1, ...)."""
-    from cimconvert.data import load_text
-    from cimconvert.evaluation.monte_carlo import evaluate_model
-
     _set_threads(threads)
     text = load_text(dataset)
     net, tokenizer, targets, chip = load_for_eval(model, profile, trust_remote_code)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from cimconvert.arch import get_adapter, load_config, load_model_class, load_pretrained
 from cimconvert.errors import ModelInputError
 from cimconvert.gguf import is_gguf_path, materialise, read_provenance
 
@@ -311,6 +312,13 @@ class SourceCheckpoint:
         check_dtypes_against(model, self.tensor_shapes())
 
 
+def check_weights_finite(net: torch.nn.Module) -> torch.nn.Module:
+    """Return ``net``, or raise ModelInputError naming the first parameter or buffer with NaN/Inf."""
+    for pname, tensor in net.state_dict().items():
+        check_finite(pname, tensor)
+    return net
+
+
 def as_tensor(meta: TensorMeta, raw: torch.Tensor) -> torch.Tensor:
     """View raw bytes (flat uint8) as the typed tensor ``meta`` describes (no copy)."""
     if meta.nbytes == 0:
@@ -498,8 +506,6 @@ def build_meta_model(folder: Path, model_type: str, trust_remote_code: bool = Fa
     ones; DeepSeek v1 through our own module). ``trust_remote_code`` is accepted for symmetry: the
     registered classes never need remote code to know the shapes.
     """
-    from cimconvert.arch import get_adapter, load_config, load_model_class
-
     get_adapter(model_type)
     config = load_config(folder)
     cls = load_model_class(config)
@@ -523,8 +529,6 @@ def load_hf_model(
     ``expected_key_changes`` = (missing, unexpected) keys that a recorded transform re-loads itself.
     Remote code runs only when ``trust_remote_code`` is given, through ``AutoModelForCausalLM``.
     """
-    from cimconvert.arch import get_adapter, load_pretrained
-
     get_adapter(model_type)
     if not trust_remote_code:
         missing, unexpected = expected_key_changes

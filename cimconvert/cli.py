@@ -12,8 +12,15 @@ from typing import Any
 
 import click
 
-from cimconvert import __version__
+from cimconvert import __version__, api
+from cimconvert.analysis import analyze, format_table
+from cimconvert.bundle.integrity import read_key_file
 from cimconvert.errors import CimError
+from cimconvert.finetune import finetune
+from cimconvert.finite import dumps, nulls_for_non_finite
+from cimconvert.methods import all_options
+from cimconvert.profiles.schema import ChipProfile
+from cimconvert.validate import format_validate, validate
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -23,8 +30,6 @@ def emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
 
     JSON is always valid JSON: a NaN or infinite figure in it is an error (exit 2), never a literal.
     """
-    from cimconvert.finite import dumps
-
     if as_json:
         click.echo(dumps(result, indent=2, sort_keys=False))
     else:
@@ -39,8 +44,6 @@ KEY_OPTION = click.option(
 
 def _key(key_file: Path | None) -> bytes | None:
     """The signing key read from ``--key FILE`` (None: the environment's, if any)."""
-    from cimconvert.bundle.integrity import read_key_file
-
     return read_key_file(key_file) if key_file is not None else None
 
 
@@ -86,8 +89,6 @@ def _format_convert(res: dict) -> str:
 
 def method_options(func: Callable) -> Callable:
     """Add every registered method's options (declared as data in the method) to a command."""
-    from cimconvert.methods import all_options
-
     for opt in reversed(all_options()):
         kind = click.Choice(opt.choices) if opt.choices else opt.type
         func = click.option(opt.flag, opt.name, type=kind, default=opt.default, multiple=opt.multiple,
@@ -136,8 +137,6 @@ def convert_cmd(model: str, profile: str, out: Path | None, method: str, analog:
                 trust_remote_code: bool, dtype: str | None, key_file: Path | None, as_json: bool,
                 **method_opts: Any) -> None:
     """Convert MODEL (local HF folder, .gguf file or cached hub id) into a bundle for the chip PROFILE."""
-    from cimconvert import api
-
     res = api.convert(
         model, profile, out=out, method=method, analog=analog, digital=digital, dry_run=dry_run,
         force=force, seed=seed, trust_remote_code=trust_remote_code, progress=not as_json,
@@ -177,8 +176,6 @@ def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: st
              seq_len: int, stride: int | None, batch_size: int, threads: int | None,
              trust_remote_code: bool, as_json: bool) -> None:
     """Perplexity of MODEL (HF folder, hub id or bundle), clean and under chip noise."""
-    from cimconvert import api
-
     res = api.evaluate(
         model, profile, seeds=seeds, seed=seed, dataset=dataset, max_tokens=max_tokens, seq_len=seq_len,
         stride=stride, batch_size=batch_size, threads=threads, trust_remote_code=trust_remote_code,
@@ -210,9 +207,6 @@ def validate_cmd(out: Path, profile: str | None, seeds: int, seed: int, dataset:
                  seq_len: int, threads: int, profile_mismatch_ok: bool, mvm_noise: str, alpha: float,
                  margin: float, as_json: bool) -> None:
     """Run bundle OUT's ONNX graph in onnxruntime under chip noise and compare with the torch simulator."""
-    from cimconvert.finite import nulls_for_non_finite
-    from cimconvert.validate import format_validate, validate
-
     res = validate(out, profile, seeds=seeds, seed=seed, dataset=dataset, max_tokens=max_tokens,
                    seq_len=seq_len, threads=threads, profile_mismatch_ok=profile_mismatch_ok,
                    mvm_noise=mvm_noise, alpha=alpha, margin=margin)
@@ -248,8 +242,6 @@ def _format_inspect(res: dict) -> str:
 @click.option("--json", "as_json", is_flag=True)
 def inspect_cmd(out: Path, key_file: Path | None, as_json: bool) -> None:
     """Verify every checksum of bundle OUT and print a summary (exit 2 when a file was altered)."""
-    from cimconvert import api
-
     res = api.inspect(out, key=_key(key_file))
     emit(res, as_json, _format_inspect)
     if not res["verified"]:
@@ -258,8 +250,6 @@ def inspect_cmd(out: Path, key_file: Path | None, as_json: bool) -> None:
 
 # ----------------------------------------------------------------------------------------- analyze
 def _format_analyze(res: dict) -> str:
-    from cimconvert.analysis import format_table
-
     return format_table(res) + "\n\nwrote " + ", ".join(res["files"].values())
 
 
@@ -286,8 +276,6 @@ def analyze_cmd(model: str, profile: str | None, seeds: int, seed: int, granular
 
     The JSON it writes feeds `--method hpd --hpd-layers auto --hpd-scan OUT/sensitivity.json`.
     """
-    from cimconvert.analysis import analyze
-
     if threads:
         import torch
 
@@ -310,8 +298,6 @@ def _format_profiles(rows: list[dict]) -> str:
 def profiles_cmd(ctx: click.Context, as_json: bool) -> None:
     """List the shipped chip profiles."""
     if ctx.invoked_subcommand is None:
-        from cimconvert import api
-
         emit(api.profiles(), as_json, _format_profiles)
 
 
@@ -322,8 +308,6 @@ def profiles_show_cmd(name: str, as_json: bool) -> None:
     """Print one profile (shipped name, NAME:key=value,... or a YAML path), fully resolved."""
     import yaml
 
-    from cimconvert import api
-
     res = api.show_profile(name)
     emit(res, as_json, lambda r: yaml.safe_dump(r, sort_keys=False, allow_unicode=True).rstrip())
 
@@ -331,8 +315,6 @@ def profiles_show_cmd(name: str, as_json: bool) -> None:
 @profiles_cmd.command("schema", context_settings=CONTEXT)
 def profiles_schema_cmd() -> None:
     """Print the JSON Schema of chip profiles."""
-    from cimconvert.profiles.schema import ChipProfile
-
     click.echo(json.dumps(ChipProfile.model_json_schema(), indent=2))
 
 
@@ -382,8 +364,6 @@ def finetune_cmd(model: str, profile: str, method: str, out: Path, data: str, st
                  max_tokens: int | None, resume: bool, force: bool, threads: int | None,
                  as_json: bool) -> None:
     """Noise-aware fine-tuning of MODEL for the chip PROFILE; writes a HF checkpoint to OUT."""
-    from cimconvert.finetune import finetune
-
     res = finetune(
         model, profile, method=method, out=out, data=data, steps=steps, lr=lr, batch_size=batch_size,
         seq_len=seq_len, seed=seed, grad_clip=grad_clip, distill=distill, temperature=temperature,

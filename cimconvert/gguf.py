@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from cimconvert.arch import build_model, get_adapter
 from cimconvert.errors import ModelInputError
 
 GGUF_MAGIC = b"GGUF"
@@ -140,8 +141,6 @@ def read_gguf_info(path: Path, dtype: str | None = None) -> GgufInfo:
     ``dtype`` is the dequantisation target (``float32``/``float16``/``bfloat16``); default: the file's own
     float type for F32/F16/BF16 files, float32 for quantised ones. Raises ModelInputError (one line).
     """
-    from cimconvert.arch import get_adapter
-
     reader = _open_reader(path)
     architecture = _field(reader, "general.architecture")
     if not isinstance(architecture, str):
@@ -197,8 +196,6 @@ def _load_dequantised(path: Path, dtype: torch.dtype) -> tuple[Any, Any, dict[st
 
 def _plain_model(config: Any, state: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
     """The registered architecture built from the config, holding exactly the dequantised tensors."""
-    from cimconvert.arch import build_model
-
     config.dtype = dtype
     with torch.device("meta"):
         model = build_model(config)

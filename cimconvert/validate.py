@@ -37,11 +37,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from cimconvert.analog.chip_noise import apply_chip_noise
+from cimconvert.bundle.reader import load_bundle, manifest_overrides, manifest_profile, read_manifest
+from cimconvert.checkpoint import sha256_file
+from cimconvert.datasets import load_text, tokenize
 from cimconvert.errors import BundleError, CimError
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.evaluation.stats import paired_log_ratio_test
+from cimconvert.onnx import analog_op
+from cimconvert.placement import plan_model
 from cimconvert.plausibility import fail_implausible
 from cimconvert.profiles import ChipProfile, load_profile
+from cimconvert.runtime import OrtCausalLM, OrtNoiseRunner, analog_tensors, load_model
+from cimconvert.runtime.session import make_session
+from cimconvert.simulator import analog_matmul
+from cimconvert.simulator.rng import CounterClock, CounterNoise, node_key, stable_seed
 
 ONNX_MODEL = "onnx/model.onnx"
 #: Clean ONNX vs torch logits (fp32).
@@ -66,8 +76,6 @@ MVM_NOISE_MODES = ("counter", "native")
 
 def check_onnx_files(out: Path, manifest: Any) -> Path:
     """The bundle's ONNX graph after checking it and its external data against the manifest."""
-    from cimconvert.checkpoint import sha256_file
-
     entries = [f for f in manifest.files if f.name.startswith("onnx/")]
     if not any(f.name == ONNX_MODEL for f in entries):
         raise BundleError(f"bundle {out} has no ONNX graph ({ONNX_MODEL} is not in the manifest)")
@@ -84,8 +92,6 @@ def check_onnx_files(out: Path, manifest: Any) -> Path:
 
 def resolve_profile(manifest: Any, profile: str | ChipProfile | None, mismatch_ok: bool) -> ChipProfile:
     """The validation profile; refuses one whose hash differs from the bundle's unless ``mismatch_ok``."""
-    from cimconvert.bundle.reader import manifest_profile
-
     if profile is None:
         return manifest_profile(manifest)
     chip = load_profile(profile)
@@ -125,9 +131,6 @@ def _clean_check(
     threads: int,
 ) -> dict[str, float]:
     """Clean logits max|Δ| and clean perplexities; the ideal session lives only inside this call."""
-    from cimconvert.runtime import OrtCausalLM
-    from cimconvert.runtime.session import make_session
-
     session = make_session(onnx_path, threads, arena=False)
     max_diff = _clean_logits_diff(net, session, tokens, seq_len)
     ort_clean, ort_s = _timed(lambda: ppl(OrtCausalLM(session)))
@@ -146,11 +149,6 @@ def node_check(handle: Any, runner: Any, seed: int, rows: int = NODE_ROWS) -> di
     than 1e-4·max|y| (an ADC step flipped by float32 summation order) must be at most ``NODE_MISMATCH``
     of the elements; a wrong noise scale or a node without noise moves a large fraction.
     """
-    from cimconvert.analog.chip_noise import stable_seed
-    from cimconvert.onnx import analog_op
-    from cimconvert.simulator import analog_matmul
-    from cimconvert.simulator.rng import CounterClock, CounterNoise, node_key
-
     generator = torch.Generator().manual_seed(stable_seed(seed, "validate:node-check"))
     clock = CounterClock(seed)
     worst, worst_node, untracked = 0.0, "", []
@@ -183,9 +181,6 @@ def _noisy_draws(
     tensor by tensor (nothing kept), each per-MVM node is checked alone (counter mode), and both
     runtimes score the same windows in the same order.
     """
-    from cimconvert.analog.chip_noise import apply_chip_noise
-    from cimconvert.runtime.ort_noise import OrtCausalLM
-
     out: dict[str, Any] = {"torch": [], "ort": [], "ort_seconds": [], "identical": True, "nodes": []}
     ort_model = OrtCausalLM(runner)
     check_nodes = mvm_noise == "counter" and bool(runner.mvm_nodes)
@@ -218,9 +213,6 @@ def placement_targets(net: torch.nn.Module, manifest: Any) -> list[Any]:
     Taken from the manifest, not from the graph, so that a graph missing an analog node cannot make
     torch skip that tensor's noise too.
     """
-    from cimconvert.bundle.reader import manifest_overrides, manifest_profile
-    from cimconvert.placement import plan_model
-
     return list(plan_model(net, manifest_profile(manifest), **manifest_overrides(manifest)).analog())
 
 
@@ -274,11 +266,6 @@ def validate(
 ) -> dict[str, Any]:
     """Validate bundle ``out``'s ONNX graph in onnxruntime against the torch simulator (see module doc)."""
     from transformers import AutoTokenizer
-
-    from cimconvert.api import load_bundle, tokenize
-    from cimconvert.bundle.reader import read_manifest
-    from cimconvert.data import load_text
-    from cimconvert.runtime import OrtNoiseRunner, analog_tensors, load_model
 
     _check_options(mvm_noise, alpha, margin)
     folder = Path(out)

@@ -393,8 +393,8 @@ class OracleRouting:
 
 def calibration_ids(tokenizer: Any, opts: MoefyOptions) -> torch.Tensor:
     """``[calib_tokens / calib_seq_len, calib_seq_len]`` windows from the start of ``opts.calib_data``."""
-    from cimconvert.calibration import calibration_batches
-    from cimconvert.data import load_text
+    from cimconvert.datasets import load_text
+    from cimconvert.methods.calibration import calibration_batches
 
     samples = max(1, opts.calib_tokens // opts.calib_seq_len)
     return calibration_batches(
@@ -488,7 +488,7 @@ def evaluate(
     model: torch.nn.Module, tokenizer: Any, datasets: list[str], max_tokens: int, seq_len: int = 256
 ) -> dict:
     """Clean perplexity on each dataset (first ``max_tokens`` tokens, windows of ``seq_len``)."""
-    from cimconvert.data import load_text, token_ids
+    from cimconvert.datasets import load_text, token_ids
     from cimconvert.evaluation.perplexity import perplexity
 
     res = {}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate the tiny demo checkpoints in examples/models/ and the shipped
-# evaluation/calibration text (cimconvert/data/heldout.txt, calib.txt).
+# evaluation/calibration text (cimconvert/shipped_texts/heldout.txt, calib.txt).
 #
 # Usage:  bash examples/regenerate_models.sh [extra train_tiny.py args, e.g. --device cuda --bf16]
 #

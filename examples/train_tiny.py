@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Train tiny causal language models used as cimconvert demo checkpoints.
 
-Self-contained: depends only on torch, transformers, tokenizers, safetensors
-and the standard library (deliberately NOT on the ``cimconvert`` package).
+Depends on torch, transformers, tokenizers, safetensors, the standard library
+and, for the data split only, ``cimconvert.gutenberg`` (the one place the
+train/held-out split is written; fine-tuning's ``gutenberg-train`` uses it too).
 
 Data splits (deterministic, no randomness involved)
 ---------------------------------------------------
@@ -17,10 +18,10 @@ Data splits (deterministic, no randomness involved)
   (neither the tokenizer nor the model sees it).  Each tail is split in two
   halves at a paragraph boundary:
 
-  - first half  -> ``cimconvert/data/heldout.txt`` (evaluation text), at most
+  - first half  -> ``cimconvert/shipped_texts/heldout.txt`` (evaluation text), at most
     ``HELDOUT_TOTAL_CHARS / n_books`` characters per book (cut at a paragraph
     boundary), so the file is ~150 KB;
-  - second half -> ``cimconvert/data/calib.txt`` (calibration text), at most
+  - second half -> ``cimconvert/shipped_texts/calib.txt`` (calibration text), at most
     ``CALIB_TOTAL_CHARS / n_books`` characters per book, ~100 KB.
 
   The two files are therefore disjoint by construction.
@@ -60,7 +61,6 @@ import argparse
 import json
 import math
 import random
-import re
 import sys
 import time
 from collections.abc import Iterator
@@ -72,13 +72,14 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-from cimconvert.data import shared_data_dir
+from cimconvert.datasets import shared_data_dir
+from cimconvert.gutenberg import gutenberg_books, paragraph_cut
+from cimconvert.gutenberg import split_book as split_train_heldout
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_OUT_DIR = REPO_ROOT / "cimconvert" / "data"
+DATA_OUT_DIR = REPO_ROOT / "cimconvert" / "shipped_texts"
 EOT = "<|endoftext|>"
 VOCAB_SIZE = 4096
-TRAIN_FRACTION = 0.9
 HELDOUT_TOTAL_CHARS = 150_000
 CALIB_TOTAL_CHARS = 100_000
 EVAL_SEQ_LEN = 256
@@ -103,22 +104,6 @@ class BookSplit:
     calib: str
 
 
-def strip_gutenberg(text: str) -> str:
-    """Return the text between the ``*** START OF`` and ``*** END OF`` lines."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    start = re.search(r"^\*\*\* ?START OF.*$", text, flags=re.MULTILINE)
-    end = re.search(r"^\*\*\* ?END OF.*$", text, flags=re.MULTILINE)
-    begin = start.end() if start else 0
-    finish = end.start() if end else len(text)
-    return text[begin:finish].strip() + "\n"
-
-
-def paragraph_cut(text: str, pos: int) -> int:
-    """Return the first blank-line paragraph boundary at or after ``pos``."""
-    idx = text.find("\n\n", pos)
-    return len(text) if idx < 0 else idx + 2
-
-
 def cap_at_paragraph(text: str, max_chars: int) -> str:
     """Truncate ``text`` to at most ``max_chars``, preferably at a paragraph end."""
     if len(text) <= max_chars:
@@ -129,9 +114,8 @@ def cap_at_paragraph(text: str, max_chars: int) -> str:
 
 def split_book(name: str, raw: str, n_books: int) -> BookSplit:
     """Split one raw Gutenberg book into TRAIN, held-out and calibration text."""
-    body = strip_gutenberg(raw)
-    cut = paragraph_cut(body, int(len(body) * TRAIN_FRACTION))
-    train, tail = body[:cut], body[cut:]
+    book = split_train_heldout(raw)
+    train, tail = book.train, book.heldout
     mid = paragraph_cut(tail, len(tail) // 2)
     heldout = cap_at_paragraph(tail[:mid], HELDOUT_TOTAL_CHARS // n_books)
     calib = cap_at_paragraph(tail[mid:], CALIB_TOTAL_CHARS // n_books)
@@ -140,7 +124,7 @@ def split_book(name: str, raw: str, n_books: int) -> BookSplit:
 
 def load_splits(shared_data: Path) -> list[BookSplit]:
     """Load and split all Gutenberg books in sorted file-name order."""
-    files = sorted((shared_data / "corpora" / "gutenberg").glob("*.txt"))
+    files = gutenberg_books(shared_data)
     if not files:
         raise FileNotFoundError(f"no Gutenberg books under {shared_data}")
     return [split_book(f.stem, f.read_text(encoding="utf-8"), len(files)) for f in files]
@@ -597,7 +581,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-tokens", type=int, default=EVAL_TOKEN_BUDGET, help="PPL eval token budget")
     p.add_argument("--save-dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--no-write-data", action="store_true", help="do not (re)write cimconvert/data/*.txt")
+    p.add_argument("--no-write-data", action="store_true",
+                   help="do not (re)write cimconvert/shipped_texts/*.txt")
     return p.parse_args(argv)
 
 

@@ -6,7 +6,8 @@ neutralised first: ISO timestamps (the conversion time, in the manifest, REPORT.
 metadata) are blanked, safetensors headers are hashed with sorted keys (safetensors writes its
 metadata map in arbitrary order), and ``bundle.lock`` (a digest of the manifest's exact bytes) is
 skipped. Durations (``seconds``, ROMER's ``cost_vs_one_noisy_pass``) and the manifest's digests
-(of files hashed here on their own) are blanked too.
+(of files hashed here on their own) are blanked too, and the checkout's own path (the manifest
+and the ONNX metadata record the source model's path) becomes ``<repo>``, so two worktrees compare.
 
     .venv/bin/python scripts/bundle_digests.py -o before.json
     ... refactor ...
@@ -61,6 +62,7 @@ def file_digest(path: Path) -> str:
         data = canonical_safetensors(data)
     if path.suffix == ".json":
         data = json.dumps(blank_volatile(json.loads(data)), sort_keys=True).encode()
+    data = data.replace(str(REPO).encode(), b"<repo>")
     data = COST_LINE.sub(b"<cost>", TIME_PATTERN.sub(b"<time>", data))
     return hashlib.sha256(data).hexdigest()
 

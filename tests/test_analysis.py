@@ -7,8 +7,9 @@ import json
 import torch
 from tiny_models import VOCAB, build_tiny, save_tiny
 
-from cimconvert.analysis import sensitivity_scan, write_scan
+from cimconvert.analysis import write_scan
 from cimconvert.cli import main
+from cimconvert.evaluation.sensitivity import sensitivity_scan
 from cimconvert.methods.hpd import hpd_placement
 from cimconvert.profiles import load_profile
 

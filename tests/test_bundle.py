@@ -17,7 +17,6 @@ from tiny_models import VOCAB, save_tiny, tiny_types, write_deepseek_v1_folder
 import cimconvert.bundle.writer as writer_mod
 from cimconvert.arch import get_adapter, supported_types
 from cimconvert.bundle import (
-    TRANSFORM_LOADERS,
     Manifest,
     inspect_bundle,
     load_bundle,
@@ -30,6 +29,7 @@ from cimconvert.checkpoint import resolve_model
 from cimconvert.errors import BundleError
 from cimconvert.placement import plan_tensors
 from cimconvert.profiles import load_profile
+from cimconvert.transforms import TRANSFORM_LOADERS
 
 CHIP = load_profile("chipA")
 SMALL_TILES = load_profile("chipA", {"tile": "16"})  # several tiles per matrix on the tiny models

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from cimconvert.data import dataset_names, load_text
+from cimconvert.datasets import dataset_names, load_text
 from cimconvert.errors import CimError
 
 

@@ -18,11 +18,11 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from cimconvert.data import shared_data_dir  # noqa: E402 (after the importorskip guards)
+from cimconvert.gutenberg import gutenberg_books, split_book  # noqa: E402 (after the importorskip guards)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO_ROOT / "examples" / "models"
-DATA_DIR = REPO_ROOT / "cimconvert" / "data"
+DATA_DIR = REPO_ROOT / "cimconvert" / "shipped_texts"
 DEMO_MODELS = ("tiny-olmoe", "tiny-mamba", "tiny-qwen2-moe", "tiny-deepseek", "tiny-mamba2")
 EVAL_TOKENS = 4096
 WINDOW = 256
@@ -75,24 +75,12 @@ def test_heldout_and_calib_disjoint() -> None:
         assert snip not in heldout
 
 
-def _train_split(raw: str) -> str:
-    """First 90 % (to the next paragraph break) of a book without PG header/footer."""
-    text = raw.replace("\r\n", "\n").replace("\r", "\n")
-    start = text.find("*** START OF")
-    start = text.find("\n", start) + 1 if start >= 0 else 0
-    end = text.find("*** END OF")
-    body = text[start : end if end >= 0 else len(text)].strip() + "\n"
-    cut = body.find("\n\n", int(len(body) * 0.9))
-    return body[: cut + 2] if cut >= 0 else body
-
-
 def test_heldout_not_in_training_split() -> None:
     """Sampled held-out / calibration snippets never occur in any book's TRAIN split."""
-    root = shared_data_dir()
-    books = sorted((root / "corpora" / "gutenberg").glob("*.txt")) if root else []
+    books = gutenberg_books()
     if not books:
         pytest.skip("shared Gutenberg data not found (set CIMCONVERT_SHARED_DATA to the shared data folder)")
-    train = "\n".join(_train_split(_read(b)) for b in books)
+    train = "\n".join(split_book(_read(b)).train for b in books)
     snippets = _snippets(_read(DATA_DIR / "heldout.txt"), 10, seed=2)
     snippets += _snippets(_read(DATA_DIR / "calib.txt"), 5, seed=3)
     for snip in snippets:

@@ -17,10 +17,11 @@ from transformers import (
     OlmoeForCausalLM,
 )
 
-from cimconvert.analog.chip_noise import EXPERTS_IMPLEMENTATION, apply_chip_noise, stable_seed
+from cimconvert.analog.chip_noise import EXPERTS_IMPLEMENTATION, apply_chip_noise
 from cimconvert.errors import ModelInputError
 from cimconvert.profiles import load_profile
 from cimconvert.profiles.schema import ChipProfile
+from cimconvert.simulator.rng import stable_seed
 
 torch.set_num_threads(1)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import VOCAB, build_tiny
 
-from cimconvert.data import shared_data_dir
+from cimconvert.datasets import shared_data_dir
 from cimconvert.evaluation.piqa import (
     PiqaItem,
     PreparedPiqa,

@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 
 from cimconvert.api import convert, evaluate, load_bundle
 from cimconvert.arch import load_pretrained
-from cimconvert.data import load_text, token_ids
+from cimconvert.datasets import load_text, token_ids
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 DENSE = MODELS / "smollm2-135m-instruct"

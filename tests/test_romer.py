@@ -13,10 +13,9 @@ from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.arch import get_adapter
 from cimconvert.arch.loading import build_model, load_config
 from cimconvert.bundle.manifest import TransformEntry
-from cimconvert.bundle.reader import TRANSFORM_LOADERS
-from cimconvert.calibration import calibration_batches
 from cimconvert.errors import CimError
 from cimconvert.methods import METHODS, all_options, resolve_method
+from cimconvert.methods.calibration import calibration_batches
 from cimconvert.methods.romer import (
     METHOD,
     LayerRouting,
@@ -31,6 +30,7 @@ from cimconvert.methods.romer import (
 from cimconvert.methods.romer.calibrate import column_percentiles, fit_affine
 from cimconvert.placement import plan_model
 from cimconvert.profiles import load_profile
+from cimconvert.transforms import TRANSFORM_LOADERS
 
 MOE_TYPES = ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2", "deepseek_v3", "deepseek"]
 ROUTER = r"re:.*\.mlp\.gate\.weight"
@@ -251,9 +251,8 @@ def test_bad_option_values() -> None:
 def test_trained_olmoe_calibration_recovers_drift_damage_on_unseen_draw() -> None:
     from transformers import AutoTokenizer
 
-    from cimconvert.api import tokenize
     from cimconvert.checkpoint import resolve_model
-    from cimconvert.data import load_text
+    from cimconvert.datasets import load_text, tokenize
     from cimconvert.evaluation.perplexity import perplexity
 
     model = resolve_model(str(DEMO_OLMOE)).load_model(dtype=torch.float32)
@@ -283,7 +282,7 @@ def test_calibration_sequences_shortened_to_the_model_context() -> None:
     """The default --calib-seq-len (256) on a model with a shorter context is clamped, with a warning."""
     from transformers import AutoTokenizer
 
-    from cimconvert.calibration import calibration_tokens
+    from cimconvert.methods.calibration import calibration_tokens
 
     model = build_tiny("olmoe")
     model.config.max_position_embeddings = 64

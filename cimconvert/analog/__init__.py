@@ -14,7 +14,7 @@ marker (``onnx.export.ExportKernel``). Layout and clean-scale helpers (``to_out_
 ``clean_scales``) live in :mod:`cimconvert.simulator.program` and are re-exported here.
 """
 
-from cimconvert.analog.chip_noise import NoiseHandle, apply_chip_noise, stable_seed, tensor_generator
+from cimconvert.analog.chip_noise import NoiseHandle, apply_chip_noise
 from cimconvert.analog.experts import EXPERTS_IMPLEMENTATION
 from cimconvert.analog.patch import AnalogKernel, AnalogPatch, CleanKernel
 from cimconvert.analog.routes import EXPERT_PARAMS, WEIGHT_ONLY_MODULES, Route, is_weight_only, route_of
@@ -34,7 +34,5 @@ __all__ = [
     "is_weight_only",
     "out_in_view",
     "route_of",
-    "stable_seed",
-    "tensor_generator",
     "to_out_in",
 ]

@@ -11,7 +11,6 @@ experts alike; tensors on the ``weight`` route (Mamba's ``dt_proj``) get weight-
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -28,7 +27,13 @@ from cimconvert.errors import ModelInputError
 from cimconvert.profiles.schema import ChipProfile
 from cimconvert.simulator import MvmWeights, analog_matmul, prepare_mvm, program_weight
 from cimconvert.simulator.program import clean_scales
-from cimconvert.simulator.rng import CounterClock, CounterNoise, NoiseSource, node_key
+from cimconvert.simulator.rng import (
+    CounterClock,
+    CounterNoise,
+    NoiseSource,
+    node_key,
+    tensor_generator,
+)
 
 __all__ = [
     "EXPERTS_IMPLEMENTATION",
@@ -39,8 +44,6 @@ __all__ = [
     "MvmKernel",
     "NoiseHandle",
     "apply_chip_noise",
-    "stable_seed",
-    "tensor_generator",
 ]
 
 
@@ -49,17 +52,6 @@ class AnalogTarget(Protocol):
 
     name: str
     layout: str
-
-
-def stable_seed(seed: int, name: str) -> int:
-    """63-bit generator seed from (seed, name) via sha256 (stable across runs and processes)."""
-    digest = hashlib.sha256(f"cimconvert:{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
-    """The programming-noise generator of one tensor: independent of which other tensors are analog."""
-    return torch.Generator(device=device).manual_seed(stable_seed(seed, name))
 
 
 @dataclass

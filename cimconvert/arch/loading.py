@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cimconvert.arch.deepseek_v1_model import v1_config
 from cimconvert.arch.registry import get_adapter
 from cimconvert.errors import ModelInputError
 
@@ -47,8 +48,6 @@ def load_config(source: str | Path | dict[str, Any]) -> PretrainedConfig:
     get_adapter(model_type or "")
     data = PretrainedConfig._decode_special_floats(data)  # {"__float__": "Infinity"} → inf, as HF does
     if model_type == DEEPSEEK_V1:
-        from cimconvert.arch.deepseek_v1_model import v1_config
-
         config = v1_config(data)
     else:
         values = {k: v for k, v in data.items() if k != "auto_map"}

@@ -2,7 +2,6 @@
 
 from cimconvert.bundle.manifest import Manifest, manifest_json_schema, write_schema
 from cimconvert.bundle.reader import (
-    TRANSFORM_LOADERS,
     inspect_bundle,
     load_bundle,
     read_manifest,
@@ -11,7 +10,6 @@ from cimconvert.bundle.reader import (
 from cimconvert.bundle.writer import BundleSummary, write_bundle
 
 __all__ = [
-    "TRANSFORM_LOADERS",
     "BundleSummary",
     "Manifest",
     "inspect_bundle",

@@ -1,8 +1,9 @@
 """Read a bundle back: manifest, checksum verification, summary, and loading as a torch model.
 
 Later transforms (ROMER router calibration, HPD split, ...) record an entry in ``manifest.transforms``;
-their loaders register in :data:`TRANSFORM_LOADERS` under the entry's ``type`` and are called in manifest
-order on the loaded model. A bundle naming a transform type that has no loader is refused.
+their loaders are listed in :data:`cimconvert.transforms.TRANSFORM_LOADERS` under the entry's ``type`` and
+are called in manifest order on the loaded model. A bundle naming a transform type that has no loader is
+refused.
 """
 
 from __future__ import annotations
@@ -20,17 +21,16 @@ from cimconvert.bundle.manifest import MANIFEST_NAME, Manifest, TransformEntry
 from cimconvert.checkpoint import load_hf_model, sha256_file
 from cimconvert.errors import BundleError, failure_detail
 from cimconvert.profiles import ChipProfile, profile_from_dict
+from cimconvert.transforms import TRANSFORM_KEY_CHANGES, TRANSFORM_LOADERS
 
-#: transform type → fn(model, transform_entry, bundle_dir) that re-applies it on load (in place).
-TRANSFORM_LOADERS: dict[str, Callable[[torch.nn.Module, TransformEntry, Path], None]] = {}
-#: Transform type → fn(params) -> (keys the stock class reports missing, keys it reports unexpected).
-TRANSFORM_KEY_CHANGES: dict[str, Callable[[dict[str, Any]], tuple[list[str], list[str]]]] = {}
+
+def is_bundle(path: str | Path) -> bool:
+    """True when ``path`` is a folder holding a cimconvert manifest."""
+    return (Path(path) / MANIFEST_NAME).is_file()
 
 
 def expected_key_changes(manifest: Manifest) -> tuple[list[str], list[str]]:
     """Keys a stock ``from_pretrained`` of the bundle will miss / not expect, because transforms own them."""
-    import cimconvert.methods  # noqa: F401  (registers the methods' loaders and key changes)
-
     missing: list[str] = []
     unexpected: list[str] = []
     for entry in manifest.transforms:
@@ -139,9 +139,7 @@ def _raise_problems(out: Path, problems: list[str]) -> None:
 
 
 def apply_transforms(model: torch.nn.Module, manifest: Manifest, out: Path) -> torch.nn.Module:
-    """Re-apply the manifest's transforms through :data:`TRANSFORM_LOADERS`, in order."""
-    import cimconvert.methods  # noqa: F401  (registers the methods' loaders)
-
+    """Re-apply the manifest's transforms in order through :mod:`cimconvert.transforms`' loaders."""
     for entry in manifest.transforms:
         loader = TRANSFORM_LOADERS.get(entry.type)
         if loader is None:

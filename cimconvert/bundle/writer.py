@@ -47,6 +47,7 @@ from cimconvert.bundle.manifest import (
     match_target,
 )
 from cimconvert.bundle.outdir import move_into_place, out_lock, tmp_path
+from cimconvert.bundle.report import render_report
 from cimconvert.checkpoint import (
     CONFIG_NAME,
     FLOAT_DTYPES,
@@ -59,6 +60,7 @@ from cimconvert.checkpoint import (
 from cimconvert.errors import BundleError, CimError, ModelInputError, failure_detail
 from cimconvert.profiles import ChipProfile
 from cimconvert.simulator.program import clean_scales
+from cimconvert.simulator.tiles import tile_grid
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 1000**3
 SCALES_NAME = "cim_scales.safetensors"
@@ -310,7 +312,6 @@ def _placement_config(
 def _grid_entry(info: Any, shape: tuple[int, ...], layout: str, profile: ChipProfile) -> TileGridEntry | None:
     if info.unit != "analog":
         return None
-    from cimconvert.simulator.tiles import tile_grid
 
     matrix = (shape[1], shape[0]) if layout == "in_out" else shape
     grid = tile_grid(matrix, profile.mapping)
@@ -569,8 +570,6 @@ def _assemble(
     key: bytes | str | None = None,
 ) -> Manifest:
     """Write index, scales, copied files, REPORT.md, manifest.json and (last) bundle.lock into ``folder``."""
-    from cimconvert.bundle.report import render_report
-
     entries = _tensor_entries(plan.metas, plan.infos, plan.where, written, plan.transforms, profile)
     totals = _totals(entries, plan.shards, placement)
     _write_index(folder, entries, totals.total_bytes)

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cimconvert.analog.chip_noise import apply_chip_noise
+from cimconvert.errors import CimError
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.profiles import ChipProfile
 
@@ -38,8 +39,6 @@ class NoisyEvalResult:
 
     def check_finite(self) -> NoisyEvalResult:
         """Return self, or raise CimError when the clean or a noisy perplexity is NaN or infinite."""
-        from cimconvert.errors import CimError
-
         if not math.isfinite(self.clean_ppl):
             raise CimError(
                 f"clean perplexity is {self.clean_ppl}: the model's logits are not finite "

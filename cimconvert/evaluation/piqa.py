@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from cimconvert.datasets import shared_data_dir
 from cimconvert.errors import CimError
 
 MAX_LEN = 256
@@ -44,8 +45,6 @@ class PreparedPiqa:
 
 def piqa_dir() -> Path:
     """The shared PIQA folder (``<shared data>/piqa``)."""
-    from cimconvert.data import shared_data_dir
-
     root = shared_data_dir()
     if root is None or not (root / "piqa").is_dir():
         raise CimError("PIQA needs the shared data folder (set CIMCONVERT_SHARED_DATA to its path)")

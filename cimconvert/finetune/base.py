@@ -18,10 +18,11 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from cimconvert.analog.chip_noise import stable_seed
 from cimconvert.errors import CimError
+from cimconvert.placement import plan_model
 from cimconvert.profiles import ChipProfile
 from cimconvert.simulator.program import Layout
+from cimconvert.simulator.rng import stable_seed
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,6 @@ def analog_targets(
     model: nn.Module, profile: ChipProfile, analog: Sequence[str] = (), digital: Sequence[str] = ()
 ) -> list[Target]:
     """The analog matmul weights of ``model`` under ``profile`` (placement rules plus overrides)."""
-    from cimconvert.placement import plan_model
-
     params = dict(model.named_parameters())
     targets = [
         Target(info.name, info.layout)  # type: ignore[arg-type]

@@ -26,12 +26,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from cimconvert.analog.chip_noise import stable_seed
 from cimconvert.errors import CimError
 from cimconvert.finetune.base import Target, generator, iter_targets, named_parameters, step_seed
 from cimconvert.profiles import ChipProfile
 from cimconvert.simulator import program_weight, tile_grid, weight_scales
 from cimconvert.simulator.program import Layout, out_in_view, program_block
+from cimconvert.simulator.rng import stable_seed
 
 NatKind = Literal["gaussian", "chip"]
 NAT_KINDS: tuple[str, ...] = ("gaussian", "chip")

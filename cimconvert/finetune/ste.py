@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from cimconvert.analog.chip_noise import stable_seed
 from cimconvert.analog.patch import AnalogPatch
 from cimconvert.analog.routes import Route, route_of
 from cimconvert.finetune.base import Target, generator, iter_targets, named_parameters, step_seed
 from cimconvert.profiles import ChipProfile
 from cimconvert.simulator import MvmWeights, analog_matmul, prepare_mvm, program_weight
 from cimconvert.simulator.program import Layout, clean_scales, out_in_view
+from cimconvert.simulator.rng import stable_seed
 
 
 class AnalogMatmulSTE(torch.autograd.Function):

@@ -31,12 +31,14 @@ from torch import nn
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from cimconvert.data import token_ids
+from cimconvert.checkpoint import resolve_model
+from cimconvert.datasets import token_ids
 from cimconvert.errors import CimError
 from cimconvert.finetune.base import NoiseMethod, NoNoise, Target, analog_targets, generator
-from cimconvert.finetune.data import GUTENBERG_TRAIN, check_tokens, sample_batch, training_text
 from cimconvert.finetune.nat import NAT_KINDS, NatNoise
 from cimconvert.finetune.ste import SteNoise
+from cimconvert.finetune.training_data import check_tokens, sample_batch, training_text
+from cimconvert.gutenberg import GUTENBERG_TRAIN
 from cimconvert.profiles import ChipProfile, load_profile
 
 METHODS = ("ste", "nat", "none")
@@ -275,7 +277,6 @@ def _load(model: Any, tokenizer: Any) -> tuple[nn.Module, Any, str]:
     """(model, tokenizer, display name) from a folder / hub id or an in-memory model."""
     if isinstance(model, nn.Module):
         return model, tokenizer, type(model).__name__
-    from cimconvert.checkpoint import resolve_model
 
     source = resolve_model(str(model))
     loaded = source.load_model()

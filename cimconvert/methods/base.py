@@ -58,14 +58,8 @@ class Method(Protocol):
     families: tuple[str, ...]
     options: tuple[MethodOption, ...]
 
-    def apply(
-        self,
-        model: torch.nn.Module,
-        adapter: Any,
-        profile: ChipProfile,
-        options: dict[str, Any],
-        progress: bool = True,
-    ) -> MethodResult:
+    def apply(self, model: torch.nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],
+              progress: bool = True) -> MethodResult:  # fmt: skip
         """Transform ``model`` in place for ``profile``; return what was done."""
         ...
 

@@ -37,12 +37,18 @@ import torch
 from onnx import ModelProto
 from torch import nn
 
+from cimconvert import __version__
 from cimconvert.analog.patch import AnalogPatch
 from cimconvert.analog.routes import owner_of, route_of
+from cimconvert.arch import get_adapter
+from cimconvert.bundle.integrity import write_manifest_and_lock
+from cimconvert.bundle.manifest import FileEntry, Manifest
+from cimconvert.bundle.reader import load_bundle, manifest_overrides, manifest_profile, read_manifest
 from cimconvert.errors import CimError
 from cimconvert.onnx import analog_op, rope, ssm
 from cimconvert.onnx.analog_op import SCALES_SUFFIX, AnalogSpec
 from cimconvert.onnx.metadata import build_metadata, set_metadata
+from cimconvert.placement import plan_model
 from cimconvert.profiles.schema import ChipProfile
 from cimconvert.simulator.program import clean_scales
 
@@ -338,8 +344,6 @@ def build_onnx(
     trace_seq: int = 16,
 ) -> tuple[ModelProto, list[str], list[str]]:
     """Export ``model`` with AnalogMatMul nodes for ``targets``; returns (model, analog, weight-only)."""
-    from cimconvert.arch import get_adapter
-
     adapter = get_adapter(model.config)
     specs = analog_specs(targets, profile, manifest_names(manifest, adapter) if manifest else None)
     model.eval()
@@ -352,8 +356,6 @@ def build_onnx(
     analog_op.attach_function(proto, analog_op.ideal_function(OPSET))
     ssm.attach_scan_functions(proto, OPSET)
     proto.producer_name = "cimconvert"
-    from cimconvert import __version__
-
     proto.producer_version = __version__
     set_metadata(proto, build_metadata(model, profile, specs, weight_only, manifest))
     return proto, found, weight_only
@@ -447,10 +449,6 @@ def export_bundle_onnx(
     is analog. Returns ``{"files": [FileEntry dicts, names relative to bundle_dir], "onnx": summary}``:
     append ``files`` to ``manifest.files`` and store ``onnx`` under ``manifest.extra["onnx"]``.
     """
-    from cimconvert.bundle.manifest import Manifest
-    from cimconvert.bundle.reader import manifest_overrides, manifest_profile
-    from cimconvert.placement import plan_model
-
     if isinstance(manifest, dict):
         manifest = Manifest.model_validate(manifest)
     chip = manifest_profile(manifest)
@@ -465,10 +463,6 @@ def export_bundle_onnx(
 def record_in_manifest(bundle_dir: str | Path, exported: dict) -> None:
     """Add an :func:`export_bundle_onnx` result to ``bundle_dir/manifest.json`` (files + extra.onnx);
     ``bundle.lock`` is rewritten for the new manifest (signed with ``$CIMCONVERT_SIGNING_KEY`` if set)."""
-    from cimconvert.bundle.integrity import write_manifest_and_lock
-    from cimconvert.bundle.manifest import FileEntry
-    from cimconvert.bundle.reader import read_manifest
-
     folder = Path(bundle_dir)
     manifest = read_manifest(folder)
     names = {f["name"] for f in exported["files"]}
@@ -480,8 +474,6 @@ def record_in_manifest(bundle_dir: str | Path, exported: dict) -> None:
 
 def export_existing_bundle(bundle_dir: str | Path, progress: bool = False) -> dict:
     """Load a bundle (transforms re-applied), export its ONNX graph and record it in the manifest."""
-    from cimconvert.bundle.reader import load_bundle, read_manifest
-
     folder = Path(bundle_dir)
     manifest = read_manifest(folder)
     model = load_bundle(folder)

@@ -12,6 +12,7 @@ from typing import Any
 
 from onnx import ModelProto
 
+from cimconvert import __version__
 from cimconvert.profiles.schema import ChipProfile
 
 PREFIX = "cimconvert."
@@ -22,8 +23,6 @@ def _versions() -> dict[str, str]:
     import onnx
     import torch
     import transformers
-
-    from cimconvert import __version__
 
     return {"cimconvert": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "onnx": onnx.__version__}  # fmt: skip

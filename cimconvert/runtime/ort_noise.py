@@ -3,7 +3,7 @@
 :class:`OrtNoiseRunner` owns one session whose weight inputs are bound once to numpy buffers
 (zero-copy ``OrtValue``); a draw (:meth:`OrtNoiseRunner.program`) overwrites the buffers in place, so
 no session is rebuilt. The weights are programmed by the *torch simulator*
-(``simulator.program_weight`` with ``analog.tensor_generator(seed, name)``, exactly as
+(``simulator.program_weight`` with ``simulator.rng.tensor_generator(seed, name)``, exactly as
 ``analog.apply_chip_noise`` does), so they are bit-identical to the torch model's for the same seed.
 
 * Programmed weights only (``mvm=False``, or a profile without per-MVM effects): the analog
@@ -26,8 +26,8 @@ import onnxruntime as ort
 import torch
 from onnx import ModelProto
 
-from cimconvert.analog.chip_noise import tensor_generator
 from cimconvert.onnx import analog_op
+from cimconvert.onnx.metadata import read_metadata
 from cimconvert.profiles.schema import ChipProfile
 from cimconvert.runtime.session import (
     MvmInput,
@@ -39,7 +39,7 @@ from cimconvert.runtime.session import (
 )
 from cimconvert.simulator import prepare_mvm, program_weight
 from cimconvert.simulator.program import clean_scales
-from cimconvert.simulator.rng import CounterClock
+from cimconvert.simulator.rng import CounterClock, tensor_generator
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,6 @@ def analog_tensors(model: ModelProto) -> list[AnalogTensor]:
     """Analog tensors of an exported graph, in node order (AnalogMatMul nodes + weight-only ones)."""
     import json
 
-    from cimconvert.onnx.metadata import read_metadata
-
     seen: dict[str, str] = {}
     for node in analog_op.analog_nodes(model):
         attrs = analog_op.node_attrs(node)
@@ -68,7 +66,7 @@ def analog_tensors(model: ModelProto) -> list[AnalogTensor]:
 
 
 def programmed(clean: np.ndarray, layout: str, profile: ChipProfile, seed: int, name: str) -> np.ndarray:
-    """The torch simulator's programmed copy of one clean weight for ``seed`` (noise.py's generator)."""
+    """The torch simulator's programmed copy of one clean weight for ``seed`` (apply_chip_noise's generator)."""
     w = torch.from_numpy(clean)
     noisy = program_weight(w, profile, tensor_generator(seed, name, w.device), layout)  # type: ignore[arg-type]
     return noisy.numpy()
@@ -150,7 +148,7 @@ class OrtNoiseRunner:
         return next(t.layout for t in self.tensors if t.name == name)
 
     def _clean_scales(self, name: str) -> torch.Tensor:
-        """Digital scales of the clean weight under ``self.profile`` (fixed at mapping, as in noise.py)."""
+        """Digital scales of the clean weight under ``self.profile`` (fixed at mapping, as in the simulator kernel)."""
         return clean_scales(torch.from_numpy(self.clean_weight(name)), self._layout(name), self.profile)
 
     def _write(self, name: str, weight: np.ndarray) -> None:

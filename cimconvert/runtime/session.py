@@ -24,11 +24,11 @@ import onnx
 import onnxruntime as ort
 from onnx import ModelProto, helper, numpy_helper
 
-from cimconvert.analog.chip_noise import stable_seed
 from cimconvert.onnx import analog_op
 from cimconvert.onnx.analog_op import AnalogSpec
 from cimconvert.profiles.schema import ChipProfile
 from cimconvert.simulator import rng
+from cimconvert.simulator.rng import stable_seed
 
 #: onnxruntime log level for our sessions (3 = errors only: overridable initializers warn otherwise).
 LOG_LEVEL = 3

@@ -1,6 +1,8 @@
 """Random draws: explicit ``torch.Generator`` streams, and the counter-based per-MVM normals.
 
-Everything random in the simulator comes from a ``torch.Generator`` (:func:`randn`, :func:`rand`),
+Seeding lives here: :func:`stable_seed` derives every generator seed from (seed, name) and
+:func:`tensor_generator` gives each tensor its own programming-noise stream. Everything random in the
+simulator comes from a ``torch.Generator`` (:func:`randn`, :func:`rand`),
 except the per-MVM noise in *counter* mode: there each draw is a pure function of a 96-bit key and the
 element index (:func:`counter_normal`), built only from 32-bit integer ops (add, xor, logical shift,
 wrapping multiply), exact int→float casts and float32 ``log``/``sqrt``/``cos``/``sin``, so that
@@ -36,6 +38,17 @@ UNIFORM_SHIFT = 8
 UNIFORM_SCALE = 2.0**-24
 #: 2π rounded to float32 (both runtimes multiply by this float32 constant).
 TWO_PI = float(torch.tensor(2 * math.pi, dtype=torch.float32))
+
+
+def stable_seed(seed: int, name: str) -> int:
+    """63-bit generator seed from (seed, name) via sha256 (stable across runs and processes)."""
+    digest = hashlib.sha256(f"cimconvert:{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """The programming-noise generator of one tensor: independent of which other tensors are analog."""
+    return torch.Generator(device=device).manual_seed(stable_seed(seed, name))
 
 
 def randn(

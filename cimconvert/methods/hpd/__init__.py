@@ -1,32 +1,15 @@
 """HPD: Hybrid Projection Decomposition for analog CIM (SVD split of noise-sensitive projections).
 
-Importing this package registers the ``hpd`` method (``--method auto`` picks it for SSM models) and the
-``hpd_split`` bundle transform loader.
+Importing this package registers the ``hpd`` method (``--method auto`` picks it for SSM models). The split
+layer and the ``hpd_split`` bundle loader live in :mod:`cimconvert.transforms.hpd_split`.
 """
 
 from cimconvert.methods.base import register_method
-from cimconvert.methods.hpd.method import (
-    TRANSFORM_TYPE,
-    HpdMethod,
-    apply_hpd,
-    expected_key_changes,
-    hpd_placement,
-    load_hpd_split,
-    split_layer,
-)
-from cimconvert.methods.hpd.split import FACTORS, Factors, HpdLinear, build_split, decompose, hadamard_matrix
-
-
-def _register_loader() -> None:
-    """Add the bundle loader and the keys the split replaces, so ``load_bundle`` can rebuild it."""
-    from cimconvert.bundle.reader import TRANSFORM_KEY_CHANGES, TRANSFORM_LOADERS
-
-    TRANSFORM_LOADERS[TRANSFORM_TYPE] = load_hpd_split
-    TRANSFORM_KEY_CHANGES[TRANSFORM_TYPE] = expected_key_changes
-
+from cimconvert.methods.hpd.method import HpdMethod, apply_hpd, hpd_placement, split_layer
+from cimconvert.methods.hpd.split import FACTORS, Factors, build_split, decompose, hadamard_matrix
+from cimconvert.transforms.hpd_split import TRANSFORM_TYPE, HpdLinear, expected_key_changes, load_hpd_split
 
 register_method(HpdMethod(), auto_for=("ssm",))
-_register_loader()
 
 __all__ = [
     "FACTORS",

@@ -10,17 +10,7 @@ from typing import Any
 from torch import nn
 
 from cimconvert.errors import CimError
-from cimconvert.methods.hpd.split import HpdLinear
-
-#: Modules whose weight Hugging Face code reads directly (never called): they cannot be split.
-UNSPLITTABLE = ("dt_proj",)
-
-
-def is_linear(module: nn.Module) -> bool:
-    """True for ``nn.Linear`` and GPT-2 ``Conv1D`` (the layers HPD can split)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, (nn.Linear, Conv1D))
+from cimconvert.transforms.hpd_split import UNSPLITTABLE, HpdLinear, is_linear
 
 
 def default_layers(model: nn.Module, adapter: Any) -> list[str]:

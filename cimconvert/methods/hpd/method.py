@@ -1,35 +1,29 @@
-"""HPD as a cimconvert method: options, ``apply``, the manifest transform and its bundle loader."""
+"""HPD as a cimconvert method: options, ``apply``, the quick scan of ``auto``, manifest transform entries."""
 
 from __future__ import annotations
 
-import json
+import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
+from transformers import AutoTokenizer
 
-from cimconvert.errors import BundleError, CimError
+from cimconvert.datasets import load_text, tokenize
+from cimconvert.errors import CimError
+from cimconvert.evaluation.sensitivity import FIRST_SEED, sensitivity_scan
 from cimconvert.methods.base import MethodOption, MethodResult, ProgressFn
-from cimconvert.methods.hpd.layers import read_scan, resolve_layers
-from cimconvert.methods.hpd.split import ANALOG, DIGITAL, FACTORS, HpdLinear, build_split
+from cimconvert.methods.hpd.layers import check_layer, read_scan, resolve_layers
+from cimconvert.methods.hpd.split import FACTORS, build_split, weight_matrix
 from cimconvert.methods.hpd.stats import row_dynamic_range, spectrum_stats
+from cimconvert.placement import plan_model
 from cimconvert.profiles import ChipProfile
+from cimconvert.transforms.hpd_split import ANALOG, DIGITAL, TRANSFORM_TYPE, HpdLinear, replace_module
 
-#: ``type`` of the manifest transform entry (and key in ``TRANSFORM_LOADERS``).
-TRANSFORM_TYPE = "hpd_split"
 DEFAULT_FACTOR = "us_v"
 
 
 # ------------------------------------------------------------------------------------------ apply
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` at module path ``name``."""
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, new)
-
-
 def _untie_if_lm_head(model: nn.Module, adapter: Any, name: str) -> bool:
     """A decomposed LM head is no longer the embedding: switch tying off in the config."""
     if name != adapter.lm_head or not getattr(model.config, "tie_word_embeddings", False):
@@ -42,9 +36,6 @@ def split_layer(
     model: nn.Module, adapter: Any, name: str, factor: str = DEFAULT_FACTOR, rank: int | None = None
 ) -> dict[str, Any]:
     """Replace linear layer ``name`` by its :class:`HpdLinear` split (in place); returns its report row."""
-    from cimconvert.methods.hpd.layers import check_layer
-    from cimconvert.methods.hpd.split import weight_matrix
-
     module = check_layer(model, name)
     weight, _ = weight_matrix(module)
     split, factors = build_split(module, factor, rank)
@@ -163,14 +154,8 @@ class HpdMethod:
         MethodOption("hpd_auto_top", int, 1, "HPD: number of layers 'auto' takes from the scan"),
     )
 
-    def apply(
-        self,
-        model: nn.Module,
-        adapter: Any,
-        profile: ChipProfile,
-        options: dict[str, Any],
-        progress: bool = True,
-    ) -> MethodResult:
+    def apply(self, model: nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],
+              progress: bool = True) -> MethodResult:  # fmt: skip
         """Resolve the layers (running a quick scan for ``auto`` without ``hpd_scan``) and split them."""
         requested = list(options.get("hpd_layers") or ())
         scan = _scan_for(model, adapter, profile, options, progress) if "auto" in requested else None
@@ -195,8 +180,6 @@ def _scan_for(
     """The scan for ``auto``: the given JSON, else a quick 2-seed scan on the calibration text."""
     if options.get("hpd_scan"):
         return {**read_scan(options["hpd_scan"]), "source": str(options["hpd_scan"])}
-    from cimconvert.analysis import quick_scan
-
     return quick_scan(model, profile, seed=int(options.get("seed") or 0), progress=progress)
 
 
@@ -209,8 +192,6 @@ def hpd_placement(
     The adapters classify ``<module>.analog.weight`` like the weight it replaced (so it follows the
     profile's defaults) and keep ``<module>.digital.weight`` digital.
     """
-    from cimconvert.placement import plan_model
-
     splits = [name for name, mod in model.named_modules() if isinstance(mod, HpdLinear)]
 
     def expand(patterns: Sequence[str]) -> list[str]:
@@ -223,74 +204,31 @@ def hpd_placement(
     return plan_model(model, profile, expand(analog), expand(digital))
 
 
+def quick_scan(
+    model: nn.Module, profile: ChipProfile, seed: int = 0, progress: bool = False, max_tokens: int = 2048
+) -> dict[str, Any]:
+    """A 2-seed layer scan on the shipped calibration text (for ``--hpd-layers auto`` without a JSON).
+
+    Needs the model's tokenizer in ``model.config._name_or_path``.
+    """
+    folder = getattr(model.config, "_name_or_path", "")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        raise CimError(
+            f"--hpd-layers auto: no tokenizer for a quick scan in '{folder}'; pass --hpd-scan"
+        ) from None
+    tokens = tokenize(tokenizer, load_text("calib"), max_tokens)
+    targets = hpd_placement(model, profile).analog()
+    seeds = [FIRST_SEED + seed, FIRST_SEED + seed + 1]
+    return sensitivity_scan(model, tokens, targets, profile, seeds, "layer", progress=progress)
+
+
 def _names(pattern: str, module: str) -> bool:
     """Whether an override pattern (exact, or ``re:``/plain regex) names a split module."""
-    import re
-
     if pattern == module:
         return True
     try:
         return re.fullmatch(pattern.removeprefix("re:"), module) is not None
     except re.error:
         return False
-
-
-def _shard_of(bundle_dir: Path, key: str) -> Path:
-    index = bundle_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        if key in weight_map:
-            return bundle_dir / weight_map[key]
-    for file in sorted(bundle_dir.glob("*.safetensors")):
-        from safetensors import safe_open
-
-        with safe_open(str(file), "pt") as handle:
-            if key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                return file
-    raise BundleError(f"HPD transform: tensor '{key}' is not in the bundle {bundle_dir}")
-
-
-def _read_tensor(bundle_dir: Path, key: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    with safe_open(str(_shard_of(bundle_dir, key)), "pt") as handle:
-        return handle.get_tensor(key)
-
-
-def expected_key_changes(params: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(keys the standard class will report missing, keys it will report unexpected) for one split."""
-    added = [params["digital"], params["analog"]]
-    if params.get("bias"):
-        added.append(f"{params['module']}.{ANALOG}.bias")
-    return list(params["replaces"]), added
-
-
-def load_hpd_split(model: nn.Module, entry: Any, bundle_dir: str | Path) -> None:
-    """``TRANSFORM_LOADERS['hpd_split']``: rebuild the split module and load its factors from the bundle."""
-    params = entry.params if hasattr(entry, "params") else entry["params"]
-    folder = Path(bundle_dir)
-    name = params["module"]
-    try:
-        old = model.get_submodule(name)
-    except AttributeError:
-        raise BundleError(f"HPD transform: the loaded model has no module '{name}'") from None
-    ref = next(iter(old.parameters()), None)
-    split = HpdLinear(
-        params["in_features"],
-        params["out_features"],
-        params["rank"],
-        bool(params["bias"]),
-        dtype=ref.dtype if ref is not None else None,
-        device=ref.device if ref is not None else None,
-    )
-    tensors = {"digital.weight": params["digital"], "analog.weight": params["analog"]}
-    if params["bias"]:
-        tensors["analog.bias"] = f"{name}.{ANALOG}.bias"
-    state = {local: _read_tensor(folder, key) for local, key in tensors.items()}
-    try:
-        split.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise BundleError(f"HPD transform on '{name}': {str(exc).splitlines()[0]}") from None
-    if params.get("untied_lm_head"):
-        model.config.tie_word_embeddings = False
-    replace_module(model, name, split.eval())

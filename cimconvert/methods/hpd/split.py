@@ -1,6 +1,7 @@
-"""The HPD split layer and the matrix factorisations behind it.
+"""The matrix factorisations behind the HPD split layer.
 
-A linear layer ``y = W·x + b`` with ``W [out, in]`` is replaced by :class:`HpdLinear`, which computes
+A linear layer ``y = W·x + b`` with ``W [out, in]`` is replaced by :class:`HpdLinear` (defined with its
+bundle loader in :mod:`cimconvert.transforms.hpd_split`), which computes
 ``y = A·(D·x) + b``: ``D [r, in]`` runs on the digital unit (child module ``digital``), ``A [out, r]`` on
 the analog array (child module ``analog``, which also owns the bias; the simulator adds biases
 digitally). ``A·D = W`` up to float error at full rank.
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from cimconvert.errors import CimError
+from cimconvert.transforms.hpd_split import HpdLinear
 
 #: Factor orientations: name → what goes analog / digital (for help texts and reports).
 FACTORS: dict[str, str] = {
@@ -34,45 +36,6 @@ FACTORS: dict[str, str] = {
     "u": "U analog, Σ·Vᵀ digital",
     "hadamard": "W·H analog, H digital (fixed Hadamard rotation baseline)",
 }
-#: Child module names of :class:`HpdLinear` (the tensor names become ``<module>.analog.weight`` etc.).
-ANALOG, DIGITAL = "analog", "digital"
-
-
-class HpdLinear(nn.Module):
-    """``y = analog(digital(x))``: a digital factor ``[r, in]`` followed by an analog factor ``[out, r]``."""
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        bias: bool,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__()
-        self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.digital = nn.Linear(in_features, rank, bias=False, dtype=dtype, device=device)
-        self.analog = nn.Linear(rank, out_features, bias=bias, dtype=dtype, device=device)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Digital factor first, then the analog factor (plus bias)."""
-        return self.analog(self.digital(x))
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The effective matrix ``A·D`` (read-only; for code that reads ``.weight`` directly)."""
-        return self.analog.weight @ self.digital.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """The bias (held by the analog factor)."""
-        return self.analog.bias
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
-
-
 @dataclass(frozen=True)
 class Factors:
     """The two factors of one decomposed matrix (float64) and the singular values (None for Hadamard)."""

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from cimconvert.methods.romer.hook import token_normalise
+from cimconvert.transforms.romer.hook import token_normalise
 
 #: torch.quantile refuses inputs above 16M elements; larger columns are subsampled evenly.
 _QUANTILE_LIMIT = 1 << 24

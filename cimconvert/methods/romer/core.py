@@ -17,11 +17,14 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.errors import CimError
-from cimconvert.methods.romer import calibrate, replacement
-from cimconvert.methods.romer.hook import LayerRouting, install_hook, remove_hook
-from cimconvert.methods.romer.routing import RoutingRule, route, rule_for
+from cimconvert.methods.romer import calibrate
 from cimconvert.methods.romer.stats import RouterStats, collect, load_router_logits
+from cimconvert.transforms.romer import replacement
+from cimconvert.transforms.romer.hook import LayerRouting, install_hook, remove_hook
+from cimconvert.transforms.romer.moe import MoeRouting
+from cimconvert.transforms.romer.routing import route
 
 CALIB_MODES = ("cross-instance", "in-situ")
 REPLACEMENTS = ("none", "substitute", "replicate_split")
@@ -84,46 +87,6 @@ class RomerConfig:
 
 
 @dataclass
-class MoeRouting:
-    """The MoE layers of a model with their routers and routing rules."""
-
-    layers: list[Any]
-    rules: dict[int, RoutingRule]
-    num_experts: int
-    top_k: int
-
-    @property
-    def routers(self) -> dict[int, torch.nn.Module]:
-        """Decoder-layer index → router module."""
-        return {m.index: m.router for m in self.layers}
-
-    def layer(self, index: int) -> Any:
-        """The MoeLayer of decoder layer ``index``."""
-        return next(m for m in self.layers if m.index == index)
-
-
-def moe_routers(model: torch.nn.Module, adapter: Any) -> MoeRouting:
-    """The model's MoE layers and routing rules; CimError for a dense model or a missing router."""
-    if getattr(adapter, "family", None) != "moe":
-        raise CimError(
-            f"ROMER needs a mixture-of-experts model; '{adapter.model_type}' is a {adapter.family} model"
-        )
-    layers = list(adapter.moe_layers(model))
-    if not layers:
-        raise CimError(
-            f"no MoE router found in the {adapter.model_type} model (expected "
-            f"'{adapter.layers_path}.N.{adapter.moe_block}.{adapter.router}' beside fused experts)"
-        )
-    for m in layers:
-        weight = getattr(m.router, "weight", None)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise CimError(f"router of MoE layer {m.index} ({type(m.router).__name__}) has no [E, H] weight")
-    rules = {m.index: rule_for(adapter, model.config, m.router) for m in layers}
-    first = rules[layers[0].index]
-    return MoeRouting(layers, rules, first.num_experts, first.top_k)
-
-
-@dataclass
 class CalibrationStats:
     """Clean reference statistics, noisy statistics (pooled over the fitting draws) and timings."""
 
@@ -150,8 +113,6 @@ def _noisy_run(
     noise: tuple[Sequence[Any], Any, int], progress: bool,
 ) -> tuple[RouterStats, float]:  # fmt: skip
     """Statistics under one programmed chip instance; returns them and the programming time."""
-    from cimconvert.analog.chip_noise import apply_chip_noise
-
     targets, profile, seed = noise
     start = time.perf_counter()
     with apply_chip_noise(model, targets, profile, seed):

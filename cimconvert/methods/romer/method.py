@@ -3,7 +3,8 @@
 ``RomerMethod.apply`` runs the calibration text through the clean model and through the noisy model
 (simulated chip instances of the target profile, or one programmed instance for in-situ calibration),
 replaces under-activated experts, fits the router-logit calibration, installs the digital routing hooks
-and returns the manifest transform entries that :mod:`.loader` re-applies on ``load_bundle``.
+and returns the manifest transform entries that :mod:`cimconvert.transforms.romer.loader` re-applies on
+``load_bundle``.
 
 Besides the declared options, ``apply`` reads these keys of ``options`` when present (API use, not
 flags): ``analog`` / ``digital`` (the placement overrides, so that a router forced analog is noisy during
@@ -18,21 +19,23 @@ from typing import Any
 
 import torch
 
-from cimconvert.calibration import calibration_options, calibration_tokens
 from cimconvert.methods.base import MethodOption, MethodResult
+from cimconvert.methods.calibration import calibration_options, calibration_tokens
 from cimconvert.methods.romer.core import (
     CALIB_MODES,
     CALIBRATIONS,
     REPLACEMENTS,
     SPLITS,
     RomerConfig,
+    RomerPlan,
     build_plan,
     calibration_stats,
     install,
-    moe_routers,
 )
-from cimconvert.methods.romer.loader import plan_transforms
+from cimconvert.placement import plan_model
 from cimconvert.profiles import ChipProfile
+from cimconvert.transforms.romer.loader import REPLACEMENT_TYPE, ROUTING_TYPE
+from cimconvert.transforms.romer.moe import MoeRouting, moe_routers
 
 _D = RomerConfig()
 
@@ -67,11 +70,36 @@ OPTIONS: tuple[MethodOption, ...] = (
 
 
 def _noise_targets(model: torch.nn.Module, profile: ChipProfile, options: dict[str, Any]) -> list[Any]:
-    from cimconvert.placement import plan_model
-
     analog = tuple(options.get("analog") or ())
     digital = tuple(options.get("digital") or ())
     return plan_model(model, profile, analog=analog, digital=digital).analog()
+
+
+def plan_transforms(plan: RomerPlan, moe: MoeRouting, adapter: Any) -> list[dict[str, Any]]:
+    """The manifest ``transforms`` entries describing ``plan`` (empty parts are omitted)."""
+    entries: list[dict[str, Any]] = []
+    copies = [{"layer": i, "pairs": pairs} for i, pairs in sorted(plan.pairs.items()) if pairs]
+    if copies:
+        targets = [
+            f"{moe.layer(c['layer']).path}.{adapter.experts}.{name}"
+            for c in copies
+            for name in (adapter.fused_gate_up, adapter.fused_down)
+        ]
+        entries.append({
+            "id": "romer-replacement", "type": REPLACEMENT_TYPE,
+            "params": {"mode": plan.replacement, "layers": copies}, "targets": targets,
+        })  # fmt: skip
+    routing = [spec for _, spec in sorted(plan.routing.items()) if not spec.is_identity]
+    if routing:
+        entries.append({
+            "id": "romer-routing", "type": ROUTING_TYPE,
+            "params": {
+                "layers": [spec.to_dict() for spec in routing],
+                "rules": {str(s.layer): moe.rules[s.layer].to_dict() for s in routing},
+            },
+            "targets": [f"{moe.layer(s.layer).path}.{adapter.router}.weight" for s in routing],
+        })  # fmt: skip
+    return entries
 
 
 class RomerMethod:
@@ -81,14 +109,8 @@ class RomerMethod:
     families = ("moe",)
     options = OPTIONS
 
-    def apply(
-        self,
-        model: torch.nn.Module,
-        adapter: Any,
-        profile: ChipProfile,
-        options: dict[str, Any],
-        progress: bool = True,
-    ) -> MethodResult:
+    def apply(self, model: torch.nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],
+              progress: bool = True) -> MethodResult:  # fmt: skip
         """Calibrate on noisy statistics, replace experts, install the routing hooks; see module docs."""
         start = time.perf_counter()
         cfg = RomerConfig.from_options(options)

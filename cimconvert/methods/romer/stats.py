@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from cimconvert.calibration import iter_batches
 from cimconvert.errors import CimError
+from cimconvert.methods.calibration import iter_batches
 
 
 @dataclass

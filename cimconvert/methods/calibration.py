@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cimconvert.data import token_ids
+from cimconvert.datasets import load_text, token_ids
 from cimconvert.errors import CimError
+from cimconvert.methods.base import MethodOption
 
 if TYPE_CHECKING:
     from cimconvert.methods.base import MethodOption
@@ -27,8 +28,6 @@ DEFAULT_CALIB_SEQ_LEN = 256
 
 def calibration_options() -> tuple[MethodOption, ...]:
     """The shared ``--calib-data/--calib-samples/--calib-seq-len`` options (imported lazily: no cycle)."""
-    from cimconvert.methods.base import MethodOption
-
     return (
         MethodOption(
             "calib_data", str, DEFAULT_CALIB_DATA,
@@ -90,7 +89,6 @@ def calibration_tokens(model: torch.nn.Module, options: dict[str, Any]) -> torch
         if tokens.dim() != 2 or tokens.shape[1] < 2:
             raise CimError(f"calib_tokens must be a [samples, seq_len] tensor (got {tuple(tokens.shape)})")
         return tokens
-    from cimconvert.data import load_text
 
     data = str(options.get("calib_data", DEFAULT_CALIB_DATA))
     samples = int(options.get("calib_samples", DEFAULT_CALIB_SAMPLES))

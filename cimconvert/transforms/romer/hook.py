@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from cimconvert.methods.romer.routing import RoutingRule, route
+from cimconvert.transforms.romer.routing import RoutingRule, route
 
 Calibration = Literal["none", "affine", "token_norm"]
 Split = Literal["mean", "alternate"]

@@ -1,44 +1,20 @@
 """Training text and batches for fine-tuning.
 
-Besides every name of :func:`cimconvert.data.load_text` and any text file, ``gutenberg-train`` is the
-demo models' own training split: the first 90 % of each shared Gutenberg book (header/footer stripped,
-cut moved to the next paragraph boundary), exactly as ``examples/train_tiny.py`` builds it, so
-fine-tuning never sees the ``heldout`` / ``calib`` text cut from the remaining tail.
+Besides every name of :func:`cimconvert.datasets.load_text` and any text file, ``gutenberg-train`` is the
+demo models' own training split (:func:`cimconvert.gutenberg.split_book`, the split
+``examples/train_tiny.py`` trains on), so fine-tuning never sees the ``heldout`` / ``calib`` text cut from
+each book's held-out tail.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 
-from cimconvert.data import load_text, shared_data_dir
+from cimconvert.datasets import load_text
 from cimconvert.errors import CimError
-
-GUTENBERG_TRAIN = "gutenberg-train"
-TRAIN_FRACTION = 0.9
-
-
-def _strip_gutenberg(text: str) -> str:
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    start = re.search(r"^\*\*\* ?START OF.*$", text, flags=re.MULTILINE)
-    end = re.search(r"^\*\*\* ?END OF.*$", text, flags=re.MULTILINE)
-    return text[start.end() if start else 0 : end.start() if end else len(text)].strip() + "\n"
-
-
-def gutenberg_train_text() -> str:
-    """The first 90 % (to a paragraph boundary) of every shared Gutenberg book, in file-name order."""
-    root = shared_data_dir()
-    files = sorted((root / "corpora" / "gutenberg").glob("*.txt")) if root else []
-    if not files:
-        raise CimError(f"dataset '{GUTENBERG_TRAIN}' needs the shared data folder (CIMCONVERT_SHARED_DATA)")
-    parts = []
-    for file in files:
-        body = _strip_gutenberg(file.read_text(encoding="utf-8"))
-        cut = body.find("\n\n", int(len(body) * TRAIN_FRACTION))
-        parts.append(body[: len(body) if cut < 0 else cut + 2])
-    return "".join(parts)
+from cimconvert.gutenberg import GUTENBERG_TRAIN, gutenberg_train_text
 
 
 def training_text(spec: str) -> str:

@@ -11,7 +11,7 @@ import torch
 
 from cimconvert.errors import CimError
 
-#: Shipped with the package (cimconvert/data/): held-out slices of the demo models' corpus.
+#: Shipped with the package (cimconvert/shipped_texts/): held-out slices of the demo models' corpus.
 SHIPPED = {
     "heldout": "heldout.txt",
     "calib": "calib.txt",
@@ -38,7 +38,7 @@ def shared_data_dir() -> Path | None:
 def resolve_dataset(spec: str) -> Path:
     """Map a dataset name or a text-file path to a readable file path."""
     if spec in SHIPPED:
-        return Path(str(resources.files("cimconvert") / "data" / SHIPPED[spec]))
+        return Path(str(resources.files("cimconvert") / "shipped_texts" / SHIPPED[spec]))
     if spec in SHARED:
         root = shared_data_dir()
         if root is None:
@@ -94,3 +94,11 @@ def token_ids(tokenizer: Any, text: str, max_tokens: int | None = None) -> torch
         if len(ids) >= max_tokens or chars >= len(text):
             return torch.tensor(ids[:max_tokens], dtype=torch.long)
         chars *= 2
+
+
+def tokenize(tokenizer: Any, text: str, max_tokens: int) -> torch.Tensor:
+    """Token ids of ``text`` (truncated to ``max_tokens``) as a 1-D LongTensor; too short is an error."""
+    ids = token_ids(tokenizer, text, max_tokens)
+    if ids.numel() < 16:
+        raise CimError(f"dataset too short: {ids.numel()} tokens (need at least 16)")
+    return ids

@@ -1,4 +1,4 @@
-"""Manifest transform entries of ROMER and the loaders that re-apply them on ``load_bundle``.
+"""ROMER's manifest transform entries and the loaders that re-apply them on ``load_bundle``.
 
 Two entry types, each self-contained (JSON params only):
 
@@ -13,46 +13,18 @@ Two entry types, each self-contained (JSON params only):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from cimconvert.arch import get_adapter
 from cimconvert.errors import BundleError
-from cimconvert.methods.romer import replacement
-from cimconvert.methods.romer.hook import LayerRouting, install_hook
-
-if TYPE_CHECKING:
-    from cimconvert.methods.romer.core import MoeRouting, RomerPlan
+from cimconvert.transforms.romer import replacement
+from cimconvert.transforms.romer.hook import LayerRouting, install_hook
+from cimconvert.transforms.romer.moe import MoeRouting, moe_routers
 
 REPLACEMENT_TYPE = "romer_replacement"
 ROUTING_TYPE = "romer_routing"
-
-
-def plan_transforms(plan: RomerPlan, moe: MoeRouting, adapter: Any) -> list[dict[str, Any]]:
-    """The manifest ``transforms`` entries describing ``plan`` (empty parts are omitted)."""
-    entries: list[dict[str, Any]] = []
-    copies = [{"layer": i, "pairs": pairs} for i, pairs in sorted(plan.pairs.items()) if pairs]
-    if copies:
-        targets = [
-            f"{moe.layer(c['layer']).path}.{adapter.experts}.{name}"
-            for c in copies
-            for name in (adapter.fused_gate_up, adapter.fused_down)
-        ]
-        entries.append({
-            "id": "romer-replacement", "type": REPLACEMENT_TYPE,
-            "params": {"mode": plan.replacement, "layers": copies}, "targets": targets,
-        })  # fmt: skip
-    routing = [spec for _, spec in sorted(plan.routing.items()) if not spec.is_identity]
-    if routing:
-        entries.append({
-            "id": "romer-routing", "type": ROUTING_TYPE,
-            "params": {
-                "layers": [spec.to_dict() for spec in routing],
-                "rules": {str(s.layer): moe.rules[s.layer].to_dict() for s in routing},
-            },
-            "targets": [f"{moe.layer(s.layer).path}.{adapter.router}.weight" for s in routing],
-        })  # fmt: skip
-    return entries
 
 
 def _params(entry: Any) -> dict[str, Any]:
@@ -60,9 +32,6 @@ def _params(entry: Any) -> dict[str, Any]:
 
 
 def _moe(model: torch.nn.Module) -> MoeRouting:
-    from cimconvert.arch import get_adapter
-    from cimconvert.methods.romer.core import moe_routers
-
     return moe_routers(model, get_adapter(model.config.model_type))
 
 
@@ -89,11 +58,3 @@ def load_routing(model: torch.nn.Module, entry: Any, bundle_dir: Path | None = N
                 f"{ROUTING_TYPE}: layer {spec.layer} has {moe.num_experts} experts, not {spec.num_experts}"
             )
         install_hook(_layer(moe, spec.layer, ROUTING_TYPE).router, spec, moe.rules[spec.layer])
-
-
-def register_loaders() -> None:
-    """Register both loaders in ``cimconvert.bundle.reader.TRANSFORM_LOADERS``."""
-    from cimconvert.bundle.reader import TRANSFORM_LOADERS
-
-    TRANSFORM_LOADERS[REPLACEMENT_TYPE] = load_replacement
-    TRANSFORM_LOADERS[ROUTING_TYPE] = load_routing

@@ -1,0 +1,47 @@
+"""A model ready for evaluation: a source checkpoint or a bundle with its tokenizer and analog targets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from cimconvert.bundle.reader import (
+    is_bundle,
+    load_bundle,
+    manifest_overrides,
+    manifest_profile,
+    read_manifest,
+)
+from cimconvert.checkpoint import check_weights_finite, resolve_model
+from cimconvert.errors import CimError
+from cimconvert.placement import plan_model
+from cimconvert.profiles import ChipProfile, load_profile
+
+
+def load_for_eval(
+    model: str, profile: str | None, trust_remote_code: bool = False
+) -> tuple[torch.nn.Module, Any, list[Any], ChipProfile]:
+    """(model, tokenizer, analog targets, profile) for a source checkpoint or a bundle."""
+    if is_bundle(model):
+        manifest = read_manifest(Path(model))
+        chip = load_profile(profile) if profile else manifest_profile(manifest)
+        overrides = manifest_overrides(manifest)  # every manifest field is checked before loading
+        net = check_weights_finite(load_bundle(Path(model)))
+        targets = plan_model(net, chip, **overrides).analog()
+        folder = Path(model)
+    else:
+        if not profile:
+            raise CimError("--profile is required unless MODEL is a bundle")
+        chip = load_profile(profile)
+        source = resolve_model(model, trust_remote_code=trust_remote_code)
+        net = check_weights_finite(source.load_model(dtype=torch.float32))
+        targets = plan_model(net, chip).analog()
+        folder = source.dir
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise CimError(f"no usable tokenizer in {folder}: {str(exc).splitlines()[0]}") from None
+    return net, tokenizer, targets, chip
