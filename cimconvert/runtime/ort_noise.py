@@ -66,7 +66,7 @@ def analog_tensors(model: ModelProto) -> list[AnalogTensor]:
 
 
 def programmed(clean: np.ndarray, layout: str, profile: ChipProfile, seed: int, name: str) -> np.ndarray:
-    """The torch simulator's programmed copy of one clean weight for ``seed`` (apply_chip_noise's generator)."""
+    """The torch simulator's programmed copy of one clean weight for ``seed`` (same generator as torch)."""
     w = torch.from_numpy(clean)
     noisy = program_weight(w, profile, tensor_generator(seed, name, w.device), layout)  # type: ignore[arg-type]
     return noisy.numpy()
@@ -148,7 +148,7 @@ class OrtNoiseRunner:
         return next(t.layout for t in self.tensors if t.name == name)
 
     def _clean_scales(self, name: str) -> torch.Tensor:
-        """Digital scales of the clean weight under ``self.profile`` (fixed at mapping, as in the simulator kernel)."""
+        """Digital scales of the clean weight under ``self.profile`` (fixed at mapping, as in torch)."""
         return clean_scales(torch.from_numpy(self.clean_weight(name)), self._layout(name), self.profile)
 
     def _write(self, name: str, weight: np.ndarray) -> None:
