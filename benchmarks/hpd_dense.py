@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
+from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.arch import get_adapter, load_pretrained
 from cimconvert.datasets import load_text, tokenize
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.methods.hpd import apply_hpd, hpd_placement
-from cimconvert.noise import apply_chip_noise
 from cimconvert.profiles import load_profile
 
 REPO = Path(__file__).resolve().parent.parent

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.arch import get_adapter, load_pretrained
 from cimconvert.datasets import load_text, tokenize
 from cimconvert.evaluation.perplexity import perplexity
@@ -33,7 +34,6 @@ from cimconvert.evaluation.piqa import load_piqa, prepare_piqa, score_piqa
 from cimconvert.methods.hpd import apply_hpd, hpd_placement
 from cimconvert.methods.hpd.split import FACTORS, HpdLinear
 from cimconvert.methods.hpd.stats import activation_stats, capture_inputs, row_dynamic_range, spectrum_stats
-from cimconvert.noise import apply_chip_noise
 from cimconvert.profiles import load_profile
 
 REPO = Path(__file__).resolve().parent.parent

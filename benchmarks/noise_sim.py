@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cimconvert.noise import NoiseHandle, apply_chip_noise
+from cimconvert.analog.chip_noise import NoiseHandle, apply_chip_noise
 from cimconvert.profiles import load_profile
 from cimconvert.profiles.schema import ChipProfile
 

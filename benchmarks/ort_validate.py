@@ -9,7 +9,7 @@ after, the model being patched). Columns (ms):
 * ``ort_w``: forward with programmed weights bound through IO binding (no per-MVM effects);
 * ``ort_mvm``: forward with the per-MVM bodies (DAC/ADC/out_noise, chipA) on prepared weights bound
   through IO binding;
-* ``torch_mvm``: torch forward with noise.py's per-MVM hooks;
+* ``torch_mvm``: torch forward with apply_chip_noise's per-MVM simulation;
 * ``program``: programming all analog tensors once (the torch simulator; same for torch and ORT);
   ``program_mvm``: the same plus ``prepare_mvm`` and binding for the per-MVM bodies (once per draw).
 
@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.checkpoint import resolve_model
-from cimconvert.noise import apply_chip_noise
 from cimconvert.onnx.export import build_onnx
 from cimconvert.placement import plan_model
 from cimconvert.profiles import load_profile

@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.arch import get_adapter, load_pretrained
 from cimconvert.datasets import load_text, tokenize
-from cimconvert.evaluation.noisy import noisy_perplexities
+from cimconvert.evaluation.monte_carlo import noisy_perplexities
 from cimconvert.evaluation.perplexity import perplexity
-from cimconvert.noise import apply_chip_noise
 from cimconvert.placement import plan_model
 from cimconvert.profiles import ChipProfile, load_profile
 

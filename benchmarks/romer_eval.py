@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.arch import get_adapter
 from cimconvert.checkpoint import resolve_model
 from cimconvert.datasets import load_text, tokenize
@@ -42,7 +43,6 @@ from cimconvert.methods.romer import (
     install,
     moe_routers,
 )
-from cimconvert.noise import apply_chip_noise
 from cimconvert.placement import plan_model
 from cimconvert.profiles import load_profile
 

@@ -233,7 +233,7 @@ def train_interleaved(trainers: dict[str, Any], steps: int) -> dict[str, list[fl
 
 def evaluate(model: torch.nn.Module, tokens: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
     """Clean and noisy held-out perplexity (seeds 1000.., never used in training)."""
-    from cimconvert.evaluation.noisy import evaluate_model
+    from cimconvert.evaluation.monte_carlo import evaluate_model
     from cimconvert.placement import plan_model
     from cimconvert.profiles import load_profile
 

@@ -29,7 +29,7 @@ from cimconvert.checkpoint import DTYPES, check_weights_finite, resolve_model
 from cimconvert.datasets import load_text, tokenize
 from cimconvert.errors import BundleError, CimError, failure_detail
 from cimconvert.evaluation.loading import load_for_eval
-from cimconvert.evaluation.noisy import evaluate_model
+from cimconvert.evaluation.monte_carlo import evaluate_model
 from cimconvert.methods import METHODS, option_values, resolve_method
 from cimconvert.onnx.export import export_bundle_onnx
 from cimconvert.placement import plan_tensors, replan_tensors

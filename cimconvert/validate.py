@@ -2,7 +2,7 @@
 
 For the same windows of the same tokens it reports, from onnxruntime and from the torch simulator:
 clean perplexity and perplexity over ``seeds`` noise draws (seed, seed+1, ...). Programmed weights
-reach onnxruntime through IO binding (:class:`~cimconvert.runtime.noise.OrtNoiseRunner`) and are
+reach onnxruntime through IO binding (:class:`~cimconvert.runtime.ort_noise.OrtNoiseRunner`) and are
 checked bit-identical to the torch model's for every draw; per-MVM effects run in-graph (standard-op
 per-MVM bodies on weights prepared once per draw by ``simulator.prepare_mvm``).
 
@@ -37,13 +37,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.bundle.reader import load_bundle, manifest_profile, placement_from_manifest, read_manifest
 from cimconvert.checkpoint import sha256_file
 from cimconvert.datasets import load_text, tokenize
 from cimconvert.errors import BundleError, CimError
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.evaluation.stats import paired_log_ratio_test
-from cimconvert.noise import apply_chip_noise
 from cimconvert.onnx import analog_op
 from cimconvert.placement import model_placement
 from cimconvert.plausibility import fail_implausible

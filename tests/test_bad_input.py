@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from cimconvert import api
 from cimconvert.errors import CimError
-from cimconvert.evaluation.noisy import NoisyEvalResult
+from cimconvert.evaluation.monte_carlo import NoisyEvalResult
 from cimconvert.finite import dumps, nulls_for_non_finite
 from cimconvert.plausibility import fail_implausible, plausibility_problems
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from tiny_models import VOCAB, build_tiny, save_tiny
 
+from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.arch import get_adapter, load_pretrained
 from cimconvert.cli import main
 from cimconvert.errors import CimError
@@ -22,7 +23,6 @@ from cimconvert.methods.hpd import (
     hpd_placement,
     load_hpd_split,
 )
-from cimconvert.noise import apply_chip_noise
 from cimconvert.profiles import load_profile
 
 SSM_TYPES = ("mamba", "mamba2", "falcon_mamba")

@@ -17,8 +17,8 @@ from transformers import (
     OlmoeForCausalLM,
 )
 
+from cimconvert.analog.chip_noise import EXPERTS_IMPLEMENTATION, apply_chip_noise
 from cimconvert.errors import ModelInputError
-from cimconvert.noise import EXPERTS_IMPLEMENTATION, apply_chip_noise
 from cimconvert.profiles import load_profile
 from cimconvert.profiles.schema import ChipProfile
 from cimconvert.simulator.rng import stable_seed

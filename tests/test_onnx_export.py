@@ -12,7 +12,7 @@ import torch
 from tiny_models import VOCAB, build_tiny
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as ds
 
-from cimconvert.noise import apply_chip_noise
+from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.onnx import analog_op, rope
 from cimconvert.onnx.analog_op import AnalogSpec
 from cimconvert.onnx.export import _Patches, build_onnx, clean_scales, save_onnx
@@ -20,7 +20,7 @@ from cimconvert.onnx.metadata import read_metadata
 from cimconvert.placement import plan_model
 from cimconvert.profiles import load_profile
 from cimconvert.runtime import OrtNoiseRunner, analog_tensors, make_session
-from cimconvert.runtime.noise import AnalogTensor, bound_equal
+from cimconvert.runtime.ort_noise import AnalogTensor, bound_equal
 from cimconvert.simulator import analog_matmul, prepare_mvm
 
 ATOL = 1e-4
@@ -168,7 +168,7 @@ def test_external_data_is_one_page_aligned_file(chip, tmp_path):
 
 @pytest.mark.parametrize("model_type", ["olmoe", "mamba"])
 def test_programmed_weights_bit_identical_and_logits_agree(model_type, chip):
-    """IO-bound programmed weights equal noise.py's for the same seed; weight-noise logits agree."""
+    """IO-bound programmed weights equal apply_chip_noise's for the same seed; weight-noise logits agree."""
     model, _, proto, _, _ = _export(model_type, chip)
     tensors = analog_tensors(proto)
     runner = OrtNoiseRunner(proto, chip, tensors, mvm=False)
@@ -179,13 +179,9 @@ def test_programmed_weights_bit_identical_and_logits_agree(model_type, chip):
         handle = apply_chip_noise(model, tensors, chip, seed)
         try:
             assert bound_equal(bound, dict(model.named_parameters()))
-            for hook in handle._hooks:  # weight noise only: drop the per-MVM simulation
-                hook.remove()
-            for config, previous in handle._configs:
-                config._experts_implementation_internal = previous
+            handle.drop_mvm()  # weight noise only: drop the per-MVM simulation
             diff = np.abs(ort_out - _torch_logits(model, ids)).max()
         finally:
-            handle._hooks.clear()
             handle.restore()
         assert diff <= ATOL
     runner.clean()

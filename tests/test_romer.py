@@ -10,6 +10,7 @@ import torch
 from tiny_models import TINY_CONFIGS, build_tiny
 from transformers import AutoTokenizer
 
+from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.arch import get_adapter, supported_types
 from cimconvert.arch.loading import build_model, load_config
 from cimconvert.bundle.manifest import TransformEntry
@@ -31,7 +32,6 @@ from cimconvert.methods.romer import (
     save_router_logits,
 )
 from cimconvert.methods.romer.calibrate import column_percentiles, fit_affine
-from cimconvert.noise import apply_chip_noise
 from cimconvert.placement import plan_model
 from cimconvert.profiles import load_profile
 from cimconvert.transforms import TRANSFORM_LOADERS

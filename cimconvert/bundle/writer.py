@@ -60,7 +60,7 @@ from cimconvert.checkpoint import (
 )
 from cimconvert.errors import BundleError, CimError, ModelInputError, failure_detail
 from cimconvert.profiles import ChipProfile
-from cimconvert.simulator.mapping import weight_scales
+from cimconvert.simulator.program import clean_scales
 from cimconvert.simulator.tiles import tile_grid
 
 DEFAULT_MAX_SHARD_SIZE = 2 * 1000**3
@@ -228,11 +228,7 @@ class _ShardWriter:
 
 def analog_scales(meta: TensorMeta, raw: torch.Tensor, layout: str, profile: ChipProfile) -> torch.Tensor:
     """Abs-max mapping scales ``[..., out, n_in_tiles]`` (float32) of an analog tensor."""
-    weight = as_tensor(meta, raw)
-    if layout == "in_out":
-        weight = weight.t()
-    weight = weight.to(torch.float32)
-    return weight_scales(weight, profile.mapping, tile_grid(tuple(weight.shape), profile.mapping))
+    return clean_scales(as_tensor(meta, raw), layout, profile)  # type: ignore[arg-type]
 
 
 def _stream(

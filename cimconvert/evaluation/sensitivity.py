@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from cimconvert.arch import get_adapter
 from cimconvert.errors import CimError
-from cimconvert.evaluation.noisy import noisy_perplexities
+from cimconvert.evaluation.monte_carlo import noisy_perplexities
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.profiles import ChipProfile
 from cimconvert.transforms.hpd_split import splittable

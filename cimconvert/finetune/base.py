@@ -85,11 +85,6 @@ def generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def to_out_in(w: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """Differentiable view of a 2-D/3-D weight as ``[..., out, in]`` (Conv1D ``in_out`` transposed)."""
-    return w.transpose(-1, -2) if layout == "in_out" else w
-
-
 def named_parameters(model: nn.Module, targets: Sequence[Target]) -> dict[str, nn.Parameter]:
     """The parameters named by ``targets`` (CimError for an unknown name)."""
     params = dict(model.named_parameters())

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from cimconvert.errors import CimError
-from cimconvert.finetune.base import Target, generator, iter_targets, named_parameters, step_seed, to_out_in
+from cimconvert.finetune.base import Target, generator, iter_targets, named_parameters, step_seed
 from cimconvert.profiles import ChipProfile
 from cimconvert.simulator import program_weight, tile_grid, weight_scales
-from cimconvert.simulator.program import Layout, program_block
+from cimconvert.simulator.program import Layout, out_in_view, program_block
 from cimconvert.simulator.rng import stable_seed
 
 NatKind = Literal["gaussian", "chip"]
@@ -53,7 +53,7 @@ def matched_sigma(model: nn.Module, targets: Sequence[Target], profile: ChipProf
     for target, param in iter_targets(targets, params):
         w = param.detach()
         h = program_weight(w, profile, generator(stable_seed(base, target.name)), target.layout)
-        w3, h3 = to_out_in(w, target.layout).float(), to_out_in(h, target.layout).float()
+        w3, h3 = out_in_view(w, target.layout).float(), out_in_view(h, target.layout).float()
         rel = (h3 - w3) / row_absmax(w3)
         total += float(rel.pow(2).sum())
         count += rel.numel()
@@ -62,20 +62,20 @@ def matched_sigma(model: nn.Module, targets: Sequence[Target], profile: ChipProf
 
 def gaussian_weight(w: torch.Tensor, layout: Layout, sigma: float, gen: torch.Generator) -> torch.Tensor:
     """``W + σ·max|W_row|·ε`` inside autograd (same shape and layout as ``w``)."""
-    w3 = to_out_in(w, layout)
+    w3 = out_in_view(w, layout)
     eps = torch.randn(w3.shape, generator=gen, dtype=w3.dtype)
     noisy = w3 + sigma * row_absmax(w3) * eps
-    return to_out_in(noisy, layout)
+    return out_in_view(noisy, layout)
 
 
 def chip_weight(w: torch.Tensor, layout: Layout, profile: ChipProfile, gen: torch.Generator) -> torch.Tensor:
     """The simulator's weight-level chain inside autograd (differentiable ``program_weight``)."""
-    w3 = to_out_in(w, layout).float()
+    w3 = out_in_view(w, layout).float()
     w3 = w3 if w3.dim() == 3 else w3.unsqueeze(0)
     grid = tile_grid(w3.shape, profile.mapping)
     out = program_block(w3, weight_scales(w3, profile.mapping, grid), grid, profile, gen)
     out = out if w.dim() == 3 else out.squeeze(0)
-    return to_out_in(out, layout).to(w.dtype)
+    return out_in_view(out, layout).to(w.dtype)
 
 
 class NatNoise:

@@ -5,10 +5,11 @@ names weight initializers after the parameters, and turns :func:`analog_op.analo
 ``ai.cimconvert.AnalogMatMul`` node per analog matmul. What makes each family export with dynamic batch
 and sequence axes and routing-independent graphs (see the project's design notes, TOOLCHAIN.md):
 
-* analog ``nn.Linear`` / GPT-2 ``Conv1D``: the module's forward is swapped for the marker op (+ bias);
-* fused experts: an experts implementation that loops over *all* experts (a static loop) and selects
-  each expert's tokens with ``NonZero`` → ``Gather`` → matmuls → ``ScatterND`` add, so dispatch stays
-  sparse and nothing depends on which experts the trace input happened to hit;
+* analog matmuls go through the one analog-execution layer (:class:`cimconvert.analog.AnalogPatch`)
+  with :class:`ExportKernel`, which emits the marker op: ``nn.Linear`` / GPT-2 ``Conv1D`` forwards
+  become the marker (+ bias); fused experts run the ``static`` dispatch — a loop over *all* experts
+  that selects each expert's tokens with ``NonZero`` → ``Gather`` → matmuls → ``ScatterND`` add, so
+  dispatch stays sparse and nothing depends on which experts the trace input happened to hit;
 * complex-number rotary embeddings (DeepSeek-V2's ``polar``/``view_as_complex``):
   :mod:`cimconvert.onnx.rope` swaps in the same math on real cos/sin tensors;
 * Mamba / FalconMamba / Mamba2 mixers: :mod:`cimconvert.onnx.ssm` replaces the Python time loop by a
@@ -37,6 +38,8 @@ from onnx import ModelProto
 from torch import nn
 
 from cimconvert import __version__
+from cimconvert.analog.patch import AnalogPatch
+from cimconvert.analog.routes import owner_of, route_of
 from cimconvert.arch import get_adapter
 from cimconvert.bundle.manifest import Manifest
 from cimconvert.bundle.reader import manifest_profile, placement_from_manifest
@@ -46,8 +49,7 @@ from cimconvert.onnx.analog_op import SCALES_SUFFIX, AnalogSpec
 from cimconvert.onnx.metadata import build_metadata, set_metadata
 from cimconvert.placement import model_placement
 from cimconvert.profiles.schema import ChipProfile
-from cimconvert.simulator import tile_grid, weight_scales
-from cimconvert.simulator.program import to_out_in
+from cimconvert.simulator.program import clean_scales
 
 OPSET = 18
 ONNX_DIR = "onnx"
@@ -57,7 +59,6 @@ DATA_FILE = "model.onnx_data"
 TENSOR_THRESHOLD = 1024
 EXTERNAL_THRESHOLD = 256 << 20
 PAGE = 4096
-EXPERTS_IMPLEMENTATION = "cimconvert_onnx"
 SCALES_BUFFER = "weight" + SCALES_SUFFIX
 
 
@@ -132,71 +133,26 @@ def analog_specs(
     return specs
 
 
-def clean_scales(w: torch.Tensor, layout: str, profile: ChipProfile) -> torch.Tensor:
-    """Digital output scales ``[..., out, n_in]`` of a clean weight (as noise.py fixes them)."""
-    w3 = to_out_in(w.detach(), layout)  # type: ignore[arg-type]
-    scales = weight_scales(w3, profile.mapping, tile_grid(w3.shape, profile.mapping))
-    return scales if w.dim() == 3 else scales[0]
-
-
 # ----------------------------------------------------------------------------------------------
 # Export-time patches
 # ----------------------------------------------------------------------------------------------
 
-#: experts module → {param name: [spec per expert]} while an export runs.
-_EXPERT_SPECS: dict[int, dict[str, list[AnalogSpec]]] = {}
 
+@dataclass
+class ExportKernel:
+    """Analog kernel of the exporter: one ``AnalogMatMul`` marker per matmul (scales as a buffer)."""
 
-def _expert_matmul(module: nn.Module, pname: str, expert: int, x: torch.Tensor) -> torch.Tensor:
-    """One expert's projection: AnalogMatMul when the tensor is analog, a plain matmul otherwise."""
-    specs = _EXPERT_SPECS.get(id(module), {}).get(pname)
-    weight = getattr(module, pname)
-    if specs is not None:
-        scales = getattr(module, pname + SCALES_SUFFIX)
-        y = analog_op.analog_linear(x, weight, scales, specs[expert])
-    elif getattr(module, "is_transposed", False):
-        y = x @ weight[expert]
-    else:
-        y = nn.functional.linear(x, weight[expert])
-    if getattr(module, "has_bias", False):
-        y = y + getattr(module, f"{pname}_bias")[expert]
-    return y
+    specs: dict[str, list[AnalogSpec]]
 
+    def linear(self, name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """AnalogMatMul of a Linear/Conv1D weight (its clean scales in the ``weight_scales`` buffer)."""
+        return analog_op.analog_linear(x, module.weight, getattr(module, SCALES_BUFFER), self.specs[name][0])
 
-def onnx_experts_forward(
-    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
-) -> torch.Tensor:
-    """Experts implementation for export: static loop over all experts, sparse token selection.
-
-    Each expert gathers the tokens routed to it (``NonZero`` of ``top_k_index == e``), so the graph
-    holds every expert and is correct for any routing pattern and any number of tokens.
-    """
-    has_gate = getattr(self, "has_gate", True)
-    first = "gate_up_proj" if has_gate else "up_proj"
-    out = torch.zeros(hidden_states.shape, dtype=torch.float32, device=hidden_states.device)
-    for expert in range(int(self.num_experts)):
-        hit = top_k_index == expert
-        weight = (top_k_weights * hit.to(top_k_weights.dtype)).sum(-1)
-        tokens = torch.nonzero(hit.to(torch.int64).sum(-1) > 0).squeeze(-1)
-        h = _expert_matmul(self, first, expert, hidden_states.index_select(0, tokens))
-        h = self._apply_gate(h) if has_gate else self.act_fn(h)
-        h = _expert_matmul(self, "down_proj", expert, h)
-        if getattr(self, "has_post_expert_norm", False):
-            h = self.post_expert_norm(h)
-        contribution = (h * weight.index_select(0, tokens)[:, None]).float()
-        out = out.index_add(0, tokens, contribution)
-    return out.to(hidden_states.dtype)
-
-
-def _linear_forward(module: nn.Module, spec: AnalogSpec):
-    """A forward for an analog Linear/Conv1D that exports as AnalogMatMul (+ digital bias)."""
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        y = analog_op.analog_linear(x, module.weight, getattr(module, SCALES_BUFFER), spec)
-        bias = getattr(module, "bias", None)
-        return y if bias is None else y + bias
-
-    return forward
+    def expert(self, name: str, module: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """AnalogMatMul of one expert of a fused tensor (the node's spec names the expert)."""
+        attr = name.rpartition(".")[2]
+        weight, scales = getattr(module, attr), getattr(module, attr + SCALES_SUFFIX)
+        return analog_op.analog_linear(x, weight, scales, self.specs[name][expert])
 
 
 class _Patches:
@@ -233,37 +189,6 @@ class _Patches:
             self._undo.pop()()
 
 
-def _patch_linear(patches: _Patches, owner: nn.Module, spec: AnalogSpec, profile: ChipProfile) -> None:
-    patches.buffer(owner, SCALES_BUFFER, clean_scales(owner.weight, spec.layout, profile))
-    patches.setattr(owner, "forward", _linear_forward(owner, spec))
-
-
-def _patch_experts(
-    patches: _Patches, owner: nn.Module, attr: str, specs: list[AnalogSpec], profile: ChipProfile
-) -> None:
-    weight = getattr(owner, attr)
-    patches.buffer(owner, attr + SCALES_SUFFIX, clean_scales(weight, specs[0].layout, profile))
-    _EXPERT_SPECS.setdefault(id(owner), {})[attr] = specs
-    patches.call(lambda: _EXPERT_SPECS.pop(id(owner), None))
-
-
-def _switch_experts(patches: _Patches, model: nn.Module) -> None:
-    """Point every config that has fused experts at the sparse export implementation."""
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
-
-    ALL_EXPERTS_FUNCTIONS[EXPERTS_IMPLEMENTATION] = onnx_experts_forward
-    seen: set[int] = set()
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        fused = isinstance(getattr(module, "down_proj", None), nn.Parameter)
-        if config is None or id(config) in seen or not fused:
-            continue
-        seen.add(id(config))
-        previous = getattr(config, "_experts_implementation_internal", None)
-        config._experts_implementation_internal = EXPERTS_IMPLEMENTATION
-        patches.call(lambda c=config, p=previous: setattr(c, "_experts_implementation_internal", p))
-
-
 @contextlib.contextmanager
 def export_patches(
     model: nn.Module, specs: dict[str, list[AnalogSpec]], profile: ChipProfile
@@ -273,24 +198,21 @@ def export_patches(
     Yields the analog tensors that have no matmul module (weight read directly; exported as plain
     initializers so the runtime can still program them).
     """
-    from transformers.pytorch_utils import Conv1D
-
     patches = _Patches()
     weight_only: list[str] = []
-    adapter = get_adapter(model.config)
     try:
-        _switch_experts(patches, model)
+        analog = AnalogPatch(model, ExportKernel(specs), dispatch="static")
+        patches.call(analog.close)
+        analog.bind_all_experts()
         rope.patch_complex_rope(patches, model)
         for name, node_specs in specs.items():
-            path, _, attr = name.rpartition(".")
-            owner = model.get_submodule(path) if path else model
-            called = not adapter.is_weight_only(path)  # a weight read directly stays a plain initializer
-            if isinstance(owner, (nn.Linear, Conv1D)) and attr == "weight" and called:
-                _patch_linear(patches, owner, node_specs[0], profile)
-            elif node_specs[0].expert >= 0:
-                _patch_experts(patches, owner, attr, node_specs, profile)
-            else:
+            if route_of(model, name) == "weight":
                 weight_only.append(name)
+                continue
+            owner, _, attr = owner_of(model, name)
+            scales = clean_scales(getattr(owner, attr), node_specs[0].layout, profile)  # type: ignore[arg-type]
+            patches.buffer(owner, attr + SCALES_SUFFIX, scales)
+            analog.route(name)
         ssm.patch_mixers(patches, model, specs, profile)
         yield weight_only
     finally:
@@ -537,6 +459,7 @@ def export_bundle_onnx(
 
 
 __all__ = [
+    "ExportKernel",
     "ExportResult",
     "LogitsModel",
     "analog_specs",
@@ -544,6 +467,5 @@ __all__ = [
     "export_bundle_onnx",
     "export_model",
     "file_entry",
-    "onnx_experts_forward",
     "save_onnx",
 ]

@@ -30,16 +30,32 @@ Layout = Literal["out_in", "in_out"]
 BLOCK_ELEMENTS = 1 << 22
 
 
+def out_in_view(w: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """Differentiable view of a 2-D/3-D weight as ``[..., out, in]`` (``in_out``, e.g. Conv1D, transposed).
+
+    Same dims and dtype as ``w``; its own inverse (``out_in_view(out_in_view(w, l), l)`` is ``w``).
+    """
+    return w.transpose(-1, -2) if layout == "in_out" else w
+
+
 def to_out_in(w: torch.Tensor, layout: Layout) -> torch.Tensor:
     """View ``w`` (2-D or 3-D, given layout) as float32 ``[E, out, in]``."""
     if w.dim() not in (2, 3):
         raise ValueError(f"analog weights must be 2-D or 3-D, got shape {tuple(w.shape)}")
     if layout not in ("out_in", "in_out"):
         raise ValueError(f"unknown layout {layout!r} (expected 'out_in' or 'in_out')")
-    w3 = w if w.dim() == 3 else w.unsqueeze(0)
-    if layout == "in_out":
-        w3 = w3.transpose(-1, -2)
-    return w3.float()
+    return out_in_view(w if w.dim() == 3 else w.unsqueeze(0), layout).float()
+
+
+def clean_scales(w: torch.Tensor, layout: Layout, profile: ChipProfile) -> torch.Tensor:
+    """Digital output scales fixed at mapping time from the clean weight ``w`` (abs-max per tile).
+
+    Shape ``[E, out, n_in_tiles]`` for a 3-D expert stack, ``[out, n_in_tiles]`` for a 2-D weight
+    (float32). Every consumer (simulator hooks, STE, ONNX export, bundle writer) takes them from here.
+    """
+    w3 = to_out_in(w.detach(), layout)
+    scales = weight_scales(w3, profile.mapping, tile_grid(w3.shape, profile.mapping))
+    return scales if w.dim() == 3 else scales[0]
 
 
 def from_out_in(w3: torch.Tensor, like: torch.Tensor, layout: Layout) -> torch.Tensor:

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.errors import CimError
 from cimconvert.methods.romer import calibrate
 from cimconvert.methods.romer.stats import RouterStats, collect, load_router_logits
-from cimconvert.noise import apply_chip_noise
 from cimconvert.transforms.romer import replacement
 from cimconvert.transforms.romer.hook import LayerRouting, install_hook, remove_hook
 from cimconvert.transforms.romer.moe import MoeRouting

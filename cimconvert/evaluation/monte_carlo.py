@@ -10,9 +10,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.errors import CimError
 from cimconvert.evaluation.perplexity import perplexity
-from cimconvert.noise import apply_chip_noise
 from cimconvert.profiles import ChipProfile
 
 

@@ -3,15 +3,15 @@
 :class:`OrtNoiseRunner` owns one session whose weight inputs are bound once to numpy buffers
 (zero-copy ``OrtValue``); a draw (:meth:`OrtNoiseRunner.program`) overwrites the buffers in place, so
 no session is rebuilt. The weights are programmed by the *torch simulator*
-(``simulator.program_weight`` with ``noise.tensor_generator(seed, name)``, exactly as
-``noise.apply_chip_noise`` does), so they are bit-identical to the torch model's for the same seed.
+(``simulator.program_weight`` with ``simulator.rng.tensor_generator(seed, name)``, exactly as
+``analog.apply_chip_noise`` does), so they are bit-identical to the torch model's for the same seed.
 
 * Programmed weights only (``mvm=False``, or a profile without per-MVM effects): the analog
   initializers are overridable graph inputs fed with the programmed weights; the ideal body runs.
 * Per-MVM effects (DAC/ADC, out_noise, w_noise): each AnalogMatMul runs a per-MVM body
   (``analog_op.mvm_functions``) whose weight inputs are bound to the output of
   ``simulator.prepare_mvm(programmed, profile, layout, clean scales)`` — the same prepared weights
-  noise.py's hooks compute — refreshed once per draw, so a call does only DAC → matmul → noise → ADC.
+  the simulator kernel computes — refreshed once per draw, so a call does only DAC → matmul → noise → ADC.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import torch
 from onnx import ModelProto
 
 from cimconvert.onnx import analog_op
-from cimconvert.onnx.export import clean_scales
 from cimconvert.onnx.metadata import read_metadata
 from cimconvert.profiles.schema import ChipProfile
 from cimconvert.runtime.session import (
@@ -39,6 +38,7 @@ from cimconvert.runtime.session import (
     prepare_model,
 )
 from cimconvert.simulator import prepare_mvm, program_weight
+from cimconvert.simulator.program import clean_scales
 from cimconvert.simulator.rng import CounterClock, tensor_generator
 
 
@@ -66,7 +66,7 @@ def analog_tensors(model: ModelProto) -> list[AnalogTensor]:
 
 
 def programmed(clean: np.ndarray, layout: str, profile: ChipProfile, seed: int, name: str) -> np.ndarray:
-    """The torch simulator's programmed copy of one clean weight for ``seed`` (noise.py's generator)."""
+    """The torch simulator's programmed copy of one clean weight for ``seed`` (same generator as torch)."""
     w = torch.from_numpy(clean)
     noisy = program_weight(w, profile, tensor_generator(seed, name, w.device), layout)  # type: ignore[arg-type]
     return noisy.numpy()
@@ -148,7 +148,7 @@ class OrtNoiseRunner:
         return next(t.layout for t in self.tensors if t.name == name)
 
     def _clean_scales(self, name: str) -> torch.Tensor:
-        """Digital scales of the clean weight under ``self.profile`` (fixed at mapping, as in noise.py)."""
+        """Digital scales of the clean weight under ``self.profile`` (fixed at mapping, as in torch)."""
         return clean_scales(torch.from_numpy(self.clean_weight(name)), self._layout(name), self.profile)
 
     def _write(self, name: str, weight: np.ndarray) -> None:
