@@ -1,7 +1,7 @@
 """The routing rule an MoE adapter declares: how a router turns logits into top-k weights and indices.
 
 Pure data (no torch): :meth:`cimconvert.arch.base.ArchAdapter.routing_rule` builds one per router from
-the model's config and the router module, and :func:`cimconvert.methods.romer.routing.route` replays it
+the model's config and the router module, and :func:`cimconvert.transforms.romer.routing.route` replays it
 (with the same operations, in the same order and dtypes, as the stock router).
 """
 

@@ -12,8 +12,8 @@ and sequence axes and routing-independent graphs (see the project's design notes
   dispatch stays sparse and nothing depends on which experts the trace input happened to hit;
 * complex-number rotary embeddings (DeepSeek-V2's ``polar``/``view_as_complex``):
   :mod:`cimconvert.onnx.rope` swaps in the same math on real cos/sin tensors;
-* Mamba / FalconMamba / Mamba2 mixers: :mod:`cimconvert.onnx.ssm` replaces the Python time loop by a
-  chunked scan that exports with a dynamic sequence axis.
+* Mamba / FalconMamba / Mamba2 mixers: :mod:`cimconvert.onnx.ssm` replaces the Python time loop by one
+  ``SelectiveScan`` / ``SsdScan`` node (a local function) that exports with a dynamic sequence axis.
 
 :func:`export_model` writes ``model.onnx`` (+ ``model.onnx_data`` when large);
 :func:`export_bundle_onnx` does it for a converted bundle and returns the file entries.
