@@ -148,6 +148,25 @@ def test_scales_are_abs_max_per_channel_and_tile(olmoe) -> None:
     assert q_proj.tiles == 2 and q_proj.scales_shape == [32, 2]
 
 
+def test_scales_file_is_reproducible_and_keeps_its_metadata(olmoe) -> None:
+    _, _, out = olmoe
+    data = (out / "cim_scales.safetensors").read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    assert list(header) == sorted(header) and list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert header["__metadata__"]["format"] == "pt" and header["__metadata__"]["granularity"] == "channel"
+    with safe_open(str(out / "cim_scales.safetensors"), "pt") as handle:  # still a valid file
+        assert handle.metadata()["granularity"] == "channel"
+    # safetensors orders its metadata map arbitrarily: every order canonicalises to the same bytes
+    tensors = {"b": torch.ones(3), "a": torch.zeros(2, 2)}
+    meta = {f"key{i}": str(i) for i in range(12)}
+    variants = {
+        writer_mod.canonical_safetensors_header(writer_mod.safetensors_bytes(tensors, metadata=meta))
+        for _ in range(8)
+    }
+    assert len(variants) == 1
+
+
 def test_load_bundle_verify_and_report(olmoe) -> None:
     model, _, out = olmoe
     assert verify_bundle(out) == []

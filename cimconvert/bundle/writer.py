@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+from safetensors.torch import save as safetensors_bytes
 
 from cimconvert import __version__
 from cimconvert.bundle.integrity import LOCK_NAME, write_manifest_and_lock
@@ -397,15 +398,27 @@ def _write_index(folder: Path, entries: list[TensorEntry], total: int) -> None:
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def canonical_safetensors_header(data: bytes) -> bytes:
+    """safetensors bytes with the JSON header's keys sorted, so the same tensors give the same bytes.
+
+    safetensors writes its metadata map in arbitrary order; the sorted compact header has the same
+    length, so it replaces the original in place (padding kept, data offsets unchanged).
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    if len(header) > size:
+        return data
+    return data[:8] + header.ljust(size) + data[8 + size :]
+
+
 def _write_scales(folder: Path, scales: dict[str, torch.Tensor], profile: ChipProfile) -> str | None:
     if not scales:
         return None
-    from safetensors.torch import save_file
-
     meta = {"format": "pt", "granularity": profile.mapping.scale, "profile": profile.name}
     path = folder / SCALES_NAME
-    save_file({k: v.contiguous() for k, v in scales.items()}, str(path), metadata=meta)
-    path.chmod(0o644)  # safetensors writes it owner-only; match the other bundle files
+    data = safetensors_bytes({k: v.contiguous() for k, v in scales.items()}, metadata=meta)
+    path.write_bytes(canonical_safetensors_header(data))
+    path.chmod(0o644)  # match the other bundle files whatever the umask
     return SCALES_NAME
 
 
