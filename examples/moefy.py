@@ -41,7 +41,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -534,19 +534,7 @@ def main(argv: list[str] | None = None) -> int:
 
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    opts = MoefyOptions(
-        experts=a.experts,
-        top_k=a.top_k,
-        router=a.router,
-        seed=a.seed,
-        calib_data=a.calib_data,
-        calib_tokens=a.calib_tokens,
-        calib_seq_len=a.calib_seq_len,
-        kmeans_iters=a.kmeans_iters,
-        ridge=a.ridge,
-        logit_spread=a.logit_spread,
-        dtype=a.dtype,
-    )
+    opts = MoefyOptions(**{f.name: getattr(a, f.name) for f in fields(MoefyOptions)})
     t0 = time.time()
     log(f"loading {a.dense}")
     dense = load_dense(a.dense, opts.dtype)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import onnx
 
+from cimconvert.bundle.writer import canonical_safetensors_header
+
 REPO = Path(__file__).resolve().parent.parent
 MODELS = REPO / "examples" / "models"
 METHODS = ("auto", "none")
@@ -42,13 +44,6 @@ COST_LINE = re.compile(rb"cost_vs_one_noisy_pass: [0-9.]+")
 #: (the ONNX file and the scales file differ only by their timestamp and header order).
 VOLATILE_KEYS = {"created", "seconds", "cost_vs_one_noisy_pass", "sha256", "bytes"}
 SKIPPED = {"bundle.lock"}
-
-
-def canonical_safetensors(data: bytes) -> bytes:
-    """The file with its JSON header re-serialised with sorted keys (the writer's key order varies)."""
-    size = int.from_bytes(data[:8], "little")
-    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True).encode()
-    return header + data[8 + size :]
 
 
 def blank_volatile(value: object) -> object:
@@ -72,7 +67,7 @@ def file_digest(path: Path) -> str:
     """sha256 of ``path``: ISO timestamps and timings blanked, safetensors headers in canonical order."""
     data = path.read_bytes()
     if path.suffix == ".safetensors":
-        data = canonical_safetensors(data)
+        data = canonical_safetensors_header(data)  # bundles written before it was canonical
     if path.suffix == ".onnx":
         data = canonical_onnx(data)
     if path.suffix == ".json":
