@@ -3,9 +3,9 @@
 Converts each model under ``examples/models`` with ``--method auto`` and ``--method none`` for
 chipA, and writes one sha256 per bundle file. What may differ between two runs of the same code is
 neutralised first: ISO timestamps (the conversion time, in the manifest, REPORT.md and the ONNX
-metadata) are blanked, safetensors headers are hashed with sorted keys (safetensors writes its
-metadata map in arbitrary order), and ``bundle.lock`` (a digest of the manifest's exact bytes) is
-skipped. Durations (``seconds``, ROMER's ``cost_vs_one_noisy_pass``) and the manifest's digests
+metadata) are blanked, safetensors headers are hashed with sorted keys (the writer sorts them since
+bundles became reproducible; older bundles had safetensors' arbitrary metadata order), and
+``bundle.lock`` (a digest of the manifest's exact bytes) is skipped. Durations (``seconds``, ROMER's ``cost_vs_one_noisy_pass``) and the manifest's digests
 and byte counts (of files hashed here on their own) are blanked too; the ONNX file is hashed
 re-serialised with its metadata's path and time blanked; conversions run on one thread; and the
 checkout's own path (the manifest and the ONNX metadata record the source model's path) becomes
@@ -38,6 +38,7 @@ METHODS = ("auto", "none")
 PROFILE = "chipA"
 #: Lines carrying the conversion time, blanked in text files before hashing.
 TIME_PATTERN = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+TIME_BYTES = re.compile(TIME_PATTERN.pattern.encode())
 #: REPORT.md's line with ROMER's measured cost (a ratio of wall-clock times).
 COST_LINE = re.compile(rb"cost_vs_one_noisy_pass: [0-9.]+")
 #: JSON keys whose values are wall-clock measurements, or digests of files hashed on their own
@@ -73,7 +74,7 @@ def file_digest(path: Path) -> str:
     if path.suffix == ".json":
         data = json.dumps(blank_volatile(json.loads(data)), sort_keys=True).encode()
     data = data.replace(str(REPO).encode(), b"<repo>")
-    data = COST_LINE.sub(b"<cost>", re.sub(TIME_PATTERN.pattern.encode(), b"<time>", data))
+    data = COST_LINE.sub(b"<cost>", TIME_BYTES.sub(b"<time>", data))
     return hashlib.sha256(data).hexdigest()
 
 
