@@ -2,14 +2,17 @@
 
 Converts each model under ``examples/models`` with ``--method auto`` and ``--method none`` for
 chipA, and writes one sha256 per bundle file. What may differ between two runs of the same code is
-neutralised first: ISO timestamps (the conversion time, in the manifest, REPORT.md and the ONNX
-metadata) are blanked, safetensors headers are hashed with sorted keys (the writer sorts them since
-bundles became reproducible; older bundles had safetensors' arbitrary metadata order), and
-``bundle.lock`` (a digest of the manifest's exact bytes) is skipped. Durations (``seconds``, ROMER's ``cost_vs_one_noisy_pass``) and the manifest's digests
-and byte counts (of files hashed here on their own) are blanked too; the ONNX file is hashed
-re-serialised with its metadata's path and time blanked; conversions run on one thread; and the
-checkout's own path (the manifest and the ONNX metadata record the source model's path) becomes
-``<repo>``, so two worktrees compare.
+neutralised first:
+
+* ISO timestamps (the conversion time, in the manifest, REPORT.md and the ONNX metadata) are blanked;
+* safetensors headers are hashed with sorted keys (the writer sorts them since bundles became
+  reproducible; older bundles had safetensors' arbitrary metadata order);
+* ``bundle.lock`` (a digest of the manifest's exact bytes) is skipped;
+* durations (``seconds``, ROMER's ``cost_vs_one_noisy_pass``) and the manifest's digests and byte
+  counts (of files hashed here on their own) are blanked;
+* the ONNX file is hashed re-serialised with its metadata's path and time blanked;
+* the checkout's own path (the manifest and the ONNX metadata record the source model's path) becomes
+  ``<repo>``, so two worktrees compare; conversions run on one thread.
 
     .venv/bin/python scripts/bundle_digests.py -o before.json
     ... refactor ...
