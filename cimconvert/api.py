@@ -152,6 +152,13 @@ def _save_transformed(net: torch.nn.Module, source: Any, folder: Path, keep: Seq
     return resolve_model(str(folder), check_shapes=False)
 
 
+def _created(result: Any, planned: Any) -> list[str]:
+    """The tensors a method named that the source does not have (e.g. HPD's factors): only these stay
+    float32; a planned tensor a method merely keeps digital (the digital budget) keeps the source dtype."""
+    loaded = {name for info in planned for name in (info.name, info.memory_name)}
+    return [name for name in [*result.analog, *result.digital] if name not in loaded]
+
+
 def _onnx_exporter(net_factory: Any, progress: bool) -> Any:
     """A ``write_bundle`` finalize hook that exports ``onnx/model.onnx`` from ``net_factory()``."""
 
@@ -180,7 +187,7 @@ def _bundle_transformed(
     prefix = f"{tmp_path(out_dir, 'src').name}-"
     with tempfile.TemporaryDirectory(prefix=prefix, dir=out_dir.parent) as tmp:
         try:
-            transformed = _save_transformed(net, source, Path(tmp), keep=[*result.analog, *result.digital])
+            transformed = _save_transformed(net, source, Path(tmp), keep=_created(result, planned))
         except (OSError, SafetensorError) as exc:
             detail = failure_detail(exc)
             raise BundleError(f"writing the transformed model beside {out_dir} failed: {detail}") from None

@@ -128,6 +128,8 @@ def _method_line(res: dict) -> str:
             cost = (f" (digital overhead {report['digital_macs_per_token']:,} MACs/token, "
                     f"+{report['digital_extra_bytes'] / 1e3:.0f} kB digital)")
         return "applied " + ", ".join(res["transforms"]) + cost
+    if (res.get("method_report") or {}).get("summary"):  # a method that only places (digital budget)
+        return res["method_report"]["summary"]
     return "nothing to apply for this profile (measurements in manifest.json extra.method_report)"
 
 

@@ -461,9 +461,11 @@ def replan_tensors(
     """Place the tensors of a checkpoint that a method rewrote, keeping the conversion's ``placement``.
 
     A tensor that loads into a parameter ``placement`` already places (same in-memory name) keeps that
-    unit; only tensors the method created (e.g. HPD's factors) are decided, by the rules with
-    ``placement``'s overrides plus the method's ``analog``/``digital`` patterns, each of which must place
-    one of them. The result records both sets of patterns as its overrides.
+    unit, unless one of the method's ``digital`` patterns names it (a method may keep a planned analog
+    tensor digital, e.g. the digital budget; it never makes a planned digital tensor analog). Tensors the
+    method created (e.g. HPD's factors) are decided by the rules with ``placement``'s overrides plus the
+    method's ``analog``/``digital`` patterns. Each method pattern must place a tensor. The result records
+    both sets of patterns as its overrides.
     """
     drafts, tied = _tensor_drafts(shapes, adapter, "F32", tied_lm_head)
     user_analog, user_digital = _parse_patterns(placement.overrides["analog"], placement.overrides["digital"])
@@ -472,13 +474,26 @@ def replan_tensors(
     recorded = _recorded_units(placement)
 
     def decide(info: TensorInfo) -> tuple[Unit, str]:
-        return recorded(info) if recorded.covers(info) else rules(info)
+        if not recorded.covers(info):
+            return rules(info)
+        unit, reason = recorded(info)
+        kept = _method_keeps_digital(info, method_digital)
+        return ("digital", f"method keeps digital ({kept})") if kept and unit == "analog" else (unit, reason)
 
     infos = [_placed(draft, adapter, profile, decide) for draft in drafts]
     _check_patterns([*method_digital, *method_analog])
     overrides = {"analog": (*placement.overrides["analog"], *analog),
                  "digital": (*placement.overrides["digital"], *digital)}  # fmt: skip
     return Placement.of(infos, profile, overrides)
+
+
+def _method_keeps_digital(info: TensorInfo, patterns: Sequence[_Pattern]) -> str | None:
+    """The first of a method's ``digital`` patterns naming the planned tensor ``info`` (counted as a hit)."""
+    candidates = _candidates(info.name, info.memory_name, info.aliases)
+    hits = [p for p in patterns if p.match(candidates)]
+    for pattern in hits:
+        pattern.hits += 1
+    return hits[0].text if hits else None
 
 
 # ------------------------------------------------------------------ a placement read back
@@ -535,3 +550,28 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+# ------------------------------------------------------------------ analog cost
+def tensor_macs_per_token(info: TensorInfo, adapter: ArchAdapter, config: Any) -> float:
+    """Multiply-accumulates one token costs in tensor ``info`` (0 for a tensor that is not a matmul weight).
+
+    A matrix ``[out, in]`` (or Conv1D ``[in, out]``) costs out·in. A routed expert runs for top_k of the E
+    experts per token, so an ``expert`` tensor costs per-expert out·in × matrices × top_k / E: a fused
+    ``[E, out, in]`` tensor costs out·in × top_k, one per-expert on-disk key out·in × top_k / E.
+    """
+    matrix = info.matrix_shape
+    if matrix is None:
+        return 0.0
+    fused = info.layout == "out_in" and len(info.shape) == 3
+    matrices = info.shape[0] if fused else 1
+    macs = float(matrix[0] * matrix[1] * matrices)
+    if info.kind != "expert":
+        return macs
+    experts = matrices if fused else adapter.num_experts(config)
+    return macs * adapter.top_k(config) / experts
+
+
+def analog_macs_per_token(placement: Placement, adapter: ArchAdapter, config: Any) -> float:
+    """Analog multiply-accumulates per token of ``placement`` (see :func:`tensor_macs_per_token`)."""
+    return sum(tensor_macs_per_token(info, adapter, config) for info in placement.analog())

@@ -21,14 +21,27 @@ def _kind_rows(manifest: Manifest) -> list[str]:
     return lines
 
 
+def _table(title: str, rows: list[dict]) -> list[str]:
+    """A Markdown table of a report's list of flat rows (columns: the first row's keys)."""
+    if not rows:
+        return ["", f"{title}: none"]
+    columns = list(rows[0])
+    lines = ["", f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+
+
 def _method_rows(extra: dict) -> list[str]:
-    """The method and the scalar figures of its report (e.g. HPD's digital overhead per token)."""
+    """The method and the scalar figures of its report (e.g. HPD's digital overhead per token), plus a
+    table for each report key the method lists under ``tables`` (e.g. the digital budget's choice)."""
     method = extra.get("method")
     if not method or method == "none":
         return []
     report = extra.get("method_report") or {}
     scalars = {k: v for k, v in report.items() if isinstance(v, int | float | str) and k != "method"}
-    return ["", f"## Method: {method}", "", *[f"- {k}: {v}" for k, v in scalars.items()]]
+    lines = ["", f"## Method: {method}", "", *[f"- {k}: {v}" for k, v in scalars.items()]]
+    for key in report.get("tables") or []:
+        lines += _table(key, list(report.get(key) or []))
+    return lines
 
 
 def render_report(manifest: Manifest) -> str:

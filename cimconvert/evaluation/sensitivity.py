@@ -6,22 +6,27 @@ evaluated with chip noise programmed into that group only, over several seeds; t
 perplexity and its change against the clean model (mean ± std over seeds). An ``all`` row (noise in
 every analog tensor) is the reference.
 
-Used by the ``analyze`` command (:mod:`cimconvert.analysis`, which writes the scan to files) and by HPD's
-``--hpd-layers auto`` (a quick scan), so it sits below both.
+Used by the ``analyze`` command (:mod:`cimconvert.analysis`, which writes the scan to files) and by the
+methods that rank layers by it (HPD's ``--hpd-layers auto``, the digital budget): they read a written scan
+with :func:`read_scan` or run :func:`quick_layer_scan` on the shipped calibration text, so it sits below all.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from cimconvert.arch import get_adapter
+from cimconvert.datasets import load_text, tokenize
 from cimconvert.errors import CimError
 from cimconvert.evaluation.monte_carlo import noisy_perplexities
 from cimconvert.evaluation.perplexity import perplexity
@@ -113,3 +118,43 @@ def sensitivity_scan(
         "rows": rows,
         "seconds": time.perf_counter() - start,
     }
+
+
+# ------------------------------------------------------------------------- scans for the methods
+def read_scan(path: str | Path, flag: str) -> dict[str, Any]:
+    """A sensitivity-scan JSON written by ``cimconvert analyze`` (a folder means its ``sensitivity.json``).
+
+    ``flag`` names the option that gave ``path`` in the one-line errors (e.g. ``--hpd-scan``).
+    """
+    file = Path(path)
+    if file.is_dir():
+        file = file / "sensitivity.json"
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CimError(f"{flag}: file not found: {file}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CimError(f"{flag}: cannot read {file} ({exc.__class__.__name__})") from None
+
+
+def quick_layer_scan(
+    model: nn.Module,
+    targets: Sequence[Any],
+    profile: ChipProfile,
+    seeds: Sequence[int],
+    max_tokens: int,
+    missing: str,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """A layer scan of ``targets`` on the shipped calibration text ``calib`` (for a method given no scan).
+
+    Needs the model's tokenizer in ``model.config._name_or_path``; without one the CimError is ``missing``
+    (a one-line template with ``{folder}`` that says which option to pass instead).
+    """
+    folder = getattr(model.config, "_name_or_path", "")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError):
+        raise CimError(missing.format(folder=folder)) from None
+    tokens = tokenize(tokenizer, load_text("calib"), max_tokens)
+    return sensitivity_scan(model, tokens, targets, profile, seeds, "layer", progress=progress)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -50,19 +48,6 @@ def layers_from_scan(scan: dict[str, Any], top: int) -> list[str]:
         raise CimError("--hpd-layers auto: the sensitivity scan has no splittable layer rows")
     rows.sort(key=lambda r: r["delta_pct_mean"], reverse=True)
     return [r["name"] for r in rows[:top]]
-
-
-def read_scan(path: str | Path) -> dict[str, Any]:
-    """A sensitivity-scan JSON written by ``cimconvert analyze`` (one-line errors)."""
-    file = Path(path)
-    if file.is_dir():
-        file = file / "sensitivity.json"
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CimError(f"--hpd-scan: file not found: {file}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CimError(f"--hpd-scan: cannot read {file} ({exc.__class__.__name__})") from None
 
 
 def resolve_layers(

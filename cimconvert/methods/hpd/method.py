@@ -7,13 +7,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
-from transformers import AutoTokenizer
 
-from cimconvert.datasets import load_text, tokenize
 from cimconvert.errors import CimError
-from cimconvert.evaluation.sensitivity import FIRST_SEED, sensitivity_scan
+from cimconvert.evaluation.sensitivity import FIRST_SEED, quick_layer_scan, read_scan
 from cimconvert.methods.base import MethodOption, MethodResult, ProgressFn
-from cimconvert.methods.hpd.layers import check_layer, read_scan, resolve_layers
+from cimconvert.methods.hpd.layers import check_layer, resolve_layers
 from cimconvert.methods.hpd.split import FACTORS, build_split, weight_matrix
 from cimconvert.methods.hpd.stats import row_dynamic_range, spectrum_stats
 from cimconvert.placement import plan_model
@@ -182,7 +180,7 @@ def _scan_for(
 ) -> dict[str, Any]:
     """The scan for ``auto``: the given JSON, else a quick 2-seed scan on the calibration text."""
     if options.get("hpd_scan"):
-        return {**read_scan(options["hpd_scan"]), "source": str(options["hpd_scan"])}
+        return {**read_scan(options["hpd_scan"], "--hpd-scan"), "source": str(options["hpd_scan"])}
     return quick_scan(model, profile, seed=int(options.get("seed") or 0), progress=progress)
 
 
@@ -214,17 +212,10 @@ def quick_scan(
 
     Needs the model's tokenizer in ``model.config._name_or_path``.
     """
-    folder = getattr(model.config, "_name_or_path", "")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError):
-        raise CimError(
-            f"--hpd-layers auto: no tokenizer for a quick scan in '{folder}'; pass --hpd-scan"
-        ) from None
-    tokens = tokenize(tokenizer, load_text("calib"), max_tokens)
     targets = hpd_placement(model, profile).analog()
     seeds = [FIRST_SEED + seed, FIRST_SEED + seed + 1]
-    return sensitivity_scan(model, tokens, targets, profile, seeds, "layer", progress=progress)
+    missing = "--hpd-layers auto: no tokenizer for a quick scan in '{folder}'; pass --hpd-scan"
+    return quick_layer_scan(model, targets, profile, seeds, max_tokens, missing, progress=progress)
 
 
 def _names(pattern: str, module: str) -> bool:

@@ -1,0 +1,172 @@
+"""The digital budget as a method: keep the tensors a sensitivity scan ranks worst per cost digital.
+
+The method changes no weight. It reads the conversion's placement, values every analog tensor the scan
+names by the damage its noise alone does, costs it (analog MACs per token or weight count), and solves a
+0/1 knapsack for the largest damage removed within ``--digital-budget`` percent of the total analog cost.
+The chosen tensors go back to the pipeline as :attr:`MethodResult.digital` (exact tensor names), so the
+bundle keeps them digital; the report says what moved and why.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from cimconvert.errors import CimError
+from cimconvert.evaluation.sensitivity import FIRST_SEED, quick_layer_scan, read_scan
+from cimconvert.methods.base import MethodOption, MethodResult
+from cimconvert.methods.budget.knapsack import Item, fill_remaining, solve_knapsack
+from cimconvert.placement import Placement, TensorInfo, model_placement, plan_model, tensor_macs_per_token
+from cimconvert.profiles import ChipProfile
+
+NAME = "digital_budget"
+#: Cost kinds: what the budget is a percentage of.
+COSTS = {"macs": "analog MACs per token", "weights": "analog weights"}
+SCAN_KEYS = ("profile", "granularity", "seeds", "tokens", "clean_ppl", "source")
+VALUE = "log(PPL with noise in this tensor only / clean PPL), clipped at 0"
+
+
+# ------------------------------------------------------------------------------------- options
+def check_options(options: dict[str, Any]) -> tuple[float, str]:
+    """The budget (percent) and cost kind, checked (one-line CimErrors)."""
+    budget = float(options.get("digital_budget", 5.0))
+    if not 0.0 <= budget <= 100.0:  # NaN fails too
+        raise CimError(f"--digital-budget must be a percentage in 0..100 (got {budget:g})")
+    cost = str(options.get("budget_cost") or "macs")
+    if cost not in COSTS:
+        raise CimError(f"unknown --budget-cost '{cost}' (choose from {', '.join(COSTS)})")
+    for name in ("budget_scan_tokens", "budget_scan_seeds"):
+        if int(options.get(name) or 1) < 1:
+            raise CimError(f"--{name.replace('_', '-')} must be at least 1")
+    return budget, cost
+
+
+def cost_function(cost: str, adapter: Any, config: Any) -> Callable[[TensorInfo], float]:
+    """The cost of one analog tensor: MACs per token (experts: × top_k / E) or its weight count."""
+    if cost == "weights":
+        return lambda info: float(info.params)
+    return lambda info: tensor_macs_per_token(info, adapter, config)
+
+
+# ---------------------------------------------------------------------------------------- scan
+def scan_for(model: nn.Module, analog: Sequence[TensorInfo], profile: ChipProfile, options: dict[str, Any],
+             progress: bool) -> dict[str, Any]:  # fmt: skip
+    """The layer scan: ``budget_scan`` (a JSON of ``cimconvert analyze``), else a quick scan on ``calib``."""
+    path = options.get("budget_scan")
+    if path:
+        scan = {**read_scan(path, "--budget-scan"), "source": str(path)}
+        if scan.get("granularity") != "layer":
+            raise CimError(
+                f"--budget-scan: {path} is a {scan.get('granularity')}-granularity scan; the digital budget "
+                "needs one value per tensor (cimconvert analyze --granularity layer)"
+            )
+        return scan
+    seed = int(options.get("seed") or 0)
+    seeds = [FIRST_SEED + seed + i for i in range(int(options.get("budget_scan_seeds") or 2))]
+    missing = "--method digital_budget: no tokenizer for a quick scan in '{folder}'; pass --budget-scan"
+    scan = quick_layer_scan(model, analog, profile, seeds, int(options.get("budget_scan_tokens") or 2048),
+                            missing, progress=progress)  # fmt: skip
+    return {**scan, "source": "quick scan on calib"}
+
+
+def tensor_values(scan: dict[str, Any], known: set[str]) -> dict[str, float]:
+    """Value per tensor named by the scan (see :data:`VALUE`); a name ``known`` lacks is a CimError."""
+    clean = float(scan.get("clean_ppl") or 0.0)
+    rows = scan.get("rows")
+    if clean <= 0 or not isinstance(rows, list):
+        raise CimError("--budget-scan: not a sensitivity scan (no clean_ppl / rows)")
+    values: dict[str, float] = {}
+    for row in rows:
+        for name in row.get("tensors") or []:
+            if name not in known:
+                raise CimError(f"--budget-scan: the scan names '{name}', which this model does not have "
+                               "(a scan of another model?)")  # fmt: skip
+            values[name] = max(0.0, math.log(float(row["ppl_mean"]) / clean))
+    return values
+
+
+def _known_names(placement: Placement) -> set[str]:
+    """Every in-memory name of the model's parameters (aliases included)."""
+    return {name for info in placement for name in (info.name, *info.aliases)}
+
+
+# ---------------------------------------------------------------------------------------- apply
+def current_placement(model: nn.Module, profile: ChipProfile, placement: Placement | None) -> Placement:
+    """The conversion's placement mapped onto ``model``, else the profile's default plan of it."""
+    return model_placement(model, placement, profile) if placement is not None else plan_model(model, profile)
+
+
+def choose(items: Sequence[Item], capacity: float) -> list[Item]:
+    """The exact knapsack, then whatever still fits (see :mod:`cimconvert.methods.budget.knapsack`)."""
+    return fill_remaining(solve_knapsack(items, capacity), items, capacity)
+
+
+def budget_report(budget: float, cost: str, total: float, chosen: Sequence[Item], items: Sequence[Item],
+                  infos: dict[str, TensorInfo], scan: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    """The method report: budget, costs, what moved, the predicted damage removed, the scan's source."""
+    moved = sum(item.cost for item in chosen)
+    moved_pct = 100.0 * moved / total if total else 0.0
+    removed = sum(item.value for item in chosen)
+    return {
+        "method": NAME,
+        "summary": f"kept {len(chosen)} tensor(s) digital: {moved_pct:.2f} % of {COSTS[cost]} "
+        f"(budget {budget:g} %), predicted damage removed {removed:.4f}",
+        "budget_pct": budget,
+        "cost": cost,
+        "cost_meaning": COSTS[cost],
+        "analog_cost_total": total,
+        "budget_cost": total * budget / 100.0,
+        "cost_moved": moved,
+        "cost_moved_pct": moved_pct,
+        "tensors_moved": len(chosen),
+        "candidates": len(items),
+        "damage_removed": removed,
+        "damage_candidates": sum(item.value for item in items),
+        "value": VALUE,
+        "solver": "exact 0/1 knapsack (dynamic programme on the cost grid), then what still fits",
+        "scan_source": str(scan.get("source")),
+        "scan_profile": str(scan.get("profile")),
+        "scan": {k: scan.get(k) for k in SCAN_KEYS},
+        "chosen": [
+            {"tensor": it.name, "kind": infos[it.name].kind, "value": it.value, "cost": it.cost}
+            for it in chosen
+        ],
+        "tables": ["chosen"],
+    }
+
+
+class DigitalBudgetMethod:
+    """Keep the analog tensors with the most measured damage per cost digital, within a budget (knapsack)."""
+
+    name = NAME
+    families: tuple[str, ...] = ("dense", "moe", "ssm")
+    options = (
+        MethodOption("digital_budget", float, 5.0,
+                     "digital budget: percent (0..100) of the analog cost kept digital"),
+        MethodOption("budget_cost", str, "macs",
+                     "digital budget: tensor cost, macs (analog MACs per token) or weights (weight count)"),
+        MethodOption("budget_scan", str, None,
+                     "digital budget: layer sensitivity JSON from `cimconvert analyze --granularity layer` "
+                     "[a quick scan on the calibration text]"),
+        MethodOption("budget_scan_tokens", int, 2048, "digital budget: tokens of the quick scan"),
+        MethodOption("budget_scan_seeds", int, 2, "digital budget: noise seeds of the quick scan"),
+    )  # fmt: skip
+
+    def apply(self, model: nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],
+              progress: bool = True, placement: Placement | None = None) -> MethodResult:  # fmt: skip
+        """Choose the tensors to keep digital (no weight changes); they come back as ``digital``."""
+        budget, cost = check_options(options)
+        current = current_placement(model, profile, placement)
+        analog = current.analog()
+        costs = cost_function(cost, adapter, model.config)
+        total = sum(costs(info) for info in analog)
+        scan = scan_for(model, analog, profile, options, progress) if analog else {"source": "none"}
+        values = tensor_values(scan, _known_names(current)) if analog else {}
+        items = [Item(info.name, values[info.name], costs(info)) for info in analog if info.name in values]
+        chosen = choose(items, total * budget / 100.0)
+        infos = {info.name: info for info in analog}
+        report = budget_report(budget, cost, total, chosen, items, infos, scan)
+        return MethodResult(report=report, digital=[item.name for item in chosen])
