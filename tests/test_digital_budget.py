@@ -127,6 +127,16 @@ def test_quick_scan_without_tokenizer_is_one_line() -> None:
     assert "\n" not in str(info.value)
 
 
+def test_quick_scan_on_calib_when_no_scan_is_given() -> None:
+    model = resolve_model(str(DEMO_OLMOE)).load_model(dtype=torch.float32)
+    options = {"digital_budget": 10.0, "budget_scan_tokens": 256, "budget_scan_seeds": 1, "seed": 3}
+    result = METHODS["digital_budget"].apply(model, get_adapter(model.config), load_profile("chipA"), options,
+                                             progress=False)  # fmt: skip
+    scan = result.report["scan"]
+    assert scan["source"] == "quick scan on calib" and scan["seeds"] == [1003] and scan["tokens"] == 256
+    assert result.digital and result.report["cost_moved_pct"] <= 10.0
+
+
 # --------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def olmoe_scan(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -172,6 +182,7 @@ def test_conversion_keeps_exactly_the_chosen_tensors_digital(olmoe_scan: Path, t
         (["--digital-budget", "-1"], "0..100"),
         (["--digital-budget", "101"], "0..100"),
         (["--budget-cost", "flops"], "unknown --budget-cost"),
+        (["--budget-scan-seeds", "0"], "at least 1"),
         (["--budget-scan", "BLOCK"], "block-granularity"),
         (["--budget-scan", "OTHER"], "does not have"),
     ],

@@ -38,9 +38,9 @@ def check_options(options: dict[str, Any]) -> tuple[float, str]:
     cost = str(options.get("budget_cost") or "macs")
     if cost not in COSTS:
         raise CimError(f"unknown --budget-cost '{cost}' (choose from {', '.join(COSTS)})")
-    for name in ("budget_scan_tokens", "budget_scan_seeds"):
-        if int(options.get(name) or 1) < 1:
-            raise CimError(f"--{name.replace('_', '-')} must be at least 1")
+    for name, least in (("budget_scan_tokens", 16), ("budget_scan_seeds", 1)):
+        if options.get(name) is not None and int(options[name]) < least:
+            raise CimError(f"--{name.replace('_', '-')} must be at least {least}")
     return budget, cost
 
 
