@@ -104,6 +104,11 @@ def choose(items: Sequence[Item], capacity: float) -> list[Item]:
     return fill_remaining(solve_knapsack(items, capacity), items, capacity)
 
 
+def _whole(x: float) -> float | int:
+    """``x`` as an int when it is whole (MACs and weight counts usually are), for readable reports."""
+    return int(x) if float(x).is_integer() else x
+
+
 def budget_report(budget: float, cost: str, total: float, chosen: Sequence[Item], items: Sequence[Item],
                   infos: dict[str, TensorInfo], scan: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
     """The method report: budget, costs, what moved, the predicted damage removed, the scan's source."""
@@ -117,9 +122,9 @@ def budget_report(budget: float, cost: str, total: float, chosen: Sequence[Item]
         "budget_pct": budget,
         "cost": cost,
         "cost_meaning": COSTS[cost],
-        "analog_cost_total": total,
+        "analog_cost_total": _whole(total),
         "budget_cost": total * budget / 100.0,
-        "cost_moved": moved,
+        "cost_moved": _whole(moved),
         "cost_moved_pct": moved_pct,
         "tensors_moved": len(chosen),
         "candidates": len(items),
@@ -131,7 +136,7 @@ def budget_report(budget: float, cost: str, total: float, chosen: Sequence[Item]
         "scan_profile": str(scan.get("profile")),
         "scan": {k: scan.get(k) for k in SCAN_KEYS},
         "chosen": [
-            {"tensor": it.name, "kind": infos[it.name].kind, "value": it.value, "cost": it.cost}
+            {"tensor": it.name, "kind": infos[it.name].kind, "value": it.value, "cost": _whole(it.cost)}
             for it in chosen
         ],
         "tables": ["chosen"],
