@@ -25,4 +25,4 @@ __all__ = [
     "register_method",
     "resolve_method",
 ]
-from cimconvert.methods import hpd, romer  # noqa: F401  (each registers itself and its bundle loaders)
+from cimconvert.methods import hpd, outliers, romer  # noqa: F401  (each registers itself and its bundle loaders)
