@@ -126,7 +126,7 @@ def _method_line(res: dict) -> str:
         cost = ""
         if "digital_macs_per_token" in report:
             cost = (f" (digital overhead {report['digital_macs_per_token']:,} MACs/token, "
-                    f"+{report['digital_extra_bytes'] / 1e3:.0f} kB digital)")
+                    f"+{report.get('digital_extra_bytes', 0) / 1e3:.0f} kB digital)")
         return "applied " + ", ".join(res["transforms"]) + cost
     return "nothing to apply for this profile (measurements in manifest.json extra.method_report)"
 
