@@ -143,16 +143,26 @@ def resolve_recipe(recipe: Recipe, model_type: str, family: str, seed: int) -> R
 
 def method_recipe(method: str, options: dict[str, Any], family: str) -> Recipe:
     """``--method`` as a recipe: ``none`` → no step; ``auto`` → the family's default steps; a method name →
-    that one step with the options of ``options`` that belong to it (others are ignored)."""
+    that one step. Each step takes the entries of ``options`` (the method flags given) that belong to its
+    method, over the default recipe's own options; the others are ignored."""
     if method == "none":
         return Recipe(steps=[])
     if method == "auto":
-        return Recipe(steps=[RecipeStep.model_validate(step) for step in auto_steps(family)])
-    if method not in METHODS:
+        steps = auto_steps(family)
+    elif method in METHODS:
+        steps = [{"step": method}]
+    else:
         raise unknown_method(method)
-    declared = {opt.name for opt in METHODS[method].options}
+    return Recipe(steps=[_with_given(RecipeStep.model_validate(step), options) for step in steps])
+
+
+def _with_given(step: RecipeStep, options: dict[str, Any]) -> RecipeStep:
+    """``step`` with the entries of ``options`` that its method declares set (over its own options)."""
+    if step.step not in METHODS:
+        raise unknown_method(step.step, "recipe step")
+    declared = {opt.name for opt in METHODS[step.step].options}
     given = {name: _jsonable(value) for name, value in options.items() if name in declared}
-    return Recipe(steps=[RecipeStep(step=method, options=given)])
+    return step.model_copy(update={"options": {**step.options, **given}})
 
 
 def recipe_label(recipe: Recipe) -> str:

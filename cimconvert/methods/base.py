@@ -145,12 +145,13 @@ def unknown_method(name: str, what: str = "method") -> CimError:
     return CimError(f"unknown {what} '{name}' (available: {', '.join(sorted(METHODS))})")
 
 
-def check_family(name: str, family: str, where: str = "method") -> None:
-    """CimError when method ``name`` does not apply to a model of ``family``."""
+def check_family(name: str, family: str, where: str = "") -> None:
+    """CimError when method ``name`` does not apply to a model of ``family`` (``where`` prefixes it)."""
     method = METHODS[name]
     if family not in method.families:
         families = "/".join(method.families)
-        raise CimError(f"{where} '{name}' applies to {families} models, not to a {family} model")
+        prefix = f"{where}: " if where else ""
+        raise CimError(f"{prefix}method '{name}' applies to {families} models, not to a {family} model")
 
 
 def resolve_method(name: str, family: str) -> str:
