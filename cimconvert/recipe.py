@@ -23,10 +23,11 @@ import yaml
 from pydantic import ValidationError
 
 from cimconvert.bundle.manifest import Recipe, RecipeStep
-from cimconvert.errors import CimError
+from cimconvert.errors import CimError, failure_detail
 from cimconvert.methods import METHODS, MethodResult, auto_steps, check_family, option_values, unknown_method
 from cimconvert.placement import Placement, replan_model
 from cimconvert.profiles import ChipProfile
+from cimconvert.profiles.loader import parse_yaml
 
 __all__ = [
     "Recipe",
@@ -43,24 +44,20 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------ reading, writing
 def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe file (YAML or JSON, ``yaml.safe_load``) and check it against the method registry.
+    """Read a recipe file (YAML or JSON; safe YAML without anchors, aliases or tags, size-limited, as for
+    profiles) and check it against the method registry.
 
     Any problem (missing file, bad YAML, unknown field, step or option, a value of the wrong type or out of
     range) is a one-line CimError naming the file.
     """
     file = Path(path)
+    if not file.is_file():
+        raise CimError(f"recipe file not found: {file}")
     try:
         text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CimError(f"recipe file not found: {file}") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise CimError(f"cannot read recipe {file} ({type(exc).__name__})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise CimError(f"recipe {file} is not valid YAML{where}") from None
+        raise CimError(f"recipe {file}: cannot read ({failure_detail(exc)})") from None
+    data = parse_yaml(text, f"recipe {file}")
     return check_recipe(recipe_from_data(data, str(file)))
 
 

@@ -339,7 +339,7 @@ def test_recipe_flag_conflicts(
 
 def test_bad_yaml_and_method_flag_ranges(run_cli: RunCli, mamba: Path, tmp_path: Path) -> None:
     (tmp_path / "bad.yaml").write_text("steps: [\n", encoding="utf-8")
-    with pytest.raises(CimError, match="not valid YAML"):
+    with pytest.raises(CimError, match="malformed YAML"):
         load_recipe(tmp_path / "bad.yaml")
     code, _, stderr = run_cli(
         str(mamba), "-p", "chipA", "-o", str(tmp_path / "o"), "--method", "hpd", "--hpd-rank", "0"

@@ -3,9 +3,6 @@ with :func:`register_method` on import; importing this package imports every mod
 is one new module here (and is then a ``--method`` and a recipe step) with no other edit.
 """
 
-import importlib
-import pkgutil
-
 from cimconvert.methods.base import (
     AUTO,
     METHODS,
@@ -40,14 +37,7 @@ __all__ = [
     "unknown_method",
 ]
 from cimconvert.methods import hpd, placement_only, romer  # noqa: F401  (each registers itself)
+from cimconvert.plugins import import_submodules
 
-
-def _import_all() -> list[str]:
-    """Import (and so register) every module and subpackage of this package; returns their names."""
-    names = sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_"))
-    for name in names:
-        importlib.import_module(f"{__name__}.{name}")
-    return names
-
-
-MODULES = _import_all()
+#: every module of the package, imported (and so registered) in name order: a new method needs no edit here
+MODULES = import_submodules(__name__, __path__)
