@@ -281,7 +281,10 @@ def _format_inspect(res: dict) -> str:
             f"  {unit:<8}   {info['tensors']} tensors, {info['bytes'] / 1e6:.2f} MB, {info['tiles']} arrays, "
             f"kinds: {', '.join(info['kinds'])}"
         )
+    recipe = res.get("recipe")
+    steps = ("+".join(s["step"] for s in recipe["steps"]) or "none") if recipe is not None else "not recorded"
     transforms = ", ".join(t.get("type", "?") for t in res["transforms"]) or "none"
+    lines.append(f"  recipe     {steps}")
     lines.append(f"  transforms {transforms}")
     return "\n".join(lines)
 

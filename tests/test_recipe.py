@@ -100,6 +100,8 @@ def test_two_step_recipe_recorded_and_replayed(run_cli: RunCli, mamba: Path, tmp
     assert [s["seed"] for s in recipe["steps"]] == [5, 5]
     units = {t["name"]: t["unit"] for t in _manifest(first)["tensors"]}
     assert units[f"{KEPT}.weight"] == "digital" and units[f"{SPLIT}.analog.weight"] == "analog"
+    code, stdout, _ = run_cli("inspect", str(first))
+    assert code == 0 and "recipe     hpd+keep_digital" in stdout
     code, stdout, _ = run_cli("recipe", str(first), "-o", str(tmp_path / "replay.yaml"))
     assert code == 0 and "wrote" in stdout
     assert load_recipe(tmp_path / "replay.yaml").model_dump(mode="json") == recipe
@@ -358,7 +360,8 @@ def test_recipe_of_a_bundle_without_one(run_cli: RunCli, mamba: Path, tmp_path: 
     out = tmp_path / "old"
     _convert(run_cli, mamba, out, "--method", "none", "--no-onnx")
     edit_manifest(out, lambda data: data.pop("recipe"))
-    assert api.inspect(out)["verified"] is not None
+    assert api.inspect(out)["verified"] is not None and api.inspect(out)["recipe"] is None
+    assert "recipe     not recorded" in run_cli("inspect", str(out))[1]
     api.load_bundle(out, verify=False)
     code, _, stderr = run_cli("recipe", str(out))
     assert code == 2 and "records no recipe" in stderr
