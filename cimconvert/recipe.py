@@ -76,7 +76,10 @@ def recipe_from_data(data: Any, origin: str = "recipe") -> Recipe:
 def dump_recipe(recipe: Recipe, path: str | Path) -> Path:
     """Write ``recipe`` to ``path``: JSON for a ``.json`` suffix, YAML otherwise."""
     file = Path(path)
-    file.write_text(recipe_text(recipe, as_json=file.suffix.lower() == ".json"), encoding="utf-8")
+    try:
+        file.write_text(recipe_text(recipe, as_json=file.suffix.lower() == ".json"), encoding="utf-8")
+    except OSError as exc:
+        raise CimError(f"cannot write recipe {file} ({failure_detail(exc)})") from None
     return file
 
 

@@ -365,9 +365,13 @@ def test_recipe_of_a_bundle_without_one(run_cli: RunCli, mamba: Path, tmp_path: 
     api.load_bundle(out, verify=False)
     code, _, stderr = run_cli("recipe", str(out))
     assert code == 2 and "records no recipe" in stderr
+    code, _, stderr = run_cli("recipe", str(tmp_path / "absent"))
+    assert code == 2 and len(stderr.strip().splitlines()) == 1
 
 
 def test_dump_and_load_round_trip(tmp_path: Path) -> None:
     recipe = resolve_recipe(Recipe.model_validate({"steps": MAMBA_STEPS}), "mamba", "ssm", 3)
     for name in ("r.yaml", "r.json"):
         assert load_recipe(dump_recipe(recipe, tmp_path / name)) == recipe
+    with pytest.raises(CimError, match="cannot write recipe"):
+        dump_recipe(recipe, tmp_path / "no" / "such" / "r.yaml")
