@@ -23,8 +23,13 @@ class PlacementStep:
     """A recipe step that forces tensors onto one unit (``unit``), leaving the weights untouched."""
 
     options = (
-        MethodOption("patterns", str, (), "keep_digital / keep_analog: tensors to place on that unit, exact "
-                     "name or regex (repeatable)", multiple=True),
+        MethodOption(
+            "patterns",
+            str,
+            (),
+            "keep_digital / keep_analog: tensors to place on that unit, exact name or regex (repeatable)",
+            multiple=True,
+        ),
     )
     families: tuple[str, ...] = get_args(Family)  # every family
 
