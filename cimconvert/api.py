@@ -38,6 +38,7 @@ from cimconvert.recipe import (
     load_recipe,
     method_recipe,
     recipe_label,
+    recipe_of_manifest,
     resolve_recipe,
     run_recipe,
 )
@@ -299,12 +300,13 @@ def convert(
 
 def recipe_of(out: str | Path) -> dict[str, Any]:
     """The recipe a bundle was converted with (``manifest.recipe``: steps with every option and seed,
-    family, model_type), to write out and replay with ``convert(..., recipe=...)``; a bundle written before
-    recipes existed is a BundleError."""
+    family, model_type), to write out and replay with ``convert(..., recipe=...)``. For a bundle written
+    before recipes existed it is rebuilt from ``extra.method`` / ``extra.method_options``."""
     manifest = read_manifest(Path(out))
-    if manifest.recipe is None:
-        raise BundleError(f"bundle {out} records no recipe (written before recipes existed)")
-    return manifest.recipe.model_dump(mode="json")
+    try:
+        return recipe_of_manifest(manifest).model_dump(mode="json")
+    except CimError as exc:
+        raise BundleError(f"bundle {out}: {exc}") from None
 
 
 def load_bundle(out: str | Path, dtype: torch.dtype = torch.float32, verify: bool = True) -> torch.nn.Module:

@@ -22,7 +22,8 @@ import torch
 import yaml
 from pydantic import ValidationError
 
-from cimconvert.bundle.manifest import Recipe, RecipeStep
+from cimconvert.arch import get_adapter
+from cimconvert.bundle.manifest import Manifest, Recipe, RecipeStep
 from cimconvert.errors import CimError, failure_detail
 from cimconvert.methods import METHODS, MethodResult, auto_steps, check_family, option_values, unknown_method
 from cimconvert.placement import Placement, replan_model
@@ -37,6 +38,7 @@ __all__ = [
     "load_recipe",
     "method_recipe",
     "recipe_label",
+    "recipe_of_manifest",
     "resolve_recipe",
     "run_recipe",
 ]
@@ -71,6 +73,25 @@ def recipe_from_data(data: Any, origin: str = "recipe") -> Recipe:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         raise CimError(f"{origin}: field '{field}': {err['msg']}") from None
+
+
+def recipe_of_manifest(manifest: Manifest) -> Recipe:
+    """The recipe a bundle was converted with: ``manifest.recipe``, or for a bundle written before recipes
+    existed the one-step (or empty) recipe rebuilt from ``extra.method`` / ``extra.method_options``.
+    CimError when the manifest records neither."""
+    if manifest.recipe is not None:
+        return manifest.recipe
+    method = manifest.extra.get("method")
+    if not isinstance(method, str):
+        raise CimError("the bundle records no recipe and no method")
+    family = get_adapter(manifest.source.model_type).family
+    model_type = manifest.source.model_type
+    if method == "none":
+        return Recipe(family=family, model_type=model_type, steps=[])
+    options = dict(manifest.extra.get("method_options") or {})
+    seed = options.pop("seed", manifest.seeds.get("global"))
+    step = RecipeStep(step=method, options=options, seed=seed if isinstance(seed, int) else None)
+    return Recipe(family=family, model_type=model_type, steps=[step])
 
 
 def dump_recipe(recipe: Recipe, path: str | Path) -> Path:

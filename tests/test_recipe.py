@@ -355,16 +355,25 @@ def test_bad_yaml_and_method_flag_ranges(run_cli: RunCli, mamba: Path, tmp_path:
         option.check(True, "x")
 
 
-def test_recipe_of_a_bundle_without_one(run_cli: RunCli, mamba: Path, tmp_path: Path) -> None:
-    """Manifests written before recipes still load; `cimconvert recipe` says there is none."""
+def test_recipe_of_a_bundle_written_before_recipes(run_cli: RunCli, mamba: Path, tmp_path: Path) -> None:
+    """Such manifests still load; `cimconvert recipe` rebuilds theirs from extra.method/method_options."""
     out = tmp_path / "old"
     _convert(run_cli, mamba, out, "--method", "none", "--no-onnx")
-    edit_manifest(out, lambda data: data.pop("recipe"))
-    assert api.inspect(out)["verified"] is not None and api.inspect(out)["recipe"] is None
+
+    def as_old_hpd(data: dict[str, Any]) -> None:
+        data.pop("recipe")
+        data["extra"] = {"method": "hpd", "method_options": {"hpd_layers": [SPLIT], "hpd_rank": 2, "seed": 4}}
+
+    edit_manifest(out, as_old_hpd)
+    assert api.inspect(out)["verified"] and api.inspect(out)["recipe"] is None
     assert "recipe     not recorded" in run_cli("inspect", str(out))[1]
-    api.load_bundle(out, verify=False)
+    api.load_bundle(out)
+    assert api.recipe_of(out) == {"schema_version": 1, "family": "ssm", "model_type": "mamba",
+                                  "steps": [{"step": "hpd", "options": {"hpd_layers": [SPLIT], "hpd_rank": 2},
+                                             "seed": 4}]}  # fmt: skip
+    edit_manifest(out, lambda data: data.update(extra={}))
     code, _, stderr = run_cli("recipe", str(out))
-    assert code == 2 and "records no recipe" in stderr
+    assert code == 2 and "records no recipe and no method" in stderr
     code, _, stderr = run_cli("recipe", str(tmp_path / "absent"))
     assert code == 2 and len(stderr.strip().splitlines()) == 1
 
