@@ -17,6 +17,7 @@ from cimconvert.arch import get_adapter
 from cimconvert.checkpoint import SourceCheckpoint
 from cimconvert.errors import CimError
 from cimconvert.methods import AUTO, METHODS, MethodOption, MethodResult, register_method
+from cimconvert.methods.hpd import HpdLinear
 from cimconvert.placement import model_placement, plan_model, replan_model
 from cimconvert.profiles import load_profile
 from cimconvert.recipe import (
@@ -217,6 +218,25 @@ def test_two_step_bundle_exports_onnx_and_validates(tmp_path: Path) -> None:
     assert (out / "onnx" / "model.onnx").is_file()
     res = validate(out, None, seeds=1, max_tokens=256, seq_len=32)
     assert res["summary"]["passed"]
+
+
+@pytest.mark.slow
+def test_three_steps_with_two_methods_reload_in_order(tmp_path: Path) -> None:
+    """HPD, ROMER (on the split model's placement), HPD again: transforms recorded and re-applied in
+    order; the ONNX graph validates."""
+    steps = [
+        {"step": "hpd", "options": {"hpd_layers": ["model.layers.0.self_attn.o_proj"]}},
+        {"step": "romer", "options": {**ROMER_FAST, "replacement": "replicate_split", "replace_bottom": 1}},
+        {"step": "hpd", "options": {"hpd_layers": ["model.layers.1.self_attn.o_proj"]}, "seed": 7},
+    ]
+    out = tmp_path / "out"
+    res = api.convert(str(DEMO_OLMOE), "chipA", out=out, recipe=Recipe.model_validate({"steps": steps}),
+                      progress=False)  # fmt: skip
+    assert res["transforms"] == ["hpd_split", "romer_replacement", "romer_routing", "hpd_split"]
+    assert [s["seed"] for s in _manifest(out)["recipe"]["steps"]] == [0, 0, 7]
+    model = api.load_bundle(out)
+    assert all(isinstance(layer.self_attn.o_proj, HpdLinear) for layer in model.model.layers[:2])
+    assert validate(out, None, seeds=1, max_tokens=256, seq_len=32)["summary"]["passed"]
 
 
 # ------------------------------------------------------------------------------------ the runner
