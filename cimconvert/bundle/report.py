@@ -21,14 +21,19 @@ def _kind_rows(manifest: Manifest) -> list[str]:
     return lines
 
 
-def _method_rows(extra: dict) -> list[str]:
-    """The method and the scalar figures of its report (e.g. HPD's digital overhead per token)."""
-    method = extra.get("method")
-    if not method or method == "none":
+def _method_rows(manifest: Manifest) -> list[str]:
+    """The recipe's steps and the scalar figures of each step's report (e.g. HPD's digital overhead)."""
+    steps = manifest.recipe.steps if manifest.recipe is not None else []
+    if not steps:
         return []
-    report = extra.get("method_report") or {}
-    scalars = {k: v for k, v in report.items() if isinstance(v, int | float | str) and k != "method"}
-    return ["", f"## Method: {method}", "", *[f"- {k}: {v}" for k, v in scalars.items()]]
+    reports = manifest.extra.get("method_report") or {}
+    lines = ["", "## Recipe", ""]
+    for index, step in enumerate(steps, 1):
+        lines.append(f"{index}. `{step.step}` (seed {step.seed})")
+        report = reports.get(f"{index}:{step.step}") or {}
+        scalars = {k: v for k, v in report.items() if isinstance(v, int | float | str) and k != "method"}
+        lines += [f"   - {k}: {v}" for k, v in scalars.items()]
+    return lines
 
 
 def render_report(manifest: Manifest) -> str:
@@ -66,7 +71,7 @@ def render_report(manifest: Manifest) -> str:
             lines.append(f"- `{x.id}`: {x.type} on {len(x.targets)} target(s); params: {keys}")
     else:
         lines.append("none (plain conversion)")
-    lines += _method_rows(manifest.extra)
+    lines += _method_rows(manifest)
     if manifest.seeds:
         lines += ["", "## Seeds", "", *[f"- {k}: {v}" for k, v in sorted(manifest.seeds.items())]]
     lines += ["", "Checksums of every file are in `manifest.json`; verify with `cimconvert inspect`.", ""]
