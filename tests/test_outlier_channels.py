@@ -82,7 +82,7 @@ def test_bundle_round_trip_places_split_and_validates(tmp_path: Path) -> None:
     out = tmp_path / "out"
     res = api.convert(str(DEMO / "tiny-olmoe"), "chipA", out=out, method="outlier_channels", progress=False,
                       method_options={"outlier_percent": 10.0, **CALIB})  # fmt: skip
-    assert res["transforms"] == ["outlier_split"] and res["method_report"]["layers"] > 0
+    assert res["transforms"] == ["outlier_split"] and res["method_report"]["1:outlier_channels"]["layers"] > 0
     units = {t["name"]: t["unit"] for t in json.loads((out / "manifest.json").read_text())["tensors"]}
     split = [n.removesuffix(".analog.weight") for n in units if n.endswith(".analog.weight")]
     assert split and all(units[f"{s}.digital.weight"] == "digital" for s in split)
