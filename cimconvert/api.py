@@ -22,7 +22,7 @@ from safetensors import SafetensorError
 
 from cimconvert.arch import get_adapter
 from cimconvert.bundle.outdir import out_lock, tmp_path
-from cimconvert.bundle.reader import inspect_bundle, is_bundle
+from cimconvert.bundle.reader import inspect_bundle, is_bundle, read_manifest
 from cimconvert.bundle.reader import load_bundle as read_bundle
 from cimconvert.bundle.writer import check_out_dir, write_bundle
 from cimconvert.checkpoint import DTYPES, check_weights_finite, resolve_model
@@ -30,10 +30,18 @@ from cimconvert.datasets import load_text, tokenize
 from cimconvert.errors import BundleError, CimError, failure_detail
 from cimconvert.evaluation.loading import load_for_eval
 from cimconvert.evaluation.monte_carlo import evaluate_model
-from cimconvert.methods import METHODS, option_values, resolve_method
 from cimconvert.onnx.export import export_bundle_onnx
-from cimconvert.placement import plan_tensors, replan_tensors
+from cimconvert.placement import Placement, plan_tensors, replan_tensors
 from cimconvert.profiles import ChipProfile, list_profiles, load_profile
+from cimconvert.recipe import (
+    Recipe,
+    load_recipe,
+    method_recipe,
+    recipe_label,
+    recipe_of_manifest,
+    resolve_recipe,
+    run_recipe,
+)
 
 __all__ = [
     "check_weights_finite",
@@ -45,6 +53,7 @@ __all__ = [
     "load_bundle",
     "load_for_eval",
     "profiles",
+    "recipe_of",
     "show_profile",
     "tokenize",
 ]
@@ -93,28 +102,18 @@ def _plan(source: Any, adapter: Any, chip: ChipProfile, analog: Sequence[str], d
                         tied_lm_head=adapter.tied_embeddings(source.config))
 
 
-def _dry_run_result(model: str, chip: ChipProfile, method: str, placement: Any) -> dict[str, Any]:
+def _dry_run_result(model: str, chip: ChipProfile, recipe: Recipe, placement: Any) -> dict[str, Any]:
     return {
         "dry_run": True,
         "model": model,
         "profile": chip.name,
         "profile_hash": chip.content_hash(),
-        "method": method,
+        "method": recipe_label(recipe),
+        "recipe": recipe.model_dump(mode="json"),
         "totals": placement.totals(),
         "tensors": placement.to_json(),
         "table": placement.format_table(),
     }
-
-
-def _apply_method(
-    name: str, source: Any, adapter: Any, chip: ChipProfile, options: dict[str, Any], progress: bool,
-    placement: Any,
-) -> tuple[torch.nn.Module, Any]:
-    """Load the model, run the method on it in place with the conversion's ``placement`` (of ``source``);
-    returns (model, MethodResult)."""
-    net = check_weights_finite(source.load_model(dtype=torch.float32))
-    result = METHODS[name].apply(net, adapter, chip, options, progress=progress, placement=placement)
-    return net, result
 
 
 #: Storage formats a transformed model may be cast back to (8-bit floats are not: they need scales).
@@ -152,13 +151,6 @@ def _save_transformed(net: torch.nn.Module, source: Any, folder: Path, keep: Seq
     return resolve_model(str(folder), check_shapes=False)
 
 
-def _created(result: Any, planned: Any) -> list[str]:
-    """The tensors a method named that the source does not have (e.g. HPD's factors): only these stay
-    float32; a planned tensor a method merely keeps digital (the digital budget) keeps the source dtype."""
-    loaded = {name for info in planned for name in (info.name, info.memory_name)}
-    return [name for name in [*result.analog, *result.digital] if name not in loaded]
-
-
 def _onnx_exporter(net_factory: Any, progress: bool) -> Any:
     """A ``write_bundle`` finalize hook that exports ``onnx/model.onnx`` from ``net_factory()``."""
 
@@ -168,6 +160,14 @@ def _onnx_exporter(net_factory: Any, progress: bool) -> Any:
     return export
 
 
+def _created_tensors(net: torch.nn.Module, planned: Placement, result: Any) -> list[str]:
+    """The parameters the steps created (HPD's factors) that they also named for a unit: these stay float32
+    when the model is saved (a placement-only step naming an existing tensor does not change its dtype)."""
+    known = {name for info in planned for name in (info.memory_name or info.name, info.name, *info.aliases)}
+    named = {*result.analog, *result.digital}
+    return [name for name, _ in net.named_parameters() if name not in known and name in named]
+
+
 def _bundle_transformed(
     net: torch.nn.Module,
     result: Any,
@@ -175,31 +175,48 @@ def _bundle_transformed(
     out_dir: Path,
     chip: ChipProfile,
     adapter: Any,
-    planned: Any,
+    placements: tuple[Placement, Placement],
     extra: dict[str, Any],
     opts: dict[str, Any],
 ) -> tuple[Any, Any]:
-    """Save a method's transformed model to ``.OUT.src-<pid>-*`` beside OUT and bundle it from there;
-    returns (BundleSummary, placement). Its tensors keep the ``planned`` placement of the source; only
-    those the method created are placed (see ``replan_tensors``). A full disk while saving is a one-line
+    """Save a recipe's transformed model to ``.OUT.src-<pid>-*`` beside OUT and bundle it from there;
+    returns (BundleSummary, placement). ``placements``: the source's plan and the placement after the last
+    step, which every tensor keeps (see ``replan_tensors``). A full disk while saving is a one-line
     BundleError."""
+    planned, stepped = placements
     extra["method_report"] = result.report
     prefix = f"{tmp_path(out_dir, 'src').name}-"
     with tempfile.TemporaryDirectory(prefix=prefix, dir=out_dir.parent) as tmp:
         try:
-            transformed = _save_transformed(net, source, Path(tmp), keep=_created(result, planned))
+            keep = _created_tensors(net, planned, result)
+            transformed = _save_transformed(net, source, Path(tmp), keep=keep)
         except (OSError, SafetensorError) as exc:
             detail = failure_detail(exc)
             raise BundleError(f"writing the transformed model beside {out_dir} failed: {detail}") from None
-        placement = replan_tensors(planned, transformed.tensor_shapes(), adapter, chip, result.analog,
-                                   result.digital, tied_lm_head=adapter.tied_embeddings(transformed.config))
+        placement = replan_tensors(stepped, transformed.tensor_shapes(), adapter, chip,
+                                   tied_lm_head=adapter.tied_embeddings(transformed.config))
         # the ONNX graph is exported from the model as load_bundle gives it
         hook = _onnx_exporter(net.float, opts["progress"]) if opts["onnx"] else None
         summary = write_bundle(transformed, out_dir, chip, placement, transforms=result.transforms,
                                seeds={"global": opts["seed"], **result.seeds}, extra=extra,
                                force=opts["force"], progress=opts["progress"], origin=source, finalize=hook,
-                               key=opts["key"])
+                               key=opts["key"], recipe=opts["recipe"])
     return summary, placement
+
+
+def _given_recipe(
+    recipe: str | Path | Recipe | None, method: str, method_options: dict[str, Any] | None
+) -> Recipe | None:
+    """The recipe passed to :func:`convert` (a file is loaded and checked), refused together with an
+    explicit method other than ``auto`` or with method options."""
+    if recipe is None:
+        return None
+    if method != "auto":
+        raise CimError(f"--recipe cannot be combined with --method {method} (the recipe names its steps)")
+    if method_options:
+        flags = ", ".join("--" + name.replace("_", "-") for name in sorted(method_options))
+        raise CimError(f"--recipe cannot be combined with method options ({flags}): set them in the recipe")
+    return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
 
 
 def convert(
@@ -217,44 +234,51 @@ def convert(
     onnx: bool = True,
     dtype: str | None = None,
     key: bytes | str | None = None,
+    recipe: str | Path | Recipe | None = None,
 ) -> dict[str, Any]:
     """Convert a checkpoint into a bundle for ``profile`` (or only plan it with ``dry_run``).
 
-    With a robustness method (``auto`` picks ROMER for MoE and HPD for SSM models) the model is loaded,
-    transformed in place, saved to a temporary checkpoint beside OUT and bundled from there; the manifest
-    names the original checkpoint as its source and records the method's transforms and seeds.
+    A conversion runs a recipe (docs/RECIPES.md): ``recipe`` (a YAML/JSON file or a :class:`Recipe`), or
+    ``method`` as one (a method name with its ``method_options`` → one step; ``none`` → no step; ``auto``
+    → the family's default steps, e.g. ROMER for MoE and HPD for SSM models). With steps, the model is
+    loaded, transformed in place step by step, saved to a temporary checkpoint beside OUT and bundled from
+    there; the manifest names the original checkpoint as its source and records the resolved recipe and
+    the steps' transforms and seeds. Without steps the checkpoint is streamed, never materialised.
     ``onnx`` also writes ``onnx/model.onnx`` (analog matmuls as ``ai.cimconvert.AnalogMatMul`` nodes).
     ``model`` may be a GGUF file, dequantised to ``dtype`` first (see :mod:`cimconvert.gguf`).
     OUT is locked against other writers for the whole run; leftovers of killed runs on OUT are removed
     first and listed under ``recovered``. ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) signs ``bundle.lock``.
     """
     chip = load_profile(profile)
+    given = _given_recipe(recipe, method, method_options)
     source = resolve_model(model, dtype=dtype, progress=progress)
     adapter = get_adapter(source.model_type)
-    resolved = resolve_method(method, adapter.family)
+    chosen = given or method_recipe(method, dict(method_options or {}), adapter.family)
+    resolved = resolve_recipe(chosen, source.model_type, adapter.family, seed)
     placement = _plan(source, adapter, chip, analog, digital)
-    if dry_run:  # plan only: the method (and any tensors it adds) runs at conversion time
+    if dry_run:  # plan only: the steps (and any tensors they add) run at conversion time
         return _dry_run_result(model, chip, resolved, placement)
     out_dir = Path(out) if out is not None else default_out_dir(model, chip)
-    # The method gets the placement itself (e.g. ROMER calibrates with an analog router noisy), not the
+    # The steps get the placement itself (e.g. ROMER calibrates with an analog router noisy), not the
     # patterns: they are recorded once, in placement_config.overrides.
-    options = {**option_values(resolved, dict(method_options or {})), "seed": seed}
-    extra: dict[str, Any] = {"method": resolved, "method_options": options}
+    extra: dict[str, Any] = {"method": recipe_label(resolved)}
+    recorded = resolved.model_dump(mode="json")
     with out_lock(out_dir) as lock:  # one writer per OUT, from here to the final rename
         check_out_dir(out_dir, force)  # fail before any expensive work
-        if resolved == "none":
+        if not resolved.steps:
             hook = _onnx_exporter(lambda: source.load_model(dtype=torch.float32), progress) if onnx else None
             summary = write_bundle(source, out_dir, chip, placement, seeds={"global": seed}, extra=extra,
-                                   force=force, progress=progress, finalize=hook, key=key)
+                                   force=force, progress=progress, finalize=hook, key=key, recipe=recorded)
             report: dict[str, Any] = {}
             transform_types: list[str] = []
         else:
-            net, result = _apply_method(resolved, source, adapter, chip, options, progress, placement)
+            net = check_weights_finite(source.load_model(dtype=torch.float32))
+            result, stepped = run_recipe(net, adapter, chip, resolved, placement, progress)
             report = result.report
             transform_types = [t["type"] for t in result.transforms]
             summary, placement = _bundle_transformed(
-                net, result, source, out_dir, chip, adapter, placement, extra,
-                dict(seed=seed, force=force, progress=progress, onnx=onnx, key=key),
+                net, result, source, out_dir, chip, adapter, (placement, stepped), extra,
+                dict(seed=seed, force=force, progress=progress, onnx=onnx, key=key, recipe=recorded),
             )
     return {
         "dry_run": False,
@@ -262,7 +286,8 @@ def convert(
         "out": str(out_dir),
         "profile": chip.name,
         "profile_hash": chip.content_hash(),
-        "method": resolved,
+        "method": recipe_label(resolved),
+        "recipe": recorded,
         "seed": seed,
         "totals": summary.totals,
         "placement_totals": placement.totals(),
@@ -271,6 +296,17 @@ def convert(
         "files": summary.files,
         "recovered": lock.recovered,
     }
+
+
+def recipe_of(out: str | Path) -> dict[str, Any]:
+    """The recipe a bundle was converted with (``manifest.recipe``: steps with every option and seed,
+    family, model_type), to write out and replay with ``convert(..., recipe=...)``. For a bundle written
+    before recipes existed it is rebuilt from ``extra.method`` / ``extra.method_options``."""
+    manifest = read_manifest(Path(out))
+    try:
+        return recipe_of_manifest(manifest).model_dump(mode="json")
+    except CimError as exc:
+        raise BundleError(f"bundle {out}: {exc}") from None
 
 
 def load_bundle(out: str | Path, dtype: torch.dtype = torch.float32, verify: bool = True) -> torch.nn.Module:

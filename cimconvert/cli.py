@@ -18,8 +18,9 @@ from cimconvert.bundle.integrity import read_key_file
 from cimconvert.errors import CimError
 from cimconvert.finetune import finetune
 from cimconvert.finite import dumps, nulls_for_non_finite
-from cimconvert.methods import all_options
+from cimconvert.methods import MethodOption, all_options
 from cimconvert.profiles.schema import ChipProfile
+from cimconvert.recipe import Recipe, dump_recipe, recipe_text
 from cimconvert.validate import format_validate, validate
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -87,7 +88,9 @@ def cli() -> None:
     \b
     cimconvert MODEL --profile chipA [-o OUT]     convert (same as `cimconvert convert ...`)
     cimconvert eval MODEL --profile chipA        perplexity, clean and under chip noise
+    cimconvert MODEL -p chipA --recipe R.yaml    convert with a recipe (ordered method steps)
     cimconvert inspect OUT                       verify and summarise a bundle
+    cimconvert recipe OUT [-o R.yaml]            the recipe a bundle was converted with (to replay)
     cimconvert validate OUT --seeds 5            run the ONNX graph in onnxruntime under chip noise
     cimconvert analyze MODEL --profile chipA     per-layer noise sensitivity (for HPD)
     cimconvert finetune MODEL --profile chipA -o OUT_MODEL   noise-aware fine-tuning (STE / NAT)
@@ -109,27 +112,45 @@ def _format_convert(res: dict) -> str:
     ) + "".join(f"\n  recovered: {line}" for line in res.get("recovered", []))
 
 
+def _option_type(opt: MethodOption) -> Any:
+    """The click type of a method option: its choices, its range (``minimum``/``maximum``) or its type."""
+    if opt.choices:
+        return click.Choice(opt.choices)
+    ranged = opt.minimum is not None or opt.maximum is not None
+    if ranged and opt.type in (int, float):
+        kind = click.IntRange if opt.type is int else click.FloatRange
+        return kind(opt.minimum, opt.maximum)
+    return opt.type
+
+
 def method_options(func: Callable) -> Callable:
     """Add every registered method's options (declared as data in the method) to a command."""
     for opt in reversed(all_options()):
-        kind = click.Choice(opt.choices) if opt.choices else opt.type
-        func = click.option(opt.flag, opt.name, type=kind, default=opt.default, multiple=opt.multiple,
-                            show_default=not opt.multiple, help=opt.help)(func)
+        func = click.option(opt.flag, opt.name, type=_option_type(opt), default=opt.default,
+                            multiple=opt.multiple, show_default=not opt.multiple, help=opt.help)(func)
     return func
+
+
+def _given_method_options(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """The method options the user set on the command line (not click's defaults)."""
+    default = click.core.ParameterSource.DEFAULT
+    return {name: value for name, value in options.items() if ctx.get_parameter_source(name) != default}
 
 
 def _method_line(res: dict) -> str:
     if res["method"] == "none":
         return "placement only"
+    reports = [r for r in (res.get("method_report") or {}).values() if isinstance(r, dict)]
     if res["transforms"]:
-        report = res.get("method_report") or {}
-        cost = ""
-        if "digital_macs_per_token" in report:
-            cost = (f" (digital overhead {report['digital_macs_per_token']:,} MACs/token, "
-                    f"+{report['digital_extra_bytes'] / 1e3:.0f} kB digital)")
+        macs = sum(r.get("digital_macs_per_token", 0) for r in reports)
+        extra_bytes = sum(r.get("digital_extra_bytes", 0) for r in reports)
+        cost = f" (digital overhead {macs:,} MACs/token, +{extra_bytes / 1e3:.0f} kB digital)" if macs else ""
         return "applied " + ", ".join(res["transforms"]) + cost
-    if (res.get("method_report") or {}).get("summary"):  # a method that only places (digital budget)
-        return res["method_report"]["summary"]
+    summaries = [r["summary"] for r in reports if r.get("summary")]
+    if summaries:  # steps that only place tensors and say what they chose (the digital budget)
+        return "; ".join(summaries)
+    if all(r.get("method", "").startswith("keep_") for r in reports):
+        return "placement steps only"
     return "nothing to apply for this profile (measurements in manifest.json extra.method_report)"
 
 
@@ -141,8 +162,11 @@ def _method_line(res: dict) -> str:
     "--method",
     default="auto",
     show_default=True,
-    help="robustness method: auto (ROMER for MoE, HPD for SSMs), none, or a method name",
+    help="robustness method: auto (the family's default recipe: ROMER for MoE, HPD for SSMs), none, or a "
+    "method name (a one-step recipe)",
 )
+@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="run the steps of a recipe file (YAML/JSON, docs/RECIPES.md) instead of --method")
 @click.option("--analog", multiple=True, help="force tensors analog: exact name or regex (repeatable)")
 @click.option("--digital", multiple=True, help="keep tensors digital: exact name or regex (repeatable)")
 @click.option("--dry-run", is_flag=True, help="print the placement table and totals; write nothing")
@@ -155,17 +179,34 @@ def _method_line(res: dict) -> str:
 @KEY_OPTION
 @click.option("--json", "as_json", is_flag=True, help="machine-readable summary on stdout")
 @method_options
-def convert_cmd(model: str, profile: str, out: Path | None, method: str, analog: tuple[str, ...],
-                digital: tuple[str, ...], dry_run: bool, force: bool, onnx: bool, seed: int,
-                dtype: str | None, key_file: Path | None, as_json: bool,
+@click.pass_context
+def convert_cmd(ctx: click.Context, model: str, profile: str, out: Path | None, method: str,
+                recipe_file: Path | None, analog: tuple[str, ...], digital: tuple[str, ...], dry_run: bool,
+                force: bool, onnx: bool, seed: int, dtype: str | None, key_file: Path | None, as_json: bool,
                 **method_opts: Any) -> None:
     """Convert MODEL (local HF folder, .gguf file or cached hub id) into a bundle for the chip PROFILE."""
     res = api.convert(
         model, profile, out=out, method=method, analog=analog, digital=digital, dry_run=dry_run,
-        force=force, seed=seed, progress=not as_json,
-        method_options=method_opts, onnx=onnx, dtype=dtype, key=_key(key_file),
+        force=force, seed=seed, progress=not as_json, recipe=recipe_file,
+        method_options=_given_method_options(ctx, method_opts), onnx=onnx, dtype=dtype, key=_key(key_file),
     )
     emit(res, as_json, _format_convert)
+
+
+# ------------------------------------------------------------------------------------------ recipe
+@cli.command("recipe", context_settings=CONTEXT)
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "output", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="write the recipe to this file (.json: JSON, else YAML) instead of printing it")
+@click.option("--json", "as_json", is_flag=True, help="print the recipe as JSON")
+def recipe_cmd(out: Path, output: Path | None, as_json: bool) -> None:
+    """Print (or write) the recipe bundle OUT was converted with; replay it with `convert --recipe FILE`."""
+    data = api.recipe_of(out)
+    if output is not None:
+        written = dump_recipe(Recipe.model_validate(data), output)
+        emit({"recipe": data, "written": str(written)}, as_json, lambda r: f"wrote {r['written']}")
+    else:
+        emit(data, as_json, lambda r: recipe_text(Recipe.model_validate(r)).rstrip())
 
 
 # -------------------------------------------------------------------------------------------- eval
@@ -243,7 +284,10 @@ def _format_inspect(res: dict) -> str:
             f"  {unit:<8}   {info['tensors']} tensors, {info['bytes'] / 1e6:.2f} MB, {info['tiles']} arrays, "
             f"kinds: {', '.join(info['kinds'])}"
         )
+    recipe = res.get("recipe")
+    steps = ("+".join(s["step"] for s in recipe["steps"]) or "none") if recipe is not None else "not recorded"
     transforms = ", ".join(t.get("type", "?") for t in res["transforms"]) or "none"
+    lines.append(f"  recipe     {steps}")
     lines.append(f"  transforms {transforms}")
     return "\n".join(lines)
 

@@ -461,39 +461,66 @@ def replan_tensors(
     """Place the tensors of a checkpoint that a method rewrote, keeping the conversion's ``placement``.
 
     A tensor that loads into a parameter ``placement`` already places (same in-memory name) keeps that
-    unit, unless one of the method's ``digital`` patterns names it (a method may keep a planned analog
-    tensor digital, e.g. the digital budget; it never makes a planned digital tensor analog). Tensors the
-    method created (e.g. HPD's factors) are decided by the rules with ``placement``'s overrides plus the
-    method's ``analog``/``digital`` patterns. Each method pattern must place a tensor. The result records
-    both sets of patterns as its overrides.
+    unit; only tensors the method created (e.g. HPD's factors) are decided, by the rules with
+    ``placement``'s overrides plus the method's ``analog``/``digital`` patterns, each of which must place
+    one of them. The result records both sets of patterns as its overrides.
     """
     drafts, tied = _tensor_drafts(shapes, adapter, "F32", tied_lm_head)
+    return _replan(drafts, adapter, placement, profile, (analog, digital), tied=tied)
+
+
+def replan_model(
+    model: nn.Module,
+    placement: Placement,
+    profile: ChipProfile,
+    analog: Sequence[str] = (),
+    digital: Sequence[str] = (),
+) -> Placement:
+    """The placement of ``model``'s parameters after a recipe step, keeping ``placement`` (the model's
+    placement before the step: on-disk keys or in-memory names).
+
+    Every parameter ``placement`` records (by in-memory name, as :func:`model_placement` reads it) keeps
+    its unit, unless one of the step's ``analog``/``digital`` patterns matches it; parameters the step
+    created (HPD's factors) and those its patterns match are decided by the rules with every override so
+    far (``placement``'s plus the step's; digital wins). Each of the step's patterns must match a tensor
+    (ModelInputError naming it). The result names in-memory parameters and records all the overrides.
+    """
+    adapter = get_adapter(model.config)
+    return _replan(_model_drafts(model, adapter), adapter, placement, profile, (analog, digital),
+                   patterns_override_recorded=True)  # fmt: skip
+
+
+def _replan(
+    drafts: Iterable[TensorInfo],
+    adapter: ArchAdapter,
+    placement: Placement,
+    profile: ChipProfile,
+    step_patterns: tuple[Sequence[str], Sequence[str]],
+    tied: frozenset[str] = frozenset(),
+    patterns_override_recorded: bool = False,
+) -> Placement:
+    """Place ``drafts`` keeping ``placement``'s recorded units (see :func:`replan_tensors` and
+    :func:`replan_model`); ``step_patterns`` = (analog, digital) added by a method."""
+    analog, digital = step_patterns
     user_analog, user_digital = _parse_patterns(placement.overrides["analog"], placement.overrides["digital"])
     method_analog, method_digital = _parse_patterns(analog, digital)
+    step = [*method_digital, *method_analog]
     rules = _by_rules(profile, [*user_analog, *method_analog], [*user_digital, *method_digital], tied)
     recorded = _recorded_units(placement)
 
     def decide(info: TensorInfo) -> tuple[Unit, str]:
         if not recorded.covers(info):
             return rules(info)
-        unit, reason = recorded(info)
-        kept = _method_keeps_digital(info, method_digital)
-        return ("digital", f"method keeps digital ({kept})") if kept and unit == "analog" else (unit, reason)
+        candidates = _candidates(info.name, info.memory_name, info.aliases)
+        if patterns_override_recorded and any(p.match(candidates) for p in step):
+            return rules(info)
+        return recorded(info)
 
     infos = [_placed(draft, adapter, profile, decide) for draft in drafts]
-    _check_patterns([*method_digital, *method_analog])
+    _check_patterns(step)
     overrides = {"analog": (*placement.overrides["analog"], *analog),
                  "digital": (*placement.overrides["digital"], *digital)}  # fmt: skip
     return Placement.of(infos, profile, overrides)
-
-
-def _method_keeps_digital(info: TensorInfo, patterns: Sequence[_Pattern]) -> str | None:
-    """The first of a method's ``digital`` patterns naming the planned tensor ``info`` (counted as a hit)."""
-    candidates = _candidates(info.name, info.memory_name, info.aliases)
-    hits = [p for p in patterns if p.match(candidates)]
-    for pattern in hits:
-        pattern.hits += 1
-    return hits[0].text if hits else None
 
 
 # ------------------------------------------------------------------ a placement read back

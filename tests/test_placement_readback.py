@@ -162,16 +162,3 @@ def test_replan_keeps_planned_units_and_places_only_new_tensors() -> None:
     assert placement.overrides["analog"] == ("lm_head.analog.weight",)
     with pytest.raises(ModelInputError, match="matches no tensor"):
         replan_tensors(planned, rewritten, adapter, CHIP_A, analog=["lm_head.nothing.weight"])
-
-
-def test_replan_lets_a_method_keep_a_planned_analog_tensor_digital() -> None:
-    """A method's digital names may move a planned analog tensor digital (the digital budget), never back."""
-    adapter = get_adapter("llama")
-    up, down = "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight"
-    shapes = {up: (64, 32), down: (32, 64)}
-    planned = _flip(plan_tensors(shapes, adapter, CHIP_A), up, "digital")
-    placement = replan_tensors(planned, shapes, adapter, CHIP_A, digital=[down, up])
-    assert placement.get(down).unit == "digital" and placement.get(up).unit == "digital"
-    assert placement.overrides["digital"] == (down, up)
-    with pytest.raises(ModelInputError, match="matches no tensor"):  # a planned tensor never turns analog
-        replan_tensors(planned, shapes, adapter, CHIP_A, analog=[up])

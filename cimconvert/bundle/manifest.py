@@ -160,6 +160,29 @@ class TransformEntry(Entry):
     targets: list[str] = Field(default_factory=list)
 
 
+RECIPE_SCHEMA_VERSION = 1
+
+
+class RecipeStep(Entry):
+    """One step of a recipe: a registered method (or placement step), its options and its seed."""
+
+    step: str = Field(description="registered method name (romer, hpd, keep_digital, ...)")
+    options: dict[str, Any] = Field(default_factory=dict, description="the method's options (in a manifest: "
+                                    "every option, defaults filled in)")  # fmt: skip
+    seed: int | None = Field(default=None, description="the step's seed (null: the conversion's --seed; in a "
+                             "manifest: always resolved)")  # fmt: skip
+
+
+class Recipe(Entry):
+    """A conversion as an ordered list of steps (docs/RECIPES.md); ``family`` / ``model_type`` name the
+    architecture it was made for (checked against the model when present)."""
+
+    schema_version: Literal[1] = RECIPE_SCHEMA_VERSION
+    family: str | None = Field(default=None, description="model family (moe, ssm, dense) it was made for")
+    model_type: str | None = Field(default=None, description="HF model_type it was made for")
+    steps: list[RecipeStep] = Field(default_factory=list, description="run in order on the same model")
+
+
 class Totals(Entry):
     """Counts and sizes over the whole bundle."""
 
@@ -187,6 +210,10 @@ class Manifest(Entry):
     placement_config: PlacementConfig
     scales_file: str | None = Field(default=None, description="safetensors file of the analog scales")
     tensors: list[TensorEntry]
+    recipe: Recipe | None = Field(
+        default=None,
+        description="the recipe the conversion ran (absent in bundles written before recipes existed)",
+    )
     transforms: list[TransformEntry] = Field(default_factory=list)
     seeds: dict[str, int | list[int]] = Field(default_factory=dict)
     extra: dict[str, Any] = Field(default_factory=dict)

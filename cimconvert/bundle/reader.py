@@ -223,6 +223,7 @@ def inspect_bundle(out: str | Path, verify: bool = True, key: bytes | str | None
         "created": manifest.created,
         "units": {unit: _unit_summary(manifest, unit) for unit in ("analog", "digital")},
         "totals": manifest.totals.model_dump(exclude={"placement"}),
+        "recipe": None if manifest.recipe is None else manifest.recipe.model_dump(mode="json"),
         "transforms": [t.model_dump() for t in manifest.transforms],
         "seeds": dict(manifest.seeds),
         "files": len(manifest.files),

@@ -21,26 +21,36 @@ def _kind_rows(manifest: Manifest) -> list[str]:
     return lines
 
 
-def _table(title: str, rows: list[dict]) -> list[str]:
-    """A Markdown table of a report's list of flat rows (columns: the first row's keys)."""
+def _table(title: str, rows: list[dict], indent: str = "   ") -> list[str]:
+    """A Markdown table of a report's list of flat rows (columns: the first row's keys), under a list item."""
     if not rows:
-        return ["", f"{title}: none"]
+        return [f"{indent}- {title}: none"]
     columns = list(rows[0])
-    lines = ["", f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    return lines + ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    head = [
+        f"{indent}- {title}:",
+        "",
+        f"{indent}| " + " | ".join(columns) + " |",
+        indent + "|---" * len(columns) + "|",
+    ]
+    body = [f"{indent}| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return [*head, *body, ""]
 
 
-def _method_rows(extra: dict) -> list[str]:
-    """The method and the scalar figures of its report (e.g. HPD's digital overhead per token), plus a
-    table for each report key the method lists under ``tables`` (e.g. the digital budget's choice)."""
-    method = extra.get("method")
-    if not method or method == "none":
+def _method_rows(manifest: Manifest) -> list[str]:
+    """The recipe's steps and the scalar figures of each step's report (e.g. HPD's digital overhead), plus
+    a table for each report key a step lists under ``tables`` (e.g. the digital budget's choice)."""
+    steps = manifest.recipe.steps if manifest.recipe is not None else []
+    if not steps:
         return []
-    report = extra.get("method_report") or {}
-    scalars = {k: v for k, v in report.items() if isinstance(v, int | float | str) and k != "method"}
-    lines = ["", f"## Method: {method}", "", *[f"- {k}: {v}" for k, v in scalars.items()]]
-    for key in report.get("tables") or []:
-        lines += _table(key, list(report.get(key) or []))
+    reports = manifest.extra.get("method_report") or {}
+    lines = ["", "## Recipe", ""]
+    for index, step in enumerate(steps, 1):
+        lines.append(f"{index}. `{step.step}` (seed {step.seed})")
+        report = reports.get(f"{index}:{step.step}") or {}
+        scalars = {k: v for k, v in report.items() if isinstance(v, int | float | str) and k != "method"}
+        lines += [f"   - {k}: {v}" for k, v in scalars.items()]
+        for key in report.get("tables") or []:
+            lines += _table(key, list(report.get(key) or []))
     return lines
 
 
@@ -79,7 +89,7 @@ def render_report(manifest: Manifest) -> str:
             lines.append(f"- `{x.id}`: {x.type} on {len(x.targets)} target(s); params: {keys}")
     else:
         lines.append("none (plain conversion)")
-    lines += _method_rows(manifest.extra)
+    lines += _method_rows(manifest)
     if manifest.seeds:
         lines += ["", "## Seeds", "", *[f"- {k}: {v}" for k, v in sorted(manifest.seeds.items())]]
     lines += ["", "Checksums of every file are in `manifest.json`; verify with `cimconvert inspect`.", ""]

@@ -39,6 +39,7 @@ from cimconvert.bundle.manifest import (
     PlacementGroup,
     Producer,
     ProfileInfo,
+    Recipe,
     SourceInfo,
     TensorEntry,
     TileGridEntry,
@@ -470,6 +471,7 @@ def write_bundle(
     origin: SourceCheckpoint | None = None,
     finalize: Callable[[Path, Manifest], dict[str, Any]] | None = None,
     key: bytes | str | None = None,
+    recipe: dict[str, Any] | None = None,
 ) -> BundleSummary:
     """Write the bundle for ``source`` placed by ``placement`` into ``out`` (atomically).
 
@@ -483,7 +485,8 @@ def write_bundle(
     ``finalize(tmp_folder, manifest)`` runs before the manifest is written (e.g. the ONNX export): files it
     adds to the folder are hashed into ``manifest.files`` and the dict it returns is merged into
     ``manifest.extra``, so the bundle appears complete or not at all. ``bundle.lock`` (the manifest's
-    sha256, plus an HMAC with ``key`` or ``$CIMCONVERT_SIGNING_KEY``) is written last. The exclusive lock
+    sha256, plus an HMAC with ``key`` or ``$CIMCONVERT_SIGNING_KEY``) is written last. ``recipe`` (the
+    resolved recipe of the conversion, ``Recipe`` fields) becomes ``manifest.recipe``. The exclusive lock
     on OUT is held throughout (see :mod:`cimconvert.bundle.outdir`).
     Raises BundleError / ModelInputError (one line).
     """
@@ -496,7 +499,7 @@ def write_bundle(
         _check_analog_dtypes(metas, infos)
         shards, where = plan_shards(metas, {m.name: infos[m.name].unit for m in metas}, max_shard_size)
         plan = _Plan(metas, infos, shards, where, [TransformEntry.model_validate(t) for t in transforms])
-        recorded = _Recorded(seeds or {}, extra or {}, origin or source, finalize, key)
+        recorded = _Recorded(seeds or {}, extra or {}, origin or source, finalize, key, recipe)
         manifest = _write_in_tmp(source, out, profile, placement, plan, recorded, force, progress)
     return BundleSummary(
         out=out,
@@ -529,6 +532,7 @@ class _Recorded:
     origin: SourceCheckpoint
     finalize: Callable[[Path, Manifest], dict[str, Any]] | None
     key: bytes | str | None
+    recipe: dict[str, Any] | None = None
 
 
 def _check_analog_dtypes(metas: list[TensorMeta], infos: dict[str, Any]) -> None:
@@ -608,6 +612,7 @@ def _assemble(
         placement_config=_placement_config(entries, profile, placement),
         scales_file=scales_file,
         tensors=entries,
+        recipe=None if recorded.recipe is None else Recipe.model_validate(recorded.recipe),
         transforms=plan.transforms,
         seeds=json.loads(json.dumps(recorded.seeds)),
         extra=json.loads(json.dumps(recorded.extra, default=str)),

@@ -9,6 +9,7 @@ options as data so the CLI builds its flags from the registry.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,11 +31,49 @@ class MethodOption:
     help: str
     multiple: bool = False
     choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
 
     @property
     def flag(self) -> str:
         """The command-line flag, e.g. ``calib_samples`` → ``--calib-samples``."""
         return "--" + self.name.replace("_", "-")
+
+    def check(self, value: Any, where: str) -> Any:
+        """``value`` checked against the declared type, choices and range (a list → tuple when
+        ``multiple``); ``where`` prefixes the one-line CimError (e.g. ``recipe step 1 (hpd)``)."""
+        if self.multiple:
+            items = [value] if isinstance(value, str | int | float) else value
+            if not isinstance(items, list | tuple):
+                raise CimError(f"{where}: option '{self.name}' expects a list of {self.type.__name__}")
+            return tuple(self._check_one(item, where) for item in items)
+        return self._check_one(value, where)
+
+    def _check_one(self, value: Any, where: str) -> Any:
+        """One scalar value checked (see :meth:`check`)."""
+        if value is None and self.default is None:
+            return None
+        typed = _typed(value, self.type)
+        if typed is None:
+            raise CimError(f"{where}: option '{self.name}' expects a {self.type.__name__}, got {value!r}")
+        value = typed
+        if self.choices is not None and value not in self.choices:
+            raise CimError(f"{where}: option '{self.name}' must be one of {', '.join(self.choices)} "
+                           f"(got {value!r})")  # fmt: skip
+        if self.minimum is not None and value < self.minimum:
+            raise CimError(f"{where}: option '{self.name}' must be >= {self.minimum:g} (got {value})")
+        if self.maximum is not None and value > self.maximum:
+            raise CimError(f"{where}: option '{self.name}' must be <= {self.maximum:g} (got {value})")
+        return value
+
+
+def _typed(value: Any, kind: type) -> Any:
+    """``value`` as ``kind`` when it is one (an int is a float; a bool is neither), else None."""
+    if isinstance(value, bool):
+        return value if kind is bool else None
+    if kind is float and isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return value if isinstance(value, kind) and kind is not float else None
 
 
 @dataclass
@@ -70,16 +109,30 @@ class Method(Protocol):
 
 
 METHODS: dict[str, Method] = {}
-#: Model family → the method ``--method auto`` picks.
-AUTO: dict[str, str] = {}
+#: Model family → the steps of the recipe ``--method auto`` runs for it (``{"step": name, "options": {...}}``
+#: each, in order). The one place the default recipes live: ``register_method(..., auto_for=...)`` sets a
+#: one-step default, :func:`set_auto_recipe` any other.
+AUTO: dict[str, list[dict[str, Any]]] = {}
 
 
 def register_method(method: Method, auto_for: tuple[str, ...] = ()) -> Method:
-    """Add a method to the registry; ``auto_for`` lists the families for which ``auto`` selects it."""
+    """Add a method to the registry; ``auto_for`` lists the families whose ``auto`` recipe is this method
+    alone (with its default options)."""
     METHODS[method.name] = method
     for family in auto_for:
-        AUTO[family] = method.name
+        set_auto_recipe(family, [{"step": method.name}])
     return method
+
+
+def set_auto_recipe(family: str, steps: list[dict[str, Any]]) -> None:
+    """Make ``steps`` (``{"step": name, "options": {...}, "seed": int|None}`` each) the ``auto`` recipe of
+    ``family``; an empty list means no method."""
+    AUTO[family] = [dict(step) for step in steps]
+
+
+def auto_steps(family: str) -> list[dict[str, Any]]:
+    """The steps ``--method auto`` runs for ``family`` (a copy; empty: none)."""
+    return [dict(step) for step in AUTO.get(family, [])]
 
 
 def available_methods() -> list[str]:
@@ -87,19 +140,30 @@ def available_methods() -> list[str]:
     return ["auto", "none", *sorted(METHODS)]
 
 
+def unknown_method(name: str, what: str = "method") -> CimError:
+    """The one-line error for a name that is no registered method."""
+    return CimError(f"unknown {what} '{name}' (available: {', '.join(sorted(METHODS))})")
+
+
+def check_family(name: str, family: str, where: str = "") -> None:
+    """CimError when method ``name`` does not apply to a model of ``family`` (``where`` prefixes it)."""
+    method = METHODS[name]
+    if family not in method.families:
+        families = "/".join(method.families)
+        prefix = f"{where}: " if where else ""
+        raise CimError(f"{prefix}method '{name}' applies to {families} models, not to a {family} model")
+
+
 def resolve_method(name: str, family: str) -> str:
-    """Resolve ``auto`` for a model family and check that the method applies to it."""
+    """Resolve ``auto`` for a model family (its default steps joined by ``+``; ``none`` when empty) and
+    check that a named method applies to it."""
     if name == "auto":
-        return AUTO.get(family, "none")
+        return "+".join(step["step"] for step in auto_steps(family)) or "none"
     if name == "none":
         return name
     if name not in METHODS:
         raise CimError(f"unknown method '{name}' (available: {', '.join(available_methods())})")
-    method = METHODS[name]
-    if family not in method.families:
-        raise CimError(
-            f"method '{name}' applies to {'/'.join(method.families)} models, not to a {family} model"
-        )
+    check_family(name, family)
     return name
 
 
@@ -113,10 +177,14 @@ def all_options() -> list[MethodOption]:
 
 
 def option_values(method: str, given: dict[str, Any]) -> dict[str, Any]:
-    """The options of ``method`` with defaults filled in from ``given`` (CLI or API kwargs)."""
+    """The options of ``method`` with defaults filled in from ``given`` (CLI or API kwargs), each given
+    value checked (:meth:`MethodOption.check`); keys of other methods' options are ignored."""
     if method not in METHODS:
         return {}
-    return {opt.name: given.get(opt.name, opt.default) for opt in METHODS[method].options}
+    return {
+        opt.name: opt.check(given[opt.name], f"--method {method}") if opt.name in given else opt.default
+        for opt in METHODS[method].options
+    }
 
 
 ProgressFn = Callable[[str], None]

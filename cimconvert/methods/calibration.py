@@ -33,8 +33,10 @@ def calibration_options() -> tuple[MethodOption, ...]:
             "calib_data", str, DEFAULT_CALIB_DATA,
             "calibration text: a shipped corpus name (calib, heldout, wikitext2, ...) or a UTF-8 text file",
         ),
-        MethodOption("calib_samples", int, DEFAULT_CALIB_SAMPLES, "number of calibration sequences"),
-        MethodOption("calib_seq_len", int, DEFAULT_CALIB_SEQ_LEN, "tokens per calibration sequence"),
+        MethodOption("calib_samples", int, DEFAULT_CALIB_SAMPLES, "number of calibration sequences",
+                     minimum=1),
+        MethodOption("calib_seq_len", int, DEFAULT_CALIB_SEQ_LEN, "tokens per calibration sequence",
+                     minimum=2),
     )  # fmt: skip
 
 

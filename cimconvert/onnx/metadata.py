@@ -38,6 +38,7 @@ def _manifest_fields(manifest: Any) -> dict[str, str]:
         "transforms": json.dumps([{"id": t.id, "type": t.type} for t in manifest.transforms]),
         "seeds": json.dumps(dict(manifest.seeds)),
         "method": str((manifest.extra or {}).get("method", "none")),
+        "recipe": json.dumps(None if manifest.recipe is None else manifest.recipe.model_dump(mode="json")),
     }
 
 

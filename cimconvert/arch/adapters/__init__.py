@@ -7,16 +7,7 @@ other edit. Modules are imported in name order (a module may import another one'
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+from cimconvert.plugins import import_submodules
 
-
-def _import_all() -> list[str]:
-    """Import (and so register) every adapter module of this package; returns their names."""
-    names = sorted(info.name for info in pkgutil.iter_modules(__path__) if not info.name.startswith("_"))
-    for name in names:
-        importlib.import_module(f"{__name__}.{name}")
-    return names
-
-
-MODULES = _import_all()
+#: the adapter modules, imported (and so registered) in name order
+MODULES = import_submodules(__name__, __path__)

@@ -31,17 +31,13 @@ VALUE = "log(PPL with noise in this tensor only / clean PPL), clipped at 0"
 
 # ------------------------------------------------------------------------------------- options
 def check_options(options: dict[str, Any]) -> tuple[float, str]:
-    """The budget (percent) and cost kind, checked (one-line CimErrors)."""
-    budget = float(options.get("digital_budget", 5.0))
-    if not 0.0 <= budget <= 100.0:  # NaN fails too
-        raise CimError(f"--digital-budget must be a percentage in 0..100 (got {budget:g})")
-    cost = str(options.get("budget_cost") or "macs")
-    if cost not in COSTS:
-        raise CimError(f"unknown --budget-cost '{cost}' (choose from {', '.join(COSTS)})")
-    for name, least in (("budget_scan_tokens", 16), ("budget_scan_seeds", 1)):
-        if options.get(name) is not None and int(options[name]) < least:
-            raise CimError(f"--{name.replace('_', '-')} must be at least {least}")
-    return budget, cost
+    """The budget (percent) and cost kind, checked against the declared options (one-line CimErrors) for a
+    caller that did not go through ``option_values`` (the CLI and recipes already did)."""
+    declared = {opt.name: opt for opt in DigitalBudgetMethod.options}
+    for name, value in options.items():
+        if name in declared and value is not None:
+            declared[name].check(value, f"--method {NAME}")
+    return float(options.get("digital_budget", 5.0)), str(options.get("budget_cost") or "macs")
 
 
 def cost_function(cost: str, adapter: Any, config: Any) -> Callable[[TensorInfo], float]:
@@ -150,14 +146,16 @@ class DigitalBudgetMethod:
     families: tuple[str, ...] = ("dense", "moe", "ssm")
     options = (
         MethodOption("digital_budget", float, 5.0,
-                     "digital budget: percent (0..100) of the analog cost kept digital"),
+                     "digital budget: percent (0..100) of the analog cost kept digital",
+                     minimum=0.0, maximum=100.0),
         MethodOption("budget_cost", str, "macs",
-                     "digital budget: tensor cost, macs (analog MACs per token) or weights (weight count)"),
+                     "digital budget: tensor cost, macs (analog MACs per token) or weights (weight count)",
+                     choices=tuple(COSTS)),
         MethodOption("budget_scan", str, None,
                      "digital budget: layer sensitivity JSON from `cimconvert analyze --granularity layer` "
                      "[a quick scan on the calibration text]"),
-        MethodOption("budget_scan_tokens", int, 2048, "digital budget: tokens of the quick scan"),
-        MethodOption("budget_scan_seeds", int, 2, "digital budget: noise seeds of the quick scan"),
+        MethodOption("budget_scan_tokens", int, 2048, "digital budget: tokens of the quick scan", minimum=16),
+        MethodOption("budget_scan_seeds", int, 2, "digital budget: noise seeds of the quick scan", minimum=1),
     )  # fmt: skip
 
     def apply(self, model: nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],

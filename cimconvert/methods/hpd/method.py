@@ -147,9 +147,11 @@ class HpdMethod:
             "hadamard = fixed Hadamard rotation baseline",
             choices=tuple(FACTORS),
         ),
-        MethodOption("hpd_rank", int, None, "HPD: keep only the top-r singular triplets [full rank, exact]"),
+        MethodOption(
+            "hpd_rank", int, None, "HPD: keep only the top-r singular triplets [full rank, exact]", minimum=1
+        ),
         MethodOption("hpd_scan", str, None, "HPD: sensitivity JSON from `cimconvert analyze` (for auto)"),
-        MethodOption("hpd_auto_top", int, 1, "HPD: number of layers 'auto' takes from the scan"),
+        MethodOption("hpd_auto_top", int, 1, "HPD: number of layers 'auto' takes from the scan", minimum=1),
     )
 
     def apply(self, model: nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],

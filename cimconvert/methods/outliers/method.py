@@ -1,0 +1,174 @@
+"""The ``outlier_channels`` method: calibration maxima per input channel, the split, its manifest entry.
+
+Why it helps (measured on SmolLM2-135M, docs/ROBUSTNESS.md): the chip scales every input vector by its
+largest entry before the DAC (noise management), so a handful of channels whose activations are 10–100×
+the median leave the other channels a few DAC steps each, and the analog output sits close to the output
+noise and the ADC step. Running those channels digitally lets the crossbar see a well-scaled input.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from cimconvert.analog.routes import route_of
+from cimconvert.errors import CimError
+from cimconvert.methods.base import MethodOption, MethodResult
+from cimconvert.methods.calibration import calibration_options, calibration_tokens, iter_batches
+from cimconvert.placement import Placement, model_placement, plan_model
+from cimconvert.profiles import ChipProfile
+from cimconvert.transforms.hpd_split import replace_module
+from cimconvert.transforms.outlier_split import (
+    ANALOG,
+    DIGITAL,
+    TRANSFORM_TYPE,
+    OutlierSplitLinear,
+    layer_params,
+)
+
+DEFAULT_PERCENT = 3.0
+#: Largest share of a layer's input channels the method moves (beyond it, keep the layer digital).
+MAX_PERCENT = 50.0
+
+
+def candidate_layers(model: nn.Module, profile: ChipProfile, placement: Placement | None) -> list[str]:
+    """Module paths of the analog ``nn.Linear`` layers the split applies to (in model order).
+
+    Fused experts, GPT-2 ``Conv1D`` and weight-only modules (Mamba ``dt_proj``) are left as they are.
+    """
+    placed = model_placement(model, placement, profile) if placement else plan_model(model, profile)
+    names = []
+    for info in placed.analog():
+        module_path, _, attr = info.name.rpartition(".")
+        if attr != "weight" or route_of(model, info.name) != "linear":
+            continue
+        if type(model.get_submodule(module_path)) is nn.Linear:
+            names.append(module_path)
+    return names
+
+
+@torch.no_grad()
+def channel_maxima(model: nn.Module, layers: Sequence[str], tokens: torch.Tensor, batch_size: int = 8):
+    """max |x_j| over the calibration ``tokens`` for every input channel j of each layer in ``layers``."""
+    maxima: dict[str, torch.Tensor] = {}
+
+    def hook_for(name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach()
+            seen = x.reshape(-1, x.shape[-1]).abs().amax(0).float()
+            maxima[name] = torch.maximum(maxima[name], seen) if name in maxima else seen
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in layers]
+    try:
+        model.eval()
+        for batch in iter_batches(tokens, batch_size):
+            model(input_ids=batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [name for name in layers if name not in maxima]
+    if missing:
+        raise CimError(f"outlier_channels: layer '{missing[0]}' never ran on the calibration text")
+    return maxima
+
+
+def channels_for(in_features: int, percent: float) -> int:
+    """How many input channels ``percent`` % of ``in_features`` keeps digital (at least one)."""
+    return max(1, math.ceil(percent / 100.0 * in_features - 1e-9))
+
+
+def split_outliers(
+    model: nn.Module, maxima: dict[str, torch.Tensor], percent: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split every layer of ``maxima`` in place (its top ``percent`` % channels digital).
+
+    Returns (manifest layer params, report rows).
+    """
+    layers, rows = [], []
+    for name, channel_max in maxima.items():
+        linear = model.get_submodule(name)
+        k = channels_for(linear.in_features, percent)
+        top = torch.topk(channel_max, k).indices.tolist()
+        split = OutlierSplitLinear.from_linear(linear, top)
+        replace_module(model, name, split)
+        layers.append(layer_params(name, split))
+        kept = channel_max[split.analog_index]
+        rows.append({
+            "layer": name,
+            "digital_channels": k,
+            "in_features": linear.in_features,
+            "digital_macs_per_token": k * linear.out_features,
+            "digital_extra_bytes": k * linear.out_features * linear.weight.element_size(),
+            "analog_macs_per_token": (linear.in_features - k) * linear.out_features,
+            "input_max_before": float(channel_max.max()),
+            "input_max_after": float(kept.max()),
+            "input_median": float(channel_max.median()),
+        })  # fmt: skip
+    return layers, rows
+
+
+def _report(rows: list[dict[str, Any]], percent: float, tokens: torch.Tensor) -> dict[str, Any]:
+    digital = sum(r["digital_macs_per_token"] for r in rows)
+    total = digital + sum(r["analog_macs_per_token"] for r in rows)
+    ratios = [r["input_max_before"] / max(r["input_max_after"], 1e-30) for r in rows]
+    return {
+        "method": "outlier_channels",
+        "percent": percent,
+        "layers": len(rows),
+        "calibration_tokens": int(tokens.numel()),
+        "digital_macs_per_token": digital,
+        "digital_extra_bytes": sum(r["digital_extra_bytes"] for r in rows),
+        "split_layers_macs_per_token": total,
+        "digital_share_of_split_layers_pct": 100.0 * digital / total if total else 0.0,
+        "median_input_range_reduction": float(torch.tensor(ratios).median()) if ratios else 1.0,
+        "rows": rows,
+    }
+
+
+class OutlierChannelsMethod:
+    """Keep each analog linear layer's largest-activation input channels digital (exact split)."""
+
+    name = "outlier_channels"
+    families: tuple[str, ...] = ("dense", "moe", "ssm")
+    options = (
+        MethodOption(
+            "outlier_percent", float, DEFAULT_PERCENT,
+            "outlier_channels: % of each analog linear layer's input channels kept digital (those with the "
+            "largest calibration activations)",
+        ),
+        *calibration_options(),
+    )  # fmt: skip
+
+    def apply(self, model: nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],
+              progress: bool = True, placement: Placement | None = None) -> MethodResult:  # fmt: skip
+        """Measure the calibration maxima of every analog linear layer and split off its outlier channels."""
+        percent = float(options.get("outlier_percent", DEFAULT_PERCENT))
+        if not 0.0 < percent <= MAX_PERCENT:
+            raise CimError(f"--outlier-percent must be in (0, {MAX_PERCENT:g}] (got {percent:g})")
+        layers = candidate_layers(model, profile, placement)
+        if not layers:
+            raise CimError("outlier_channels: the model has no analog linear layer to split")
+        tokens = calibration_tokens(model, options)
+        if progress:
+            print(f"outlier_channels: calibration maxima of {len(layers)} layers on {tokens.numel()} tokens")
+        maxima = channel_maxima(model, layers, tokens)
+        params, rows = split_outliers(model, maxima, percent)
+        entry = {
+            "id": "outlier-channels",
+            "type": TRANSFORM_TYPE,
+            "params": {"percent": percent, "order": "y = analog(x[analog]) + digital(x[digital])",
+                       "layers": params},
+            "targets": [f"{p['module']}.{part}.weight" for p in params for part in (ANALOG, DIGITAL)],
+        }  # fmt: skip
+        return MethodResult(
+            transforms=[entry],
+            report=_report(rows, percent, tokens),
+            analog=[f"{p['module']}.{ANALOG}.weight" for p in params],
+            digital=[f"{p['module']}.{DIGITAL}.weight" for p in params],
+        )
