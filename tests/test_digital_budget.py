@@ -178,6 +178,25 @@ def test_conversion_keeps_exactly_the_chosen_tensors_digital(olmoe_scan: Path, t
     assert summary["graph_matches_placement"] and summary["passed"], summary
 
 
+def test_budget_after_an_hpd_step_skips_the_split_layer(olmoe_scan: Path, tmp_path: Path) -> None:
+    """In a recipe, a layer an earlier step split is no candidate (the scan names its old weight)."""
+    layer = "model.layers.3.self_attn.o_proj"
+    budget = {"digital_budget": 10, "budget_scan": str(olmoe_scan)}
+    steps = [
+        {"step": "hpd", "options": {"hpd_layers": [layer]}},
+        {"step": "digital_budget", "options": budget},
+    ]
+    recipe = {"steps": steps}
+    (tmp_path / "recipe.json").write_text(json.dumps(recipe))
+    out = tmp_path / "bundle"
+    res = json.loads(api_cli([str(DEMO_OLMOE), "-p", "chipA", "--recipe", str(tmp_path / "recipe.json"),
+                              "-o", str(out), "--no-onnx", "--json"]))  # fmt: skip
+    report = res["method_report"]["2:digital_budget"]
+    assert report["scan_replaced"] == [f"{layer}.weight"] and report["tensors_moved"] > 0
+    units = {t["name"]: t["unit"] for t in json.loads((out / "manifest.json").read_text())["tensors"]}
+    assert units[f"{layer}.analog.weight"] == "analog"
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -68,25 +68,41 @@ def scan_for(model: nn.Module, analog: Sequence[TensorInfo], profile: ChipProfil
     return {**scan, "source": "quick scan on calib"}
 
 
-def tensor_values(scan: dict[str, Any], known: set[str]) -> dict[str, float]:
-    """Value per tensor named by the scan (see :data:`VALUE`); a name ``known`` lacks is a CimError."""
-    clean = float(scan.get("clean_ppl") or 0.0)
-    rows = scan.get("rows")
-    if clean <= 0 or not isinstance(rows, list):
-        raise CimError("--budget-scan: not a sensitivity scan (no clean_ppl / rows)")
+def tensor_values(scan: dict[str, Any], model: nn.Module) -> tuple[dict[str, float], list[str]]:
+    """Value per tensor named by the scan (see :data:`VALUE`), and the names an earlier step replaced.
+
+    A scanned tensor that ``model`` no longer has but whose module it still has (a layer an earlier recipe
+    step split, e.g. HPD) is no candidate; one whose module it lacks too is a CimError: a scan of another
+    model.
+    """
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    modules = {name for name, _ in model.named_modules()}
     values: dict[str, float] = {}
-    for row in rows:
-        for name in row.get("tensors") or []:
-            if name not in known:
-                raise CimError(f"--budget-scan: the scan names '{name}', which this model does not have "
-                               "(a scan of another model?)")  # fmt: skip
-            values[name] = max(0.0, math.log(float(row["ppl_mean"]) / clean))
-    return values
+    replaced: list[str] = []
+    for name, ppl in _scanned(scan):
+        if name in params:
+            values[name] = max(0.0, math.log(ppl / float(scan["clean_ppl"])))
+        elif name.rpartition(".")[0] in modules:
+            replaced.append(name)
+        else:
+            raise CimError(f"--budget-scan: the scan names '{name}', which this model does not have "
+                           "(a scan of another model?)")  # fmt: skip
+    return values, replaced
 
 
-def _known_names(placement: Placement) -> set[str]:
-    """Every in-memory name of the model's parameters (aliases included)."""
-    return {name for info in placement for name in (info.name, *info.aliases)}
+def _scanned(scan: dict[str, Any]) -> list[tuple[str, float]]:
+    """(tensor, mean noisy PPL) for every tensor of every row; CimError when the JSON is no scan."""
+    try:
+        if not float(scan["clean_ppl"]) > 0:
+            raise ValueError("clean_ppl")
+        pairs = [(str(name), float(row["ppl_mean"])) for row in scan["rows"] for name in row["tensors"]]
+    except (KeyError, TypeError, ValueError):
+        raise CimError(
+            "--budget-scan: not a sensitivity scan of `cimconvert analyze` (clean_ppl, rows)"
+        ) from None
+    if any(not ppl > 0 for _, ppl in pairs):
+        raise CimError("--budget-scan: a row has a non-positive perplexity")
+    return pairs
 
 
 # ---------------------------------------------------------------------------------------- apply
@@ -167,9 +183,9 @@ class DigitalBudgetMethod:
         costs = cost_function(cost, adapter, model.config)
         total = sum(costs(info) for info in analog)
         scan = scan_for(model, analog, profile, options, progress) if analog else {"source": "none"}
-        values = tensor_values(scan, _known_names(current)) if analog else {}
+        values, replaced = tensor_values(scan, model) if analog else ({}, [])
         items = [Item(info.name, values[info.name], costs(info)) for info in analog if info.name in values]
         chosen = choose(items, total * budget / 100.0)
         infos = {info.name: info for info in analog}
-        report = budget_report(budget, cost, total, chosen, items, infos, scan)
+        report = {**budget_report(budget, cost, total, chosen, items, infos, scan), "scan_replaced": replaced}
         return MethodResult(report=report, digital=[item.name for item in chosen])
