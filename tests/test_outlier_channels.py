@@ -11,8 +11,9 @@ from tiny_models import VOCAB, build_tiny
 from torch import nn
 
 from cimconvert import api
+from cimconvert.methods.calibration import analog_linear_layers
 from cimconvert.methods.outliers import OutlierChannelsMethod, channel_maxima
-from cimconvert.methods.outliers.method import candidate_layers, channels_for
+from cimconvert.methods.outliers.method import channels_for
 from cimconvert.profiles import load_profile
 from cimconvert.transforms.outlier_split import OutlierSplitLinear, expected_key_changes
 from cimconvert.validate import validate
@@ -56,7 +57,7 @@ def test_channel_maxima_finds_a_planted_outlier() -> None:
 def test_method_splits_every_analog_linear_and_keeps_logits() -> None:
     model = build_tiny("llama")
     chip = load_profile("chipA")
-    layers = candidate_layers(model, chip, None)
+    layers = analog_linear_layers(model, chip, None)
     assert len(layers) == 14  # 2 blocks x (q, k, v, o, gate, up, down); lm_head is digital
     ref = model(input_ids=_tokens(1)).logits
     result = OutlierChannelsMethod().apply(

@@ -13,10 +13,14 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
+from cimconvert.analog.routes import route_of
 from cimconvert.datasets import load_text, token_ids
 from cimconvert.errors import CimError
 from cimconvert.methods.base import MethodOption
+from cimconvert.placement import Placement, model_placement, plan_model
+from cimconvert.profiles import ChipProfile
 
 if TYPE_CHECKING:
     from cimconvert.methods.base import MethodOption
@@ -108,3 +112,19 @@ def calibration_tokens(model: torch.nn.Module, options: dict[str, Any]) -> torch
 def iter_batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Split ``[samples, seq_len]`` calibration tokens into batches of at most ``batch_size`` rows."""
     return list(torch.split(tokens, max(1, batch_size), dim=0))
+
+
+def analog_linear_layers(model: nn.Module, profile: ChipProfile, placement: Placement | None) -> list[str]:
+    """Module paths of the analog ``nn.Linear`` layers of ``model`` (in placement order).
+
+    Fused experts, GPT-2 ``Conv1D`` and weight-only modules (Mamba ``dt_proj``) are left as they are.
+    """
+    placed = model_placement(model, placement, profile) if placement else plan_model(model, profile)
+    names = []
+    for info in placed.analog():
+        module_path, _, attr = info.name.rpartition(".")
+        if attr != "weight" or route_of(model, info.name) != "linear":
+            continue
+        if type(model.get_submodule(module_path)) is nn.Linear:
+            names.append(module_path)
+    return names

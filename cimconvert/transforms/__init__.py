@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cimconvert.transforms import hpd_split, outlier_split
+from cimconvert.transforms import folded, hpd_split, outlier_split
 from cimconvert.transforms.romer import loader as romer_loader
 
 #: Transform type → fn(model, transform_entry, bundle_dir) that re-applies it on load (in place).
@@ -23,6 +23,7 @@ TRANSFORM_LOADERS: dict[str, Callable[[torch.nn.Module, Any, Path], None]] = {
     outlier_split.TRANSFORM_TYPE: outlier_split.load_outlier_split,
     romer_loader.REPLACEMENT_TYPE: romer_loader.load_replacement,
     romer_loader.ROUTING_TYPE: romer_loader.load_routing,
+    **dict.fromkeys(folded.FOLDED_TYPES, folded.already_folded),
 }
 #: Transform type → fn(params) -> (keys the stock class reports missing, keys it reports unexpected).
 TRANSFORM_KEY_CHANGES: dict[str, Callable[[dict[str, Any]], tuple[list[str], list[str]]]] = {

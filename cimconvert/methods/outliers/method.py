@@ -15,11 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from cimconvert.analog.routes import route_of
 from cimconvert.errors import CimError
 from cimconvert.methods.base import MethodOption, MethodResult
-from cimconvert.methods.calibration import calibration_options, calibration_tokens, iter_batches
-from cimconvert.placement import Placement, model_placement, plan_model
+from cimconvert.methods.calibration import (
+    analog_linear_layers,
+    calibration_options,
+    calibration_tokens,
+    iter_batches,
+)
+from cimconvert.placement import Placement
 from cimconvert.profiles import ChipProfile
 from cimconvert.transforms.hpd_split import replace_module
 from cimconvert.transforms.outlier_split import (
@@ -33,22 +37,6 @@ from cimconvert.transforms.outlier_split import (
 DEFAULT_PERCENT = 3.0
 #: Largest share of a layer's input channels the method moves (beyond it, keep the layer digital).
 MAX_PERCENT = 50.0
-
-
-def candidate_layers(model: nn.Module, profile: ChipProfile, placement: Placement | None) -> list[str]:
-    """Module paths of the analog ``nn.Linear`` layers the split applies to (in model order).
-
-    Fused experts, GPT-2 ``Conv1D`` and weight-only modules (Mamba ``dt_proj``) are left as they are.
-    """
-    placed = model_placement(model, placement, profile) if placement else plan_model(model, profile)
-    names = []
-    for info in placed.analog():
-        module_path, _, attr = info.name.rpartition(".")
-        if attr != "weight" or route_of(model, info.name) != "linear":
-            continue
-        if type(model.get_submodule(module_path)) is nn.Linear:
-            names.append(module_path)
-    return names
 
 
 @torch.no_grad()
@@ -151,7 +139,7 @@ class OutlierChannelsMethod:
         percent = float(options.get("outlier_percent", DEFAULT_PERCENT))
         if not 0.0 < percent <= MAX_PERCENT:
             raise CimError(f"--outlier-percent must be in (0, {MAX_PERCENT:g}] (got {percent:g})")
-        layers = candidate_layers(model, profile, placement)
+        layers = analog_linear_layers(model, profile, placement)
         if not layers:
             raise CimError("outlier_channels: the model has no analog linear layer to split")
         tokens = calibration_tokens(model, options)

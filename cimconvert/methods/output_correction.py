@@ -1,0 +1,159 @@
+"""The ``output_correction`` method: a per-output-channel gain for every analog linear layer, fitted across
+simulated chip instances on calibration text and folded into the weights.
+
+Measured on SmolLM2-135M under chipA (docs/ROBUSTNESS.md): an analog layer's outputs come out about
+1–3 % smaller than the exact matmul of the same inputs, systematically (clamped programming noise and
+drift shrink conductances towards zero; the chip's global drift compensation fixes the mean, not each
+channel). Thirty blocks compound the shrinkage along the residual stream. The fit regresses the exact
+outputs on the analog ones per channel, ``g = Σ y_exact·y_analog / Σ y_analog²``, pooled over
+``correction_draws`` chip instances (cross-instance: the bundle must work on any chip of the profile),
+each layer seeing the inputs the noisy model gives it. Scaling a weight row by ``g`` scales that analog
+output by ``g`` exactly (the per-channel mapping scale is digital), so the correction costs nothing at
+run time and needs no loader: the bundle stores the corrected weights and the manifest entry records the
+gains' summary. Keep it the last step of a recipe (after placement and splits): a tensor moved to
+digital afterwards would carry a gain it no longer needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from cimconvert.analog.chip_noise import apply_chip_noise
+from cimconvert.errors import CimError
+from cimconvert.methods.base import MethodOption, MethodResult, register_method
+from cimconvert.methods.calibration import (
+    analog_linear_layers,
+    calibration_options,
+    calibration_tokens,
+    iter_batches,
+)
+from cimconvert.placement import Placement, model_placement, plan_model
+from cimconvert.profiles import ChipProfile
+from cimconvert.transforms.folded import FOLDED_TYPES
+
+NAME = "output_correction"
+TRANSFORM_TYPE = FOLDED_TYPES[0]
+DEFAULT_DRAWS = 4
+DEFAULT_SEED = 200_000
+
+
+class GainFit:
+    """Per-channel sums for the least-squares gain of one layer (float64)."""
+
+    def __init__(self, out_features: int) -> None:
+        self.cross = torch.zeros(out_features, dtype=torch.float64)
+        self.analog_sq = torch.zeros(out_features, dtype=torch.float64)
+
+    def add(self, analog: torch.Tensor, exact: torch.Tensor) -> None:
+        """Accumulate one batch of analog and exact outputs ``[..., out]``."""
+        a = analog.reshape(-1, analog.shape[-1]).double()
+        e = exact.reshape(-1, exact.shape[-1]).double()
+        self.cross += (a * e).sum(0)
+        self.analog_sq += (a * a).sum(0)
+
+    def gain(self) -> torch.Tensor:
+        """``Σ exact·analog / Σ analog²`` per channel (1 where a channel never produced output)."""
+        gain = self.cross / self.analog_sq.clamp_min(1e-30)
+        return torch.where(self.analog_sq > 0, gain, torch.ones_like(gain))
+
+
+def _exact_output_hook(fit: GainFit, clean_weight: torch.Tensor):
+    """Forward hook: compare the (patched, analog) output with the exact matmul of the same input."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
+        x = args[0].detach()
+        analog = output.detach()
+        if module.bias is not None:
+            analog = analog - module.bias.detach()
+        fit.add(analog, nn.functional.linear(x, clean_weight))
+
+    return hook
+
+
+@torch.no_grad()
+def fit_output_gains(
+    model: nn.Module, layers: Sequence[str], targets: Sequence[Any], profile: ChipProfile,
+    tokens: torch.Tensor, seeds: Sequence[int], batch_size: int = 8,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Per-channel gain of each layer in ``layers``, pooled over chip instances ``seeds`` (noise in
+    ``targets``, the analog tensors of ``model``) on the calibration ``tokens``."""
+    fits = {name: GainFit(model.get_submodule(name).out_features) for name in layers}
+    clean = {name: model.get_submodule(name).weight.detach().clone() for name in layers}
+    handles = [model.get_submodule(name).register_forward_hook(_exact_output_hook(fits[name], clean[name]))
+               for name in layers]  # fmt: skip
+    try:
+        model.eval()
+        for seed in seeds:
+            with apply_chip_noise(model, targets, profile, seed):
+                for batch in iter_batches(tokens, batch_size):
+                    model(input_ids=batch, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: fit.gain() for name, fit in fits.items()}
+
+
+def fold_gains(model: nn.Module, gains: dict[str, torch.Tensor]) -> None:
+    """Scale each layer's weight rows (and bias) by its gains, in place."""
+    with torch.no_grad():
+        for name, gain in gains.items():
+            module = model.get_submodule(name)
+            module.weight.mul_(gain.to(module.weight.dtype)[:, None])
+            if module.bias is not None:
+                module.bias.mul_(gain.to(module.bias.dtype))
+
+
+def _summary(gains: dict[str, torch.Tensor]) -> dict[str, Any]:
+    every = torch.cat([g.float() for g in gains.values()]) if gains else torch.ones(1)
+    return {"gain_mean": float(every.mean()), "gain_std": float(every.std()) if every.numel() > 1 else 0.0,
+            "gain_min": float(every.min()), "gain_max": float(every.max())}  # fmt: skip
+
+
+class OutputCorrectionMethod:
+    """Per-channel output gains fitted across simulated chip instances, folded into the analog weights."""
+
+    name = NAME
+    families: tuple[str, ...] = ("dense", "moe", "ssm")
+    options = (
+        MethodOption("correction_draws", int, DEFAULT_DRAWS,
+                     "output_correction: simulated chip instances the gains are pooled over", minimum=1,
+                     maximum=64),
+        MethodOption("correction_seed", int, DEFAULT_SEED,
+                     "output_correction: seed of the first fitting instance (keep apart from evaluation)",
+                     minimum=0),
+        *calibration_options(),
+    )  # fmt: skip
+
+    def apply(self, model: nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],
+              progress: bool = True, placement: Placement | None = None) -> MethodResult:  # fmt: skip
+        """Fit the gains of every analog linear layer and fold them into its weight rows."""
+        draws = int(options.get("correction_draws", DEFAULT_DRAWS))
+        first = int(options.get("correction_seed", DEFAULT_SEED))
+        if draws < 1:
+            raise CimError(f"--correction-draws must be at least 1 (got {draws})")
+        layers = analog_linear_layers(model, profile, placement)
+        if not layers:
+            raise CimError("output_correction: the model has no analog linear layer to correct")
+        placed = model_placement(model, placement, profile) if placement else plan_model(model, profile)
+        tokens = calibration_tokens(model, options)
+        seeds = [first + i for i in range(draws)]
+        if progress:
+            print(f"output_correction: fitting {len(layers)} layers over {draws} chip draws, "
+                  f"{tokens.numel()} calibration tokens")  # fmt: skip
+        gains = fit_output_gains(model, layers, placed.analog(), profile, tokens, seeds)
+        fold_gains(model, gains)
+        summary = _summary(gains)
+        entry = {"id": "output-correction", "type": TRANSFORM_TYPE,
+                 "params": {"folded_into": "weight rows", "layers": len(layers), "draws": draws,
+                            "seeds": seeds, **summary},
+                 "targets": [f"{name}.weight" for name in layers]}  # fmt: skip
+        report = {"method": NAME, "layers": len(layers), "draws": draws,
+                  "calibration_tokens": int(tokens.numel()), **summary}  # fmt: skip
+        return MethodResult(transforms=[entry], seeds={"output_correction": seeds}, report=report)
+
+
+register_method(OutputCorrectionMethod())
