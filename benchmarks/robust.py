@@ -1,0 +1,324 @@
+#!/usr/bin/env python
+"""What fixes a real model under chip noise: robustness recipes measured on SmolLM2-135M and its MoE build.
+
+Every row applies a recipe (an ordered list of registered methods with options, exactly what
+``cimconvert convert --recipe`` runs) to a fresh copy of the real model in memory, places it, and
+measures clean perplexity and perplexity under ``--seeds`` unseen chip draws (from seed 5000) on the
+held-out text and on WikiText-2 test. Calibration (outlier maxima, the sensitivity scan the digital
+budget reads, ROMER's statistics) uses the shipped ``calib`` text and seeds from 1000: never the
+evaluation text or draws.
+
+Figures per row and dataset: clean, noisy mean ± std, the paper metric (noisy_none − noisy)/noisy_none
+and the gap closed (noisy_none − noisy)/(noisy_none − clean), and the share of the baseline's analog
+MACs per token that the recipe runs digitally.
+
+Phases (results in ``benchmarks/results/robust_<phase>.{json,md}``; rows are saved as they finish and a
+rerun skips rows already measured with the same settings, so a long run can be resumed):
+
+* ``scan``: the layer sensitivity scan (``cimconvert analyze --granularity layer``) the budget reads;
+* ``budget``: PPL vs digital budget (0, 1, 2, 5, 10, 20 % of analog MACs) for the knapsack placement,
+  the outlier channels and both together;
+* ``methods``: the methods side by side at small budgets (HPD and rotation on the most sensitive
+  projections vs keeping them digital, outlier channels, ROMER on the MoE build, the default recipes);
+* ``render``: the markdown tables and ``robust_budget.png`` from the JSON files.
+
+    CIMCONVERT_SHARED_DATA=... .venv/bin/python benchmarks/robust.py budget --seeds 5 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from real_models import MODELS, fmt, load_model
+from torch import nn
+
+from cimconvert.arch import get_adapter
+from cimconvert.datasets import load_text, tokenize
+from cimconvert.evaluation.monte_carlo import noisy_perplexities
+from cimconvert.evaluation.perplexity import perplexity
+from cimconvert.methods import METHODS, option_values
+from cimconvert.placement import Placement, plan_model
+from cimconvert.profiles import load_profile
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+FIRST_SEED = 5000
+BUDGETS = (0, 1, 2, 5, 10, 20)
+SCAN_SEEDS = 2
+SCAN_TOKENS = 512
+
+
+# ------------------------------------------------------------------------------------------ recipes
+def scan_path(model: str, profile: str) -> Path:
+    """Where the ``scan`` phase writes the layer sensitivity scan of ``model`` under ``profile``."""
+    safe = profile.replace(":", "_").replace("=", "-")
+    return RESULTS / f"robust_scan_{model}_{safe}" / "sensitivity.json"
+
+
+def step(name: str, **options: Any) -> dict[str, Any]:
+    """One recipe step (the format of ``--recipe`` files)."""
+    return {"step": name, "options": options}
+
+
+def budget_steps(model: str, profile: str, strategy: str, budget: float) -> list[dict[str, Any]]:
+    """The recipe of one point of the budget curve."""
+    if budget == 0:
+        return []
+    knapsack = step("digital_budget", digital_budget=budget, budget_scan=str(scan_path(model, profile)))
+    if strategy == "knapsack":
+        return [knapsack]
+    if strategy == "outliers":
+        return [step("outlier_channels", outlier_percent=budget)]
+    half = budget / 2  # both: half the budget each
+    return [step("digital_budget", digital_budget=half, budget_scan=str(scan_path(model, profile))),
+            step("outlier_channels", outlier_percent=half)]  # fmt: skip
+
+
+def apply_recipe(model: nn.Module, profile: str, steps: Sequence[dict[str, Any]]) -> tuple[Placement, list]:
+    """Run ``steps`` on ``model`` in place (what the conversion pipeline does); (final placement, reports)."""
+    chip = load_profile(profile)
+    adapter = get_adapter(model.config)
+    analog: list[str] = []
+    digital: list[str] = []
+    reports = []
+    for index, entry in enumerate(steps):
+        placement = plan_model(model, chip, analog, digital)
+        options = {**option_values(entry["step"], entry["options"]), "seed": 0}
+        result = METHODS[entry["step"]].apply(model, adapter, chip, options, progress=False, placement=placement)
+        analog += result.analog
+        digital += result.digital
+        scalars = {k: v for k, v in result.report.items() if isinstance(v, int | float | str)}
+        reports.append({"index": index, "step": entry["step"], **scalars})
+    return plan_model(model, chip, analog, digital), reports
+
+
+def matmul_macs(shape: Sequence[int], top_k: int) -> int:
+    """MACs per token of a weight: out·in for a matrix, per-expert out·in × top_k for fused experts."""
+    if len(shape) == 3:
+        return int(shape[1] * shape[2] * top_k)
+    return int(shape[0] * shape[1]) if len(shape) == 2 else 0
+
+
+def digital_share(baseline: Placement, after: Placement, top_k: int) -> float:
+    """% of the baseline's analog MACs per token that ``after`` runs digitally (split parts included)."""
+    base_digital = {info.name for info in baseline.digital()}
+    analog_macs = sum(matmul_macs(info.shape, top_k) for info in baseline.analog())
+    moved = sum(matmul_macs(info.shape, top_k) for info in after.digital()
+                if info.name not in base_digital and info.kind != "embedding")  # fmt: skip
+    return 100.0 * moved / analog_macs if analog_macs else 0.0
+
+
+# --------------------------------------------------------------------------------------- evaluation
+def evaluate(model: nn.Module, placement: Placement, profile: str, tokens: dict[str, torch.Tensor],
+             seeds: Sequence[int]) -> dict[str, Any]:  # fmt: skip
+    """Clean and noisy perplexity per dataset, noise in ``placement``'s analog tensors."""
+    chip = load_profile(profile)
+    targets = placement.analog()
+
+    def ppl(m: nn.Module, t: torch.Tensor) -> float:
+        return perplexity(m, t, seq_len=256, batch_size=8)
+
+    out = {}
+    for name, toks in tokens.items():
+        clean = ppl(model, toks)
+        values = noisy_perplexities(model, toks, targets, chip, seeds, ppl)
+        finite = [v for v in values if math.isfinite(v)]
+        out[name] = {"clean_ppl": clean, "per_seed": values,
+                     "noisy_ppl_mean": statistics.fmean(finite) if finite else None,
+                     "noisy_ppl_std": statistics.stdev(finite) if len(finite) > 1 else 0.0}  # fmt: skip
+    return out
+
+
+def add_metrics(row: dict[str, Any], none: dict[str, Any] | None) -> None:
+    """Paper metric and gap closed per dataset, against the same model's ``none`` row."""
+    if none is None:
+        return
+    for name, res in row["datasets"].items():
+        base = none["datasets"].get(name)
+        if not base or res["noisy_ppl_mean"] is None or base["noisy_ppl_mean"] is None:
+            continue
+        noisy, method, clean = base["noisy_ppl_mean"], res["noisy_ppl_mean"], base["clean_ppl"]
+        res["paper_metric_pct"] = 100.0 * (noisy - method) / noisy
+        res["gap_closed_pct"] = 100.0 * (noisy - method) / (noisy - clean) if noisy > clean else None
+
+
+# ------------------------------------------------------------------------------------------ storage
+def result_file(phase: str) -> Path:
+    """``benchmarks/results/robust_<phase>.json``."""
+    return RESULTS / f"robust_{phase}.json"
+
+
+def load_rows(phase: str) -> list[dict[str, Any]]:
+    """Rows measured so far in ``phase``."""
+    path = result_file(phase)
+    return json.loads(path.read_text(encoding="utf-8"))["rows"] if path.is_file() else []
+
+
+def save_rows(phase: str, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Write the phase's rows with the run's settings."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"command": command(phase, args), "machine": platform.processor() or platform.machine(),
+               "torch": torch.__version__, "eval_seeds": f"{FIRST_SEED}..{FIRST_SEED + args.seeds - 1}",
+               "rows": rows}  # fmt: skip
+    result_file(phase).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+
+
+def command(phase: str, args: argparse.Namespace) -> str:
+    """The command line that reproduces a phase."""
+    models = f" --models {' '.join(args.models)}" if args.models else ""
+    profiles = f" --profiles {' '.join(args.profiles)}" if args.profiles else ""
+    return (f"CIMCONVERT_SHARED_DATA=<shared>/data .venv/bin/python benchmarks/robust.py {phase} "
+            f"--seeds {args.seeds} --max-tokens {args.max_tokens} --threads {args.threads}{models}{profiles}")
+
+
+def row_key(row: dict[str, Any]) -> tuple:
+    """Rows with equal keys measure the same thing."""
+    return (row["model"], row["profile"], row["label"], row["max_tokens"], row["seeds"])
+
+
+class Runner:
+    """Measures rows of one phase, skipping those already in its result file."""
+
+    def __init__(self, phase: str, args: argparse.Namespace):
+        self.phase, self.args = phase, args
+        self.rows = load_rows(phase)
+        self.seeds = list(range(FIRST_SEED, FIRST_SEED + args.seeds))
+        self._tokens: dict[str, dict[str, torch.Tensor]] = {}
+
+    def tokens(self, model_name: str, tokenizer: Any) -> dict[str, torch.Tensor]:
+        """The evaluation tokens of each dataset (same for every row of a model)."""
+        if model_name not in self._tokens:
+            self._tokens[model_name] = {d: tokenize(tokenizer, load_text(d), self.args.max_tokens)
+                                        for d in self.args.datasets}  # fmt: skip
+        return self._tokens[model_name]
+
+    def none_row(self, model: str, profile: str) -> dict[str, Any] | None:
+        """The same model's no-method row under ``profile``."""
+        return next((r for r in self.rows if r["model"] == model and r["profile"] == profile
+                     and not r["steps"] and r["max_tokens"] == self.args.max_tokens), None)  # fmt: skip
+
+    def measure(self, model_name: str, profile: str, label: str, steps: list[dict[str, Any]],
+                extra: dict[str, Any] | None = None) -> None:  # fmt: skip
+        """One row: apply ``steps`` to a fresh copy of the model, place, evaluate, save."""
+        key = (model_name, profile, label, self.args.max_tokens, self.args.seeds)
+        if any(row_key(r) == key for r in self.rows):
+            return
+        base, tokenizer = self.base(model_name)
+        model = copy.deepcopy(base)
+        start = time.perf_counter()
+        placement, reports = apply_recipe(model, profile, steps)
+        baseline = plan_model(base, load_profile(profile))
+        top_k = int(getattr(model.config, "num_experts_per_tok", 1) or 1)
+        row = {"model": model_name, "profile": profile, "label": label, "steps": steps,
+               "max_tokens": self.args.max_tokens, "seeds": self.args.seeds, **(extra or {}),
+               "digital_macs_pct": digital_share(baseline, placement, top_k), "reports": reports,
+               "analog_tensors": len(placement.analog())}  # fmt: skip
+        row["datasets"] = evaluate(model, placement, profile, self.tokens(model_name, tokenizer), self.seeds)
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        add_metrics(row, self.none_row(model_name, profile) if steps else row)
+        self.rows.append(row)
+        save_rows(self.phase, self.rows, self.args)
+        figures = "  ".join(f"{d}: {fmt(r['clean_ppl'])} → {fmt(r['noisy_ppl_mean'])}"
+                            f" ({r.get('paper_metric_pct', 0):.0f} %)" for d, r in row["datasets"].items())  # fmt: skip
+        print(f"{model_name} {profile} {label:34s} digital {row['digital_macs_pct']:5.2f} %  {figures}",
+              flush=True)
+
+    _models: dict[str, tuple[nn.Module, Any]] = {}
+
+    def base(self, model_name: str) -> tuple[nn.Module, Any]:
+        """The clean real model (loaded once)."""
+        if model_name not in self._models:
+            self._models[model_name] = load_model(model_name)
+        return self._models[model_name]
+
+
+# ------------------------------------------------------------------------------------------- phases
+def scan_phase(args: argparse.Namespace) -> None:
+    """``cimconvert analyze --granularity layer`` on the calibration text, seeds from 1000."""
+    for model in args.models or ["smollm2-135m"]:
+        for profile in args.profiles or ["chipA"]:
+            out = scan_path(model, profile).parent
+            if (out / "sensitivity.json").is_file():
+                continue
+            cmd = [sys.executable, "-m", "cimconvert", "analyze", str(MODELS[model]), "--profile", profile,
+                   "--granularity", "layer", "--seeds", str(SCAN_SEEDS), "--seed", "1000", "--dataset",
+                   "calib", "--max-tokens", str(SCAN_TOKENS), "--threads", str(args.threads), "-o", str(out)]
+            subprocess.run(cmd, check=True)
+
+
+def budget_phase(args: argparse.Namespace) -> None:
+    """PPL vs digital budget for each strategy."""
+    run = Runner("budget", args)
+    for model in args.models or ["smollm2-135m"]:
+        for profile in args.profiles or ["chipA"]:
+            run.measure(model, profile, "none", [])
+            for strategy in args.strategies:
+                for budget in BUDGETS[1:]:
+                    run.measure(model, profile, f"{strategy} {budget:g} %",
+                                budget_steps(model, profile, strategy, budget),
+                                {"strategy": strategy, "budget_pct": budget})  # fmt: skip
+
+
+def methods_phase(args: argparse.Namespace) -> None:
+    """The methods side by side (see the module docstring)."""
+    run = Runner("methods", args)
+    for model in args.models or ["smollm2-135m"]:
+        for profile in args.profiles or ["chipA"]:
+            run.measure(model, profile, "none", [])
+            for label, steps in method_rows(model, profile).items():
+                run.measure(model, profile, label, steps)
+
+
+def top_layers(model: str, profile: str, count: int) -> list[str]:
+    """The ``count`` most sensitive tensors of the scan (module paths)."""
+    rows = json.loads(scan_path(model, profile).read_text(encoding="utf-8"))["rows"]
+    rows = sorted(rows, key=lambda r: -r["delta_pct_mean"])
+    return [r["name"] for r in rows[:count]]
+
+
+def method_rows(model: str, profile: str) -> dict[str, list[dict[str, Any]]]:
+    """Label → recipe of the ``methods`` phase for one model and profile."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    if scan_path(model, profile).is_file():
+        top = top_layers(model, profile, 3)
+        rows["top-3 scan layers digital"] = [step("keep_digital", patterns=[f"{t}.weight" for t in top])]
+        rows["HPD U·Σ analog, Vᵀ digital (top-3)"] = [step("hpd", hpd_layers=top, hpd_factor="us_v")]
+        rows["Hadamard rotation (top-3)"] = [step("hpd", hpd_layers=top, hpd_factor="hadamard")]
+    for percent in (1, 3, 5):
+        rows[f"outlier channels {percent} %"] = [step("outlier_channels", outlier_percent=percent)]
+    if "moe" in model:
+        rows["ROMER"] = [step("romer")]
+        rows["outlier channels 3 % + ROMER"] = [step("outlier_channels", outlier_percent=3), step("romer")]
+    return rows
+
+
+def main() -> None:
+    """Parse the phase and its options, run it."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("phase", choices=["scan", "budget", "methods"])
+    parser.add_argument("--models", nargs="*", choices=sorted(MODELS))
+    parser.add_argument("--profiles", nargs="*")
+    parser.add_argument("--datasets", nargs="*", default=["heldout", "wikitext2"])
+    parser.add_argument("--strategies", nargs="*", default=["knapsack", "outliers", "both"])
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    {"scan": scan_phase, "budget": budget_phase, "methods": methods_phase}[args.phase](args)
+
+
+if __name__ == "__main__":
+    main()
