@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--methods", nargs="*", default=["none", "ste", "nat"], choices=["ste", "nat", "none"]
     )
-    parser.add_argument("--train-seeds", nargs="*", type=int, default=[0, 1], help="seeds of ste and nat")
+    parser.add_argument("--ste-seeds", nargs="*", type=int, default=[0, 1], help="training seeds of ste")
+    parser.add_argument("--nat-seeds", nargs="*", type=int, default=[0, 1], help="training seeds of nat")
     parser.add_argument("--control-seeds", nargs="*", type=int, default=[0], help="seeds of none (control)")
     parser.add_argument("--ladder", nargs="*", type=int, default=[15, 40], help="N > 0 to evaluate at")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -86,6 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["all", "last", "none"],
         default="all",
         help="ladder points measured with the recipe too: all, N = 0 and the largest N only, or none",
+    )
+    parser.add_argument(
+        "--recipe-seeds",
+        nargs="*",
+        type=int,
+        default=None,
+        help="training seeds measured with the recipe (all)",
     )
     parser.add_argument("--render", action="store_true", help="rewrite the markdown and plot, run nothing")
     args = parser.parse_args(argv)
@@ -234,17 +242,18 @@ class Bench:
             self._train_tokens = token_ids(self.tokenizer, text, self.args.train_max_tokens)
         return self._train_tokens
 
-    def variants(self, steps: int) -> tuple[str, ...]:
-        """The variants measured at the checkpoint after ``steps`` steps (``--recipe-at``)."""
-        with_recipe = self.args.recipe_at == "all" or (
+    def variants(self, steps: int, seed: int | None) -> tuple[str, ...]:
+        """The variants measured after ``steps`` steps (``--recipe-at``, ``--recipe-seeds``)."""
+        at_step = self.args.recipe_at == "all" or (
             self.args.recipe_at == "last" and steps in (0, self.args.ladder[-1])
         )
-        return VARIANTS if with_recipe else VARIANTS[:1]
+        of_seed = seed is None or self.args.recipe_seeds is None or seed in self.args.recipe_seeds
+        return VARIANTS if at_step and of_seed else VARIANTS[:1]
 
     def measure(self, model: nn.Module, method: str, seed: int | None, steps: int) -> None:
         """Rows of one checkpoint (plain, then with the recipe on a copy); finished rows are skipped."""
         model.eval()
-        for variant in self.variants(steps):
+        for variant in self.variants(steps, seed):
             if self.results.find(method, seed, steps, variant) is not None:
                 continue
             start = time.perf_counter()
@@ -274,7 +283,7 @@ class Bench:
         return all(
             self.results.find(method, seed, n, v) is not None
             for n in self.args.ladder
-            for v in self.variants(n)
+            for v in self.variants(n, seed)
         )
 
     def run(self, method: str, seed: int) -> None:
@@ -461,7 +470,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> None:
-    """Pretrained rows, then every (method, seed) run: control first, then ste, then nat."""
+    """Pretrained rows, then every (method, seed) run: control first, then ste, then nat (cut first)."""
     args = parse_args(argv)
     if args.render:
         Results(args).save()
@@ -469,9 +478,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     bench = Bench(args)
     bench.measure(bench.model, PRETRAINED, None, 0)
-    runs = [("none", s) for s in args.control_seeds if "none" in args.methods]
-    for seed in args.train_seeds:
-        runs += [(m, seed) for m in ("ste", "nat") if m in args.methods]
+    seeds = {"none": args.control_seeds, "ste": args.ste_seeds, "nat": args.nat_seeds}
+    runs = [(m, s) for m in ("none", "ste", "nat") if m in args.methods for s in seeds[m]]
     for method, seed in runs:
         bench.run(method, seed)
     print(f"wrote {bench.results.json_path}", flush=True)
