@@ -19,7 +19,8 @@ Paper metric (noisy₀ − noisy)/noisy₀ and gap closed (noisy₀ − noisy)/(
 the pretrained model's plain row (noisy₀, clean₀). Rows are saved as they finish
 (``benchmarks/results/robust_finetune.{json,md}`` and ``robust_finetune.png``); the trainer state of each
 (method, seed) is kept at every ladder point in ``--state-dir`` (git-ignored), so a rerun skips finished
-rows and resumes a run from its last saved point instead of retraining from zero.
+rows and resumes a run from its last saved point instead of retraining from zero (the final state is
+kept too, so rows added later, e.g. ``--recipe-seeds``, need no retraining).
 
     CIMCONVERT_SHARED_DATA=... .venv/bin/python benchmarks/robust_finetune.py --threads 2
     .venv/bin/python benchmarks/robust_finetune.py --render        # tables and plot from the JSON only
@@ -154,10 +155,16 @@ class Results:
         self.json_path = args.out / f"{NAME}.json"
         self.rows: list[dict[str, Any]] = []
         self.step_seconds: dict[str, list[float]] = {}
+        self.commands: list[str] = []
+        self.reload()
+
+    def reload(self) -> None:
+        """Read the rows saved so far (another process may be measuring other runs into the same file)."""
         if self.json_path.is_file():
             saved = json.loads(self.json_path.read_text(encoding="utf-8"))
             self.rows = saved.get("rows", [])
             self.step_seconds = saved.get("step_seconds", {})
+            self.commands = saved.get("commands", [])
 
     def find(self, method: str, seed: int | None, steps: int, variant: str) -> dict[str, Any] | None:
         """The row of that checkpoint and variant under the current settings, if measured."""
@@ -181,19 +188,24 @@ class Results:
 
     def add(self, row: dict[str, Any]) -> None:
         """Store a row and rewrite every output."""
+        self.reload()
         self.rows.append(row)
         self.save()
 
     def add_step_times(self, key: str, seconds: list[float]) -> None:
         """Wall seconds of the training steps of one (method, seed) run, appended as they come."""
+        self.reload()
         self.step_seconds.setdefault(key, []).extend(seconds)
         self.save()
 
     def save(self) -> None:
         """JSON (full settings, command, rows, step times), markdown table and plot."""
         self.args.out.mkdir(parents=True, exist_ok=True)
+        if command(self.args) not in self.commands:
+            self.commands.append(command(self.args))
         payload = {
             "command": command(self.args),
+            "commands": self.commands,
             "settings": settings(self.args),
             "args": {
                 k: str(v) if isinstance(v, Path) else v
@@ -207,7 +219,9 @@ class Results:
             "step_seconds": self.step_seconds,
             "rows": self.rows,
         }
-        self.json_path.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        tmp = self.json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(self.json_path)
         (self.args.out / f"{NAME}.md").write_text(markdown(self.rows, payload) + "\n", encoding="utf-8")
         plot(self.rows, self.args.out / f"{NAME}.png")
 
@@ -309,10 +323,10 @@ class Bench:
         for target in self.args.ladder:
             if trainer.step > target:
                 continue
-            self.train_to(trainer, target, f"{method}/{seed}")
-            trainer.save_state(state)
+            if trainer.step < target:
+                self.train_to(trainer, target, f"{method}/{seed}")
+                trainer.save_state(state)
             self.measure(model, method, seed, target)
-        state.unlink(missing_ok=True)
 
     def train_to(self, trainer: Trainer, target: int, key: str) -> None:
         """Train until ``trainer.step == target``, logging loss and time per step."""
@@ -377,7 +391,7 @@ def markdown(rows: list[dict[str, Any]], payload: dict[str, Any]) -> str:
     lines = [
         f"# Noise-aware fine-tuning of {payload['settings']['model']} under {payload['settings']['profile']}",
         "",
-        f"`{payload['command']}`",
+        "\n\n".join(f"`{c}`" for c in payload["commands"]),
         "",
         f"Eval: {payload['settings']['max_tokens']} tokens per dataset, seq 256, chip draws "
         f"{payload['eval_seeds']}; training batch {payload['settings']['batch_size']} × "
