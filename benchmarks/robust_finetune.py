@@ -201,7 +201,7 @@ class Results:
     def save(self) -> None:
         """JSON (full settings, command, rows, step times), markdown table and plot."""
         self.args.out.mkdir(parents=True, exist_ok=True)
-        if command(self.args) not in self.commands:
+        if not self.args.render and command(self.args) not in self.commands:
             self.commands.append(command(self.args))
         payload = {
             "command": command(self.args),
