@@ -48,9 +48,9 @@ from cimconvert.arch import get_adapter
 from cimconvert.datasets import load_text, tokenize
 from cimconvert.evaluation.monte_carlo import noisy_perplexities
 from cimconvert.evaluation.perplexity import perplexity
-from cimconvert.methods import METHODS, option_values
 from cimconvert.placement import Placement, plan_model
 from cimconvert.profiles import load_profile
+from cimconvert.recipe import Recipe, resolve_recipe, run_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -87,21 +87,16 @@ def budget_steps(model: str, profile: str, strategy: str, budget: float) -> list
 
 
 def apply_recipe(model: nn.Module, profile: str, steps: Sequence[dict[str, Any]]) -> tuple[Placement, list]:
-    """Run ``steps`` on ``model`` in place (what the conversion pipeline does); (final placement, reports)."""
+    """Run ``steps`` on ``model`` in place with the conversion pipeline's recipe runner (what
+    ``cimconvert convert --recipe`` runs, seed 0); (final placement, scalar report per step)."""
     chip = load_profile(profile)
     adapter = get_adapter(model.config)
-    analog: list[str] = []
-    digital: list[str] = []
-    reports = []
-    for index, entry in enumerate(steps):
-        placement = plan_model(model, chip, analog, digital)
-        options = {**option_values(entry["step"], entry["options"]), "seed": 0}
-        result = METHODS[entry["step"]].apply(model, adapter, chip, options, progress=False, placement=placement)
-        analog += result.analog
-        digital += result.digital
-        scalars = {k: v for k, v in result.report.items() if isinstance(v, int | float | str)}
-        reports.append({"index": index, "step": entry["step"], **scalars})
-    return plan_model(model, chip, analog, digital), reports
+    recipe = resolve_recipe(Recipe.model_validate({"steps": list(steps)}), model.config.model_type,
+                            adapter.family, seed=0)  # fmt: skip
+    result, placement = run_recipe(model, adapter, chip, recipe, plan_model(model, chip), progress=False)
+    reports = [{"step": key, **{k: v for k, v in report.items() if isinstance(v, int | float | str)}}
+               for key, report in result.report.items()]  # fmt: skip
+    return placement, reports
 
 
 def matmul_macs(shape: Sequence[int], top_k: int) -> int:
@@ -196,6 +191,7 @@ class Runner:
         self.rows = load_rows(phase)
         self.seeds = list(range(FIRST_SEED, FIRST_SEED + args.seeds))
         self._tokens: dict[str, dict[str, torch.Tensor]] = {}
+        self._models: dict[str, tuple[nn.Module, Any]] = {}
 
     def tokens(self, model_name: str, tokenizer: Any) -> dict[str, torch.Tensor]:
         """The evaluation tokens of each dataset (same for every row of a model)."""
@@ -230,12 +226,11 @@ class Runner:
         add_metrics(row, self.none_row(model_name, profile) if steps else row)
         self.rows.append(row)
         save_rows(self.phase, self.rows, self.args)
-        figures = "  ".join(f"{d}: {fmt(r['clean_ppl'])} → {fmt(r['noisy_ppl_mean'])}"
-                            f" ({r.get('paper_metric_pct', 0):.0f} %)" for d, r in row["datasets"].items())  # fmt: skip
+        figures = "  ".join(f"{d}: {fmt(r['clean_ppl'])} → {fmt(r['noisy_ppl_mean'])} "
+                            f"({r.get('paper_metric_pct', 0):.0f} %)"
+                            for d, r in row["datasets"].items())  # fmt: skip
         print(f"{model_name} {profile} {label:34s} digital {row['digital_macs_pct']:5.2f} %  {figures}",
               flush=True)
-
-    _models: dict[str, tuple[nn.Module, Any]] = {}
 
     def base(self, model_name: str) -> tuple[nn.Module, Any]:
         """The clean real model (loaded once)."""
