@@ -57,8 +57,9 @@ def test_method_folds_gains_near_one_under_chipA() -> None:
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert changed and all(n.endswith("_proj.weight") for n in changed)
     assert result.seeds["output_correction"] == [200_000, 200_001, 200_002]  # two fits + one check draw
-    assert all(0 < report[f"calibration_ppl_{k}"] < 10 * VOCAB for k in ("clean", "noisy_before", "noisy_after"))
-    assert report["check_seed"] == 200_002 and report["calibration_ppl_noisy_after"] > 0
+    for key in ("clean", "noisy_before", "noisy_after"):
+        assert 0 < report[f"calibration_ppl_{key}"] < 10 * VOCAB
+    assert report["check_seed"] == 200_002
     assert result.transforms[0]["type"] == "output_gain"
 
 
