@@ -48,6 +48,7 @@ from cimconvert.arch import get_adapter
 from cimconvert.datasets import load_text, tokenize
 from cimconvert.evaluation.monte_carlo import noisy_perplexities
 from cimconvert.evaluation.perplexity import perplexity
+from cimconvert.methods.defaults import CORRECTION_SAMPLES, DEFAULT_OUTLIER_PERCENT
 from cimconvert.placement import Placement, plan_model
 from cimconvert.profiles import load_profile
 from cimconvert.recipe import Recipe, resolve_recipe, run_recipe
@@ -73,17 +74,25 @@ def step(name: str, **options: Any) -> dict[str, Any]:
 
 
 def budget_steps(model: str, profile: str, strategy: str, budget: float) -> list[dict[str, Any]]:
-    """The recipe of one point of the budget curve."""
+    """The recipe of one point of the budget curve.
+
+    ``knapsack``: the digital budget alone; ``outliers``: outlier channels alone; ``outliers+corr``:
+    outlier channels, then the output correction (free: folded into the weights); ``all``: half the
+    budget to the knapsack, half to outlier channels, then the output correction.
+    """
     if budget == 0:
         return []
-    knapsack = step("digital_budget", digital_budget=budget, budget_scan=str(scan_path(model, profile)))
+    scan = str(scan_path(model, profile))
+    correction = step("output_correction", calib_samples=CORRECTION_SAMPLES)
     if strategy == "knapsack":
-        return [knapsack]
+        return [step("digital_budget", digital_budget=budget, budget_scan=scan)]
     if strategy == "outliers":
         return [step("outlier_channels", outlier_percent=budget)]
-    half = budget / 2  # both: half the budget each
-    return [step("digital_budget", digital_budget=half, budget_scan=str(scan_path(model, profile))),
-            step("outlier_channels", outlier_percent=half)]  # fmt: skip
+    if strategy == "outliers+corr":
+        return [step("outlier_channels", outlier_percent=budget), correction]
+    half = budget / 2
+    return [step("digital_budget", digital_budget=half, budget_scan=scan),
+            step("outlier_channels", outlier_percent=half), correction]  # fmt: skip
 
 
 def apply_recipe(model: nn.Module, profile: str, steps: Sequence[dict[str, Any]]) -> tuple[Placement, list]:
@@ -291,11 +300,15 @@ def method_rows(model: str, profile: str) -> dict[str, list[dict[str, Any]]]:
         rows["top-3 scan layers digital"] = [step("keep_digital", patterns=[f"{t}.weight" for t in top])]
         rows["HPD U·Σ analog, Vᵀ digital (top-3)"] = [step("hpd", hpd_layers=top, hpd_factor="us_v")]
         rows["Hadamard rotation (top-3)"] = [step("hpd", hpd_layers=top, hpd_factor="hadamard")]
-    for percent in (1, 3, 5):
-        rows[f"outlier channels {percent} %"] = [step("outlier_channels", outlier_percent=percent)]
+    correction = step("output_correction", calib_samples=CORRECTION_SAMPLES)
+    rows["output correction"] = [correction]
+    outliers = step("outlier_channels", outlier_percent=DEFAULT_OUTLIER_PERCENT)
+    rows["outlier channels 3 %"] = [outliers]
+    rows["outlier channels 3 % + output correction (dense default)"] = [outliers, correction]
     if "moe" in model:
         rows["ROMER"] = [step("romer")]
-        rows["outlier channels 3 % + ROMER"] = [step("outlier_channels", outlier_percent=3), step("romer")]
+        rows["outlier channels 3 % + output correction + ROMER (MoE default)"] = [
+            outliers, correction, step("romer")]
     return rows
 
 
@@ -306,7 +319,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", choices=sorted(MODELS))
     parser.add_argument("--profiles", nargs="*")
     parser.add_argument("--datasets", nargs="*", default=["heldout", "wikitext2"])
-    parser.add_argument("--strategies", nargs="*", default=["knapsack", "outliers", "both"])
+    parser.add_argument("--strategies", nargs="*", default=["knapsack", "outliers+corr"])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)

@@ -39,7 +39,7 @@ from cimconvert.transforms.folded import FOLDED_TYPES
 
 NAME = "output_correction"
 TRANSFORM_TYPE = FOLDED_TYPES[0]
-DEFAULT_DRAWS = 4
+DEFAULT_DRAWS = 2
 DEFAULT_SEED = 200_000
 
 
