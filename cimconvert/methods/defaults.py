@@ -19,11 +19,12 @@ from cimconvert.methods.base import METHODS, set_auto_recipe
 
 #: Share of each analog linear layer's input channels the default keeps digital (percent).
 DEFAULT_OUTLIER_PERCENT = 3.0
-#: Calibration windows (of 256 tokens) the default output correction fits on: 2048 tokens × 2 draws
-#: estimate each channel's gain from 4096 outputs, enough for a gain (and 4× cheaper than 32 windows).
+#: Calibration windows (of 256 tokens) the default steps use: 2048 tokens give each channel's maximum
+#: and (× 2 draws) each channel's gain from 4096 outputs, and cost a quarter of the 32-window default.
 CORRECTION_SAMPLES = 8
 DENSE: list[dict[str, Any]] = [
-    {"step": "outlier_channels", "options": {"outlier_percent": DEFAULT_OUTLIER_PERCENT}},
+    {"step": "outlier_channels",
+     "options": {"outlier_percent": DEFAULT_OUTLIER_PERCENT, "calib_samples": CORRECTION_SAMPLES}},
     {"step": "output_correction", "options": {"calib_samples": CORRECTION_SAMPLES}},
 ]
 MOE: list[dict[str, Any]] = [*DENSE, {"step": "romer"}]
