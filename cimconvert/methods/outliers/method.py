@@ -105,7 +105,11 @@ def _report(rows: list[dict[str, Any]], percent: float, tokens: torch.Tensor) ->
     digital = sum(r["digital_macs_per_token"] for r in rows)
     total = digital + sum(r["analog_macs_per_token"] for r in rows)
     ratios = [r["input_max_before"] / max(r["input_max_after"], 1e-30) for r in rows]
+    share = 100.0 * digital / total if total else 0.0
+    median = float(torch.tensor(ratios).median()) if ratios else 1.0
     return {
+        "summary": f"{percent:g} % of the input channels of {len(rows)} layers digital ({share:.2f} % of their "
+                   f"MACs); the analog input range shrank {median:.2f}x (median)",
         "method": "outlier_channels",
         "percent": percent,
         "layers": len(rows),
@@ -113,8 +117,8 @@ def _report(rows: list[dict[str, Any]], percent: float, tokens: torch.Tensor) ->
         "digital_macs_per_token": digital,
         "digital_extra_bytes": sum(r["digital_extra_bytes"] for r in rows),
         "split_layers_macs_per_token": total,
-        "digital_share_of_split_layers_pct": 100.0 * digital / total if total else 0.0,
-        "median_input_range_reduction": float(torch.tensor(ratios).median()) if ratios else 1.0,
+        "digital_share_of_split_layers_pct": share,
+        "median_input_range_reduction": median,
         "rows": rows,
     }
 
