@@ -108,8 +108,8 @@ def _report(rows: list[dict[str, Any]], percent: float, tokens: torch.Tensor) ->
     share = 100.0 * digital / total if total else 0.0
     median = float(torch.tensor(ratios).median()) if ratios else 1.0
     return {
-        "summary": f"{percent:g} % of the input channels of {len(rows)} layers digital ({share:.2f} % of their "
-                   f"MACs); the analog input range shrank {median:.2f}x (median)",
+        "summary": f"{percent:g} % of the input channels of {len(rows)} layers digital ({share:.2f} % of "
+                   f"their MACs); the analog input range shrank {median:.2f}x (median)",
         "method": "outlier_channels",
         "percent": percent,
         "layers": len(rows),
