@@ -308,9 +308,10 @@ def method_rows(model: str, profile: str) -> dict[str, list[dict[str, Any]]]:
     family = "moe" if "moe" in model else "dense"
     rows["default recipe (--method auto)"] = auto_steps(family)
     rows["output correction"] = [correction]
-    rows["outlier channels 3 %"] = [outliers]
+    percent = outliers["options"]["outlier_percent"]
+    rows[f"outlier channels {percent:g} %"] = [outliers]
     if family == "moe":
-        rows["outlier channels 3 % + output correction"] = [outliers, correction]
+        rows[f"outlier channels {percent:g} % + output correction"] = [outliers, correction]
         rows["ROMER"] = [step("romer")]
     return rows
 
@@ -338,6 +339,15 @@ def table_lines(rows: list[dict[str, Any]], datasets: Sequence[str]) -> list[str
     return lines
 
 
+def curve_point(row: dict[str, Any]) -> tuple[str, float] | None:
+    """(strategy, budget) when a row's recipe is a point of a budget curve (e.g. the default recipe)."""
+    for strategy in ("knapsack", "outliers", "outliers+corr", "all"):
+        for budget in BUDGETS[1:]:
+            if row["steps"] == budget_steps(row["model"], row["profile"], strategy, budget):
+                return strategy, budget
+    return None
+
+
 def groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
     """Rows by (model, profile), in measurement order."""
     out: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -359,7 +369,7 @@ def render_phase(args: argparse.Namespace) -> None:
         "# Robustness methods on the real models", "", *intro]
     for (model, profile), group in groups(rows).items():
         none = [r for r in group if not r["steps"]]
-        curve = none + [r for r in group if "strategy" in r]
+        curve = none + [r for r in group if "strategy" in r or curve_point(r)]
         others = none + [r for r in group if r["steps"] and "strategy" not in r]
         if len(curve) > 1:
             budget += [f"## {model} · `{profile}`", "", *table_lines(curve, datasets), ""]
@@ -384,9 +394,14 @@ def plot_budget(rows: list[dict[str, Any]], datasets: Sequence[str]) -> None:
         return
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
-        for strategy in sorted({r["strategy"] for r in curve if "strategy" in r}):
-            points = sorted((r["budget_pct"], r["datasets"][dataset]["noisy_ppl_mean"])
-                            for r in curve if r.get("strategy") == strategy)  # fmt: skip
+        points_of: dict[str, list[tuple[float, float]]] = {}
+        for r in curve:
+            point = (r["strategy"], r["budget_pct"]) if "strategy" in r else curve_point(r)
+            if point:
+                noisy = r["datasets"][dataset]["noisy_ppl_mean"]
+                points_of.setdefault(point[0], []).append((point[1], noisy))
+        for strategy, points in sorted(points_of.items()):
+            points = sorted(points)
             xs = [0, *(p[0] for p in points)]
             ys = [none["datasets"][dataset]["noisy_ppl_mean"], *(p[1] for p in points)]
             ax.plot(xs, ys, marker="o", label=strategy)

@@ -1,7 +1,7 @@
 """The recipes ``--method auto`` runs, per model family: the one place the defaults live.
 
 Chosen from real-model measurements (benchmarks/robust.py, docs/ROBUSTNESS.md), never from the tiny
-demo models: on SmolLM2-135M under chipA, keeping each analog linear layer's 3 % largest-activation input
+demo models: on SmolLM2-135M under chipA, keeping each analog linear layer's 5 % largest-activation input
 channels digital and then folding per-channel output gains fitted across chip draws into the weights
 was the best recipe measured within a 5 % digital budget. ``moe`` runs the same two steps on the
 attention (and shared) linear layers, then ROMER. SSMs keep HPD on the last block's ``out_proj``: no
@@ -18,7 +18,7 @@ from typing import Any
 from cimconvert.methods.base import METHODS, set_auto_recipe
 
 #: Share of each analog linear layer's input channels the default keeps digital (percent).
-DEFAULT_OUTLIER_PERCENT = 3.0
+DEFAULT_OUTLIER_PERCENT = 5.0
 #: Calibration windows (of 256 tokens) the default steps use: 2048 tokens give each channel's maximum
 #: and (× 2 draws) each channel's gain from 4096 outputs, and cost a quarter of the 32-window default.
 CORRECTION_SAMPLES = 8
