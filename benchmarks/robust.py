@@ -358,11 +358,12 @@ def groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, A
 
 def render_phase(args: argparse.Namespace) -> None:
     """``robust_budget.md`` (+ PNG) and ``robust_methods.md`` from ``robust_rows.json``."""
-    rows = load_rows()
+    rows = [r for r in load_rows() if r["max_tokens"] == args.max_tokens and r["seeds"] == args.seeds]
     datasets = args.datasets
     intro = ["Rows from `benchmarks/results/robust_rows.json` (each row records the command that measured "
-             "it). Noisy: mean ± std over 5 unseen chip draws (seeds 5000–5004); in brackets the paper "
-             "metric (noisy_none − noisy)/noisy_none and the gap closed (noisy_none − noisy)/(noisy_none − "
+             f"it). {args.max_tokens} tokens per dataset, windows of 256. Noisy: mean ± std over "
+             f"{args.seeds} unseen chip draws (from seed {FIRST_SEED}); in brackets the paper "
+             f"metric (noisy_none − noisy)/noisy_none and the gap closed (noisy_none − noisy)/(noisy_none − "
              "clean_none). Digital MACs: share of the baseline's analog MACs per token the recipe runs "
              "digitally. Calibration used the shipped `calib` text and other seeds.", ""]  # fmt: skip
     budget, methods = ["# Digital budget: PPL vs budget on the real models", "", *intro], [
