@@ -190,8 +190,9 @@ def command(phase: str, args: argparse.Namespace) -> str:
 
 
 def row_key(row: dict[str, Any]) -> tuple:
-    """Rows with equal keys measure the same thing."""
-    return (row["model"], row["profile"], row["label"], row["max_tokens"], row["seeds"])
+    """Rows with equal keys measure the same thing (same model, profile, recipe, tokens and draws)."""
+    return (row["model"], row["profile"], json.dumps(row["steps"], sort_keys=True), row["max_tokens"],
+            row["seeds"])  # fmt: skip
 
 
 class Runner:
@@ -219,7 +220,7 @@ class Runner:
     def measure(self, model_name: str, profile: str, label: str, steps: list[dict[str, Any]],
                 extra: dict[str, Any] | None = None) -> None:  # fmt: skip
         """One row: apply ``steps`` to a fresh copy of the model, place, evaluate, save."""
-        key = (model_name, profile, label, self.args.max_tokens, self.args.seeds)
+        key = (model_name, profile, json.dumps(steps, sort_keys=True), self.args.max_tokens, self.args.seeds)
         if any(row_key(r) == key for r in self.rows):
             return
         base, tokenizer = self.base(model_name)
