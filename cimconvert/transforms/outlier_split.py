@@ -24,11 +24,10 @@ from safetensors import safe_open
 from torch import nn
 
 from cimconvert.errors import BundleError
-from cimconvert.transforms.hpd_split import replace_module
+from cimconvert.transforms.hpd_split import ANALOG, DIGITAL, replace_module
 
 #: ``type`` of the manifest transform entry (and key in ``TRANSFORM_LOADERS``).
 TRANSFORM_TYPE = "outlier_split"
-ANALOG, DIGITAL = "analog", "digital"
 
 
 class OutlierSplitLinear(nn.Module):
