@@ -189,10 +189,21 @@ def command(phase: str, args: argparse.Namespace) -> str:
             f"--seeds {args.seeds} --max-tokens {args.max_tokens} --threads {args.threads}{extra}")
 
 
+#: How outlier_channels rounds a layer's channel count; rows measured before it rounded down lack the key.
+OUTLIER_ROUNDING = "floor"
+
+
 def row_key(row: dict[str, Any]) -> tuple:
     """Rows with equal keys measure the same thing (same model, profile, recipe, tokens and draws)."""
-    return (row["model"], row["profile"], json.dumps(row["steps"], sort_keys=True), row["max_tokens"],
-            row["seeds"])  # fmt: skip
+    return key_of(row["model"], row["profile"], row["steps"], row["max_tokens"], row["seeds"],
+                  row.get("outlier_rounding"))  # fmt: skip
+
+
+def key_of(model: str, profile: str, steps: list[dict[str, Any]], max_tokens: int, seeds: int,
+           rounding: str | None) -> tuple:  # fmt: skip
+    """The identity of a row; the outlier rounding counts only for recipes with outlier channels."""
+    recipe = json.dumps(steps, sort_keys=True)
+    return (model, profile, recipe, max_tokens, seeds, rounding if "outlier_channels" in recipe else None)
 
 
 class Runner:
@@ -220,7 +231,7 @@ class Runner:
     def measure(self, model_name: str, profile: str, label: str, steps: list[dict[str, Any]],
                 extra: dict[str, Any] | None = None) -> None:  # fmt: skip
         """One row: apply ``steps`` to a fresh copy of the model, place, evaluate, save."""
-        key = (model_name, profile, json.dumps(steps, sort_keys=True), self.args.max_tokens, self.args.seeds)
+        key = key_of(model_name, profile, steps, self.args.max_tokens, self.args.seeds, OUTLIER_ROUNDING)
         if any(row_key(r) == key for r in self.rows):
             return
         base, tokenizer = self.base(model_name)
@@ -231,6 +242,7 @@ class Runner:
         top_k = int(getattr(model.config, "num_experts_per_tok", 1) or 1)
         row = {"model": model_name, "profile": profile, "label": label, "steps": steps,
                "command": command(self.args.phase, self.args), "eval_seeds": self.seeds,
+               "outlier_rounding": OUTLIER_ROUNDING,
                "max_tokens": self.args.max_tokens, "seeds": self.args.seeds, **(extra or {}),
                "digital_macs_pct": digital_share(baseline, placement, top_k), "reports": reports,
                "analog_tensors": len(placement.analog())}  # fmt: skip
