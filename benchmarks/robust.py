@@ -189,8 +189,9 @@ def command(phase: str, args: argparse.Namespace) -> str:
             f"--seeds {args.seeds} --max-tokens {args.max_tokens} --threads {args.threads}{extra}")
 
 
-#: How outlier_channels rounds a layer's channel count; rows measured before it rounded down lack the key.
-OUTLIER_ROUNDING = "floor"
+#: How outlier_channels rounds a layer's channel count (``ceil``; one chipB row was measured while the code
+#: rounded down and records ``floor``); rows measured before this field existed rounded up too.
+OUTLIER_ROUNDING = "ceil"
 
 
 def row_key(row: dict[str, Any]) -> tuple:
@@ -203,6 +204,7 @@ def key_of(model: str, profile: str, steps: list[dict[str, Any]], max_tokens: in
            rounding: str | None) -> tuple:  # fmt: skip
     """The identity of a row; the outlier rounding counts only for recipes with outlier channels."""
     recipe = json.dumps(steps, sort_keys=True)
+    rounding = rounding or "ceil"  # rows without the field were measured rounding up
     return (model, profile, recipe, max_tokens, seeds, rounding if "outlier_channels" in recipe else None)
 
 

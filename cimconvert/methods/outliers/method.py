@@ -67,9 +67,9 @@ def channel_maxima(model: nn.Module, layers: Sequence[str], tokens: torch.Tensor
 
 
 def channels_for(in_features: int, percent: float) -> int:
-    """How many input channels ``percent`` % of ``in_features`` keeps digital: rounded down, so the digital
-    share never exceeds ``percent`` (but at least one channel)."""
-    return max(1, math.floor(percent / 100.0 * in_features + 1e-9))
+    """How many input channels ``percent`` % of ``in_features`` keeps digital: rounded up (at least one), so
+    a layer's digital share can exceed ``percent`` by less than one channel (5 % of 576 → 29, 5.03 %)."""
+    return max(1, math.ceil(percent / 100.0 * in_features - 1e-9))
 
 
 def split_outliers(
