@@ -170,8 +170,11 @@ def load_rows() -> list[dict[str, Any]]:
 
 
 def save_rows(rows: list[dict[str, Any]]) -> None:
-    """Write every row (each records its phase's command and settings)."""
+    """Write every row (each records its phase's command and settings), keeping rows another run saved
+    meanwhile (runs may go in parallel)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    known = {row_key(row) for row in rows}
+    rows = [*rows, *(row for row in load_rows() if row_key(row) not in known)]
     payload = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                "rows": rows}  # fmt: skip
     ROWS_FILE.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
