@@ -12,15 +12,15 @@ Figures per row and dataset: clean, noisy mean ± std, the paper metric (noisy_n
 and the gap closed (noisy_none − noisy)/(noisy_none − clean), and the share of the baseline's analog
 MACs per token that the recipe runs digitally.
 
-Phases (results in ``benchmarks/results/robust_<phase>.{json,md}``; rows are saved as they finish and a
-rerun skips rows already measured with the same settings, so a long run can be resumed):
+Phases (every row goes to ``benchmarks/results/robust_rows.json`` as it finishes, with the command that
+measured it; a rerun skips rows already measured with the same settings, so a long run can be resumed):
 
 * ``scan``: the layer sensitivity scan (``cimconvert analyze --granularity layer``) the budget reads;
 * ``budget``: PPL vs digital budget (0, 1, 2, 5, 10, 20 % of analog MACs) for the knapsack placement,
   the outlier channels and both together;
 * ``methods``: the methods side by side at small budgets (HPD and rotation on the most sensitive
   projections vs keeping them digital, outlier channels, ROMER on the MoE build, the default recipes);
-* ``render``: the markdown tables and ``robust_budget.png`` from the JSON files.
+* ``render``: ``robust_budget.md``, ``robust_methods.md`` and ``robust_budget.png`` from the rows.
 
     CIMCONVERT_SHARED_DATA=... .venv/bin/python benchmarks/robust.py budget --seeds 5 --threads 2
 """
@@ -48,9 +48,11 @@ from cimconvert.arch import get_adapter
 from cimconvert.datasets import load_text, tokenize
 from cimconvert.evaluation.monte_carlo import noisy_perplexities
 from cimconvert.evaluation.perplexity import perplexity
-from cimconvert.methods import METHODS, option_values
+from cimconvert.methods import auto_steps, defaults
+from cimconvert.methods.defaults import CORRECTION_SAMPLES
 from cimconvert.placement import Placement, plan_model
 from cimconvert.profiles import load_profile
+from cimconvert.recipe import Recipe, resolve_recipe, run_recipe
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -73,35 +75,39 @@ def step(name: str, **options: Any) -> dict[str, Any]:
 
 
 def budget_steps(model: str, profile: str, strategy: str, budget: float) -> list[dict[str, Any]]:
-    """The recipe of one point of the budget curve."""
+    """The recipe of one point of the budget curve.
+
+    ``knapsack``: the digital budget alone; ``outliers``: outlier channels alone; ``outliers+corr``:
+    outlier channels, then the output correction (free: folded into the weights); ``all``: half the
+    budget to the knapsack, half to outlier channels, then the output correction.
+    """
     if budget == 0:
         return []
-    knapsack = step("digital_budget", digital_budget=budget, budget_scan=str(scan_path(model, profile)))
+    scan = str(scan_path(model, profile))
+    correction = step("output_correction", calib_samples=CORRECTION_SAMPLES)
     if strategy == "knapsack":
-        return [knapsack]
+        return [step("digital_budget", digital_budget=budget, budget_scan=scan)]
+    outliers = step("outlier_channels", outlier_percent=budget, calib_samples=CORRECTION_SAMPLES)
     if strategy == "outliers":
-        return [step("outlier_channels", outlier_percent=budget)]
-    half = budget / 2  # both: half the budget each
-    return [step("digital_budget", digital_budget=half, budget_scan=str(scan_path(model, profile))),
-            step("outlier_channels", outlier_percent=half)]  # fmt: skip
+        return [outliers]
+    if strategy == "outliers+corr":
+        return [outliers, correction]
+    half = budget / 2
+    return [step("digital_budget", digital_budget=half, budget_scan=scan),
+            step("outlier_channels", outlier_percent=half, calib_samples=CORRECTION_SAMPLES), correction]
 
 
 def apply_recipe(model: nn.Module, profile: str, steps: Sequence[dict[str, Any]]) -> tuple[Placement, list]:
-    """Run ``steps`` on ``model`` in place (what the conversion pipeline does); (final placement, reports)."""
+    """Run ``steps`` on ``model`` in place with the conversion pipeline's recipe runner (what
+    ``cimconvert convert --recipe`` runs, seed 0); (final placement, scalar report per step)."""
     chip = load_profile(profile)
     adapter = get_adapter(model.config)
-    analog: list[str] = []
-    digital: list[str] = []
-    reports = []
-    for index, entry in enumerate(steps):
-        placement = plan_model(model, chip, analog, digital)
-        options = {**option_values(entry["step"], entry["options"]), "seed": 0}
-        result = METHODS[entry["step"]].apply(model, adapter, chip, options, progress=False, placement=placement)
-        analog += result.analog
-        digital += result.digital
-        scalars = {k: v for k, v in result.report.items() if isinstance(v, int | float | str)}
-        reports.append({"index": index, "step": entry["step"], **scalars})
-    return plan_model(model, chip, analog, digital), reports
+    recipe = resolve_recipe(Recipe.model_validate({"steps": list(steps)}), model.config.model_type,
+                            adapter.family, seed=0)  # fmt: skip
+    result, placement = run_recipe(model, adapter, chip, recipe, plan_model(model, chip), progress=False)
+    reports = [{"step": key, **{k: v for k, v in report.items() if isinstance(v, int | float | str)}}
+               for key, report in result.report.items()]  # fmt: skip
+    return placement, reports
 
 
 def matmul_macs(shape: Sequence[int], top_k: int) -> int:
@@ -155,47 +161,65 @@ def add_metrics(row: dict[str, Any], none: dict[str, Any] | None) -> None:
 
 
 # ------------------------------------------------------------------------------------------ storage
-def result_file(phase: str) -> Path:
-    """``benchmarks/results/robust_<phase>.json``."""
-    return RESULTS / f"robust_{phase}.json"
+ROWS_FILE = RESULTS / "robust_rows.json"
 
 
-def load_rows(phase: str) -> list[dict[str, Any]]:
-    """Rows measured so far in ``phase``."""
-    path = result_file(phase)
-    return json.loads(path.read_text(encoding="utf-8"))["rows"] if path.is_file() else []
+def load_rows() -> list[dict[str, Any]]:
+    """Rows measured so far (every phase)."""
+    return json.loads(ROWS_FILE.read_text(encoding="utf-8"))["rows"] if ROWS_FILE.is_file() else []
 
 
-def save_rows(phase: str, rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    """Write the phase's rows with the run's settings."""
+def save_rows(rows: list[dict[str, Any]]) -> None:
+    """Write every row (each records its phase's command and settings), keeping rows another run saved
+    meanwhile (runs may go in parallel)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"command": command(phase, args), "machine": platform.processor() or platform.machine(),
-               "torch": torch.__version__, "eval_seeds": f"{FIRST_SEED}..{FIRST_SEED + args.seeds - 1}",
+    known = {row_key(row) for row in rows}
+    rows = [*rows, *(row for row in load_rows() if row_key(row) not in known)]
+    payload = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__,
                "rows": rows}  # fmt: skip
-    result_file(phase).write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    ROWS_FILE.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
 
 
 def command(phase: str, args: argparse.Namespace) -> str:
     """The command line that reproduces a phase."""
-    models = f" --models {' '.join(args.models)}" if args.models else ""
-    profiles = f" --profiles {' '.join(args.profiles)}" if args.profiles else ""
+    lists = {"models": args.models, "profiles": args.profiles}
+    if phase == "budget":
+        lists |= {"strategies": args.strategies, "budgets": [f"{b:g}" for b in args.budgets]}
+    if phase == "methods":
+        lists["only"] = [f"'{key}'" for key in args.only or []]
+    extra = "".join(f" --{name} {' '.join(values)}" for name, values in lists.items() if values)
     return (f"CIMCONVERT_SHARED_DATA=<shared>/data .venv/bin/python benchmarks/robust.py {phase} "
-            f"--seeds {args.seeds} --max-tokens {args.max_tokens} --threads {args.threads}{models}{profiles}")
+            f"--seeds {args.seeds} --max-tokens {args.max_tokens} --threads {args.threads}{extra}")
+
+
+#: How outlier_channels rounds a layer's channel count (``ceil``; one chipB row was measured while the code
+#: rounded down and records ``floor``); rows measured before this field existed rounded up too.
+OUTLIER_ROUNDING = "ceil"
 
 
 def row_key(row: dict[str, Any]) -> tuple:
-    """Rows with equal keys measure the same thing."""
-    return (row["model"], row["profile"], row["label"], row["max_tokens"], row["seeds"])
+    """Rows with equal keys measure the same thing (same model, profile, recipe, tokens and draws)."""
+    return key_of(row["model"], row["profile"], row["steps"], row["max_tokens"], row["seeds"],
+                  row.get("outlier_rounding"))  # fmt: skip
+
+
+def key_of(model: str, profile: str, steps: list[dict[str, Any]], max_tokens: int, seeds: int,
+           rounding: str | None) -> tuple:  # fmt: skip
+    """The identity of a row; the outlier rounding counts only for recipes with outlier channels."""
+    recipe = json.dumps(steps, sort_keys=True)
+    rounding = rounding or "ceil"  # rows without the field were measured rounding up
+    return (model, profile, recipe, max_tokens, seeds, rounding if "outlier_channels" in recipe else None)
 
 
 class Runner:
-    """Measures rows of one phase, skipping those already in its result file."""
+    """Measures rows (every phase's go to one file, ``robust_rows.json``), skipping rows already there."""
 
-    def __init__(self, phase: str, args: argparse.Namespace):
-        self.phase, self.args = phase, args
-        self.rows = load_rows(phase)
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.rows = load_rows()
         self.seeds = list(range(FIRST_SEED, FIRST_SEED + args.seeds))
         self._tokens: dict[str, dict[str, torch.Tensor]] = {}
+        self._models: dict[str, tuple[nn.Module, Any]] = {}
 
     def tokens(self, model_name: str, tokenizer: Any) -> dict[str, torch.Tensor]:
         """The evaluation tokens of each dataset (same for every row of a model)."""
@@ -212,7 +236,7 @@ class Runner:
     def measure(self, model_name: str, profile: str, label: str, steps: list[dict[str, Any]],
                 extra: dict[str, Any] | None = None) -> None:  # fmt: skip
         """One row: apply ``steps`` to a fresh copy of the model, place, evaluate, save."""
-        key = (model_name, profile, label, self.args.max_tokens, self.args.seeds)
+        key = key_of(model_name, profile, steps, self.args.max_tokens, self.args.seeds, OUTLIER_ROUNDING)
         if any(row_key(r) == key for r in self.rows):
             return
         base, tokenizer = self.base(model_name)
@@ -222,6 +246,8 @@ class Runner:
         baseline = plan_model(base, load_profile(profile))
         top_k = int(getattr(model.config, "num_experts_per_tok", 1) or 1)
         row = {"model": model_name, "profile": profile, "label": label, "steps": steps,
+               "command": command(self.args.phase, self.args), "eval_seeds": self.seeds,
+               "outlier_rounding": OUTLIER_ROUNDING,
                "max_tokens": self.args.max_tokens, "seeds": self.args.seeds, **(extra or {}),
                "digital_macs_pct": digital_share(baseline, placement, top_k), "reports": reports,
                "analog_tensors": len(placement.analog())}  # fmt: skip
@@ -229,13 +255,12 @@ class Runner:
         row["seconds"] = round(time.perf_counter() - start, 1)
         add_metrics(row, self.none_row(model_name, profile) if steps else row)
         self.rows.append(row)
-        save_rows(self.phase, self.rows, self.args)
-        figures = "  ".join(f"{d}: {fmt(r['clean_ppl'])} → {fmt(r['noisy_ppl_mean'])}"
-                            f" ({r.get('paper_metric_pct', 0):.0f} %)" for d, r in row["datasets"].items())  # fmt: skip
+        save_rows(self.rows)
+        figures = "  ".join(f"{d}: {fmt(r['clean_ppl'])} → {fmt(r['noisy_ppl_mean'])} "
+                            f"({r.get('paper_metric_pct', 0):.0f} %)"
+                            for d, r in row["datasets"].items())  # fmt: skip
         print(f"{model_name} {profile} {label:34s} digital {row['digital_macs_pct']:5.2f} %  {figures}",
               flush=True)
-
-    _models: dict[str, tuple[nn.Module, Any]] = {}
 
     def base(self, model_name: str) -> tuple[nn.Module, Any]:
         """The clean real model (loaded once)."""
@@ -260,25 +285,26 @@ def scan_phase(args: argparse.Namespace) -> None:
 
 def budget_phase(args: argparse.Namespace) -> None:
     """PPL vs digital budget for each strategy."""
-    run = Runner("budget", args)
+    run = Runner(args)
     for model in args.models or ["smollm2-135m"]:
         for profile in args.profiles or ["chipA"]:
             run.measure(model, profile, "none", [])
             for strategy in args.strategies:
-                for budget in BUDGETS[1:]:
+                for budget in args.budgets:
                     run.measure(model, profile, f"{strategy} {budget:g} %",
                                 budget_steps(model, profile, strategy, budget),
                                 {"strategy": strategy, "budget_pct": budget})  # fmt: skip
 
 
 def methods_phase(args: argparse.Namespace) -> None:
-    """The methods side by side (see the module docstring)."""
-    run = Runner("methods", args)
+    """The methods side by side (see the module docstring); ``--only`` measures the named rows only."""
+    run = Runner(args)
     for model in args.models or ["smollm2-135m"]:
         for profile in args.profiles or ["chipA"]:
             run.measure(model, profile, "none", [])
             for label, steps in method_rows(model, profile).items():
-                run.measure(model, profile, label, steps)
+                if not args.only or any(key in label for key in args.only):
+                    run.measure(model, profile, label, steps)
 
 
 def top_layers(model: str, profile: str, count: int) -> list[str]:
@@ -296,28 +322,136 @@ def method_rows(model: str, profile: str) -> dict[str, list[dict[str, Any]]]:
         rows["top-3 scan layers digital"] = [step("keep_digital", patterns=[f"{t}.weight" for t in top])]
         rows["HPD U·Σ analog, Vᵀ digital (top-3)"] = [step("hpd", hpd_layers=top, hpd_factor="us_v")]
         rows["Hadamard rotation (top-3)"] = [step("hpd", hpd_layers=top, hpd_factor="hadamard")]
-    for percent in (1, 3, 5):
-        rows[f"outlier channels {percent} %"] = [step("outlier_channels", outlier_percent=percent)]
-    if "moe" in model:
+    outliers, correction = defaults.DENSE
+    family = "moe" if "moe" in model else "dense"
+    rows["default recipe (--method auto)"] = auto_steps(family)
+    rows["output correction"] = [correction]
+    percent = outliers["options"]["outlier_percent"]
+    rows[f"outlier channels {percent:g} %"] = [outliers]
+    if family == "moe":
+        rows[f"outlier channels {percent:g} % + output correction"] = [outliers, correction]
         rows["ROMER"] = [step("romer")]
-        rows["outlier channels 3 % + ROMER"] = [step("outlier_channels", outlier_percent=3), step("romer")]
     return rows
+
+
+# ------------------------------------------------------------------------------------------- render
+def _cell(res: dict[str, Any] | None) -> str:
+    """``noisy ± std (paper metric / gap closed)`` of one dataset."""
+    if not res:
+        return "n/a"
+    metric = res.get("paper_metric_pct")
+    gap = res.get("gap_closed_pct")
+    extra = f" ({metric:.0f} % / {gap:.0f} %)" if metric is not None and gap is not None else ""
+    return f"{fmt(res['noisy_ppl_mean'])} ± {fmt(res['noisy_ppl_std'])}{extra}"
+
+
+def table_lines(rows: list[dict[str, Any]], datasets: Sequence[str]) -> list[str]:
+    """Markdown table: recipe, digital MACs, clean and noisy (paper metric / gap closed) per dataset."""
+    head = "| recipe | digital MACs | " + " | ".join(f"{d} clean | {d} noisy (paper / gap closed)"
+                                                    for d in datasets) + " |"  # fmt: skip
+    lines = [head, "|---|---|" + "---|---|" * len(datasets)]
+    for row in rows:
+        cells = " | ".join(f"{fmt(row['datasets'][d]['clean_ppl'])} | {_cell(row['datasets'].get(d))}"
+                           if d in row["datasets"] else "n/a | n/a" for d in datasets)  # fmt: skip
+        lines.append(f"| {row['label']} | {row['digital_macs_pct']:.2f} % | {cells} |")
+    return lines
+
+
+def curve_point(row: dict[str, Any]) -> tuple[str, float] | None:
+    """(strategy, budget) when a row's recipe is a point of a budget curve (e.g. the default recipe)."""
+    for strategy in ("knapsack", "outliers", "outliers+corr", "all"):
+        for budget in BUDGETS[1:]:
+            if row["steps"] == budget_steps(row["model"], row["profile"], strategy, budget):
+                return strategy, budget
+    return None
+
+
+def groups(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Rows by (model, profile), in measurement order."""
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        out.setdefault((row["model"], row["profile"]), []).append(row)
+    return out
+
+
+def render_phase(args: argparse.Namespace) -> None:
+    """``robust_budget.md`` (+ PNG) and ``robust_methods.md`` from ``robust_rows.json``."""
+    rows = [r for r in load_rows() if r["max_tokens"] == args.max_tokens and r["seeds"] == args.seeds]
+    datasets = args.datasets
+    intro = ["Rows from `benchmarks/results/robust_rows.json` (each row records the command that measured "
+             f"it). {args.max_tokens} tokens per dataset, windows of 256. Noisy: mean ± std over "
+             f"{args.seeds} unseen chip draws (from seed {FIRST_SEED}); in brackets the paper "
+             f"metric (noisy_none − noisy)/noisy_none and the gap closed (noisy_none − noisy)/(noisy_none − "
+             "clean_none). Digital MACs: share of the baseline's analog MACs per token the recipe runs "
+             "digitally. Calibration used the shipped `calib` text and other seeds.", ""]  # fmt: skip
+    budget, methods = ["# Digital budget: PPL vs budget on the real models", "", *intro], [
+        "# Robustness methods on the real models", "", *intro]
+    for (model, profile), group in groups(rows).items():
+        none = [r for r in group if not r["steps"]]
+        curve = none + [r for r in group if "strategy" in r or curve_point(r)]
+        others = none + [r for r in group if r["steps"] and "strategy" not in r]
+        if len(curve) > 1:
+            budget += [f"## {model} · `{profile}`", "", *table_lines(curve, datasets), ""]
+        if len(others) > 1:
+            methods += [f"## {model} · `{profile}`", "", *table_lines(others, datasets), ""]
+    (RESULTS / "robust_budget.md").write_text("\n".join(budget) + "\n", encoding="utf-8")
+    (RESULTS / "robust_methods.md").write_text("\n".join(methods) + "\n", encoding="utf-8")
+    plot_budget(rows, datasets)
+    print("wrote benchmarks/results/robust_budget.md, robust_methods.md, robust_budget.png")
+
+
+def plot_budget(rows: list[dict[str, Any]], datasets: Sequence[str]) -> None:
+    """Noisy PPL vs digital budget per strategy (one panel per dataset), dense model under chipA."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curve = [r for r in rows if r["model"] == "smollm2-135m" and r["profile"] == "chipA"]
+    none = next((r for r in curve if not r["steps"]), None)
+    if none is None:
+        return
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets, strict=True):
+        points_of: dict[str, list[tuple[float, float]]] = {}
+        for r in curve:
+            point = (r["strategy"], r["budget_pct"]) if "strategy" in r else curve_point(r)
+            if point:
+                noisy = r["datasets"][dataset]["noisy_ppl_mean"]
+                points_of.setdefault(point[0], []).append((point[1], noisy))
+        for strategy, points in sorted(points_of.items()):
+            points = sorted(points)
+            xs = [0, *(p[0] for p in points)]
+            ys = [none["datasets"][dataset]["noisy_ppl_mean"], *(p[1] for p in points)]
+            ax.plot(xs, ys, marker="o", label=strategy)
+        ax.axhline(none["datasets"][dataset]["clean_ppl"], color="k", ls="--", label="clean")
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xlabel("digital budget (% of analog MACs)")
+        ax.set_ylabel("noisy PPL (mean of 5 draws)")
+        ax.set_title(f"SmolLM2-135M · chipA · {dataset}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "robust_budget.png", dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
     """Parse the phase and its options, run it."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=["scan", "budget", "methods"])
+    parser.add_argument("phase", choices=["scan", "budget", "methods", "render"])
     parser.add_argument("--models", nargs="*", choices=sorted(MODELS))
     parser.add_argument("--profiles", nargs="*")
     parser.add_argument("--datasets", nargs="*", default=["heldout", "wikitext2"])
-    parser.add_argument("--strategies", nargs="*", default=["knapsack", "outliers", "both"])
+    parser.add_argument("--strategies", nargs="*", default=["knapsack", "outliers+corr"])
+    parser.add_argument("--budgets", nargs="*", type=float, default=list(BUDGETS[1:]))
+    parser.add_argument("--only", nargs="*", help="methods phase: rows whose label contains one of these")
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--max-tokens", type=int, default=1024)
+    parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    {"scan": scan_phase, "budget": budget_phase, "methods": methods_phase}[args.phase](args)
+    phases = {"scan": scan_phase, "budget": budget_phase, "methods": methods_phase, "render": render_phase}
+    phases[args.phase](args)
 
 
 if __name__ == "__main__":

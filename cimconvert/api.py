@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,11 +26,12 @@ from cimconvert.bundle.outdir import out_lock, tmp_path
 from cimconvert.bundle.reader import inspect_bundle, is_bundle, read_manifest
 from cimconvert.bundle.reader import load_bundle as read_bundle
 from cimconvert.bundle.writer import check_out_dir, write_bundle
-from cimconvert.checkpoint import DTYPES, check_weights_finite, resolve_model
+from cimconvert.checkpoint import DTYPES, check_weights_finite, has_tokenizer, resolve_model
 from cimconvert.datasets import load_text, tokenize
 from cimconvert.errors import BundleError, CimError, failure_detail
 from cimconvert.evaluation.loading import load_for_eval
 from cimconvert.evaluation.monte_carlo import evaluate_model
+from cimconvert.methods.defaults import calibration_free
 from cimconvert.onnx.export import export_bundle_onnx
 from cimconvert.placement import Placement, plan_tensors, replan_tensors
 from cimconvert.profiles import ChipProfile, list_profiles, load_profile
@@ -219,6 +221,16 @@ def _given_recipe(
     return recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
 
 
+def _without_calibration(recipe: Recipe, model: str) -> tuple[Recipe, list[str]]:
+    """The ``auto`` recipe without the steps that need calibration text, for a checkpoint that has no
+    tokenizer (a one-line warning names what was skipped)."""
+    kept, dropped = calibration_free([step.model_dump(exclude_none=True) for step in recipe.steps])
+    if dropped:
+        warnings.warn(f"{model} has no tokenizer: --method auto skips {', '.join(dropped)} (they fit on "
+                      "calibration text)", stacklevel=3)  # fmt: skip
+    return Recipe.model_validate({"steps": kept}), dropped
+
+
 def convert(
     model: str,
     profile: str | ChipProfile,
@@ -254,6 +266,9 @@ def convert(
     source = resolve_model(model, dtype=dtype, progress=progress)
     adapter = get_adapter(source.model_type)
     chosen = given or method_recipe(method, dict(method_options or {}), adapter.family)
+    skipped: list[str] = []
+    if given is None and method == "auto" and not has_tokenizer(source.dir):
+        chosen, skipped = _without_calibration(chosen, model)
     resolved = resolve_recipe(chosen, source.model_type, adapter.family, seed)
     placement = _plan(source, adapter, chip, analog, digital)
     if dry_run:  # plan only: the steps (and any tensors they add) run at conversion time
@@ -262,6 +277,8 @@ def convert(
     # The steps get the placement itself (e.g. ROMER calibrates with an analog router noisy), not the
     # patterns: they are recorded once, in placement_config.overrides.
     extra: dict[str, Any] = {"method": recipe_label(resolved)}
+    if skipped:
+        extra["auto_skipped"] = skipped
     recorded = resolved.model_dump(mode="json")
     with out_lock(out_dir) as lock:  # one writer per OUT, from here to the final rename
         check_out_dir(out_dir, force)  # fail before any expensive work
@@ -295,6 +312,7 @@ def convert(
         "method_report": report,
         "files": summary.files,
         "recovered": lock.recovered,
+        "auto_skipped": skipped,
     }
 
 

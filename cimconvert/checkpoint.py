@@ -47,6 +47,15 @@ AUX_PATTERNS = (
     "preprocessor_config.json",
 )
 
+#: Files any one of which makes a folder's tokenizer loadable by ``AutoTokenizer``.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
+def has_tokenizer(folder: str | Path) -> bool:
+    """Whether ``folder`` holds tokenizer files (what calibration steps need)."""
+    return any((Path(folder) / name).is_file() for name in TOKENIZER_FILES)
+
+
 #: safetensors dtype string → (torch dtype, bytes per element).
 DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "F64": (torch.float64, 8),

@@ -103,13 +103,26 @@ def _format_convert(res: dict) -> str:
     if res.get("dry_run"):
         return res["table"]
     totals = res["totals"]
-    return (
-        f"wrote {res['out']}\n"
-        f"  profile {res['profile']}  method {res['method']}: {_method_line(res)}\n"
+    lines = [
+        f"wrote {res['out']}",
+        f"  profile {res['profile']}  method {res['method']}: {_method_line(res)}",
         f"  analog: {totals['analog_tensors']} tensors, {totals['analog_tiles']} crossbar arrays, "
         f"{totals['analog_bytes'] / 1e6:.2f} MB; "
-        f"digital: {totals['digital_tensors']} tensors, {totals['digital_bytes'] / 1e6:.2f} MB"
-    ) + "".join(f"\n  recovered: {line}" for line in res.get("recovered", []))
+        f"digital: {totals['digital_tensors']} tensors, {totals['digital_bytes'] / 1e6:.2f} MB",
+        *(f"  {key}: {line}" for key, line in _step_summaries(res)),
+        *(f"  recovered: {line}" for line in res.get("recovered", [])),
+        *(f"  auto skipped {step}: the model has no tokenizer" for step in res.get("auto_skipped", [])),
+    ]
+    return "\n".join(lines)
+
+
+def _step_summaries(res: dict) -> list[tuple[str, str]]:
+    """(step key, summary) of every recipe step that says what it did and measured, when transforms ran
+    (without transforms the method line carries them)."""
+    if not res.get("transforms"):
+        return []
+    reports = (res.get("method_report") or {}).items()
+    return [(key, r["summary"]) for key, r in reports if isinstance(r, dict) and r.get("summary")]
 
 
 def _option_type(opt: MethodOption) -> Any:

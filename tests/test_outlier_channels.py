@@ -42,7 +42,7 @@ def test_split_refuses_channels_that_are_not_a_proper_subset(index: list[int]) -
 
 
 def test_channels_for_rounds_up_and_keeps_one() -> None:
-    assert channels_for(576, 3.0) == 18 and channels_for(32, 0.1) == 1 and channels_for(100, 5.0) == 5
+    assert channels_for(576, 5.0) == 29 and channels_for(32, 0.1) == 1 and channels_for(100, 5.0) == 5
 
 
 def test_channel_maxima_finds_a_planted_outlier() -> None:

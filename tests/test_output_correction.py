@@ -56,7 +56,10 @@ def test_method_folds_gains_near_one_under_chipA() -> None:
     assert report["gain_std"] > 0
     changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
     assert changed and all(n.endswith("_proj.weight") for n in changed)
-    assert result.seeds["output_correction"] == [200_000, 200_001]
+    assert result.seeds["output_correction"] == [200_000, 200_001, 200_002]  # two fits + one check draw
+    for key in ("clean", "noisy_before", "noisy_after"):
+        assert 0 < report[f"calibration_ppl_{key}"] < 10 * VOCAB
+    assert report["check_seed"] == 200_002
     assert result.transforms[0]["type"] == "output_gain"
 
 

@@ -16,7 +16,7 @@ from cimconvert import api
 from cimconvert.arch import get_adapter
 from cimconvert.checkpoint import SourceCheckpoint
 from cimconvert.errors import CimError
-from cimconvert.methods import AUTO, METHODS, MethodOption, MethodResult, register_method
+from cimconvert.methods import AUTO, METHODS, MethodOption, MethodResult, defaults, register_method
 from cimconvert.methods.hpd import HpdLinear
 from cimconvert.placement import model_placement, plan_model, replan_model
 from cimconvert.profiles import load_profile
@@ -170,21 +170,19 @@ def test_auto_resolves_per_family_to_the_recorded_recipe(
     _convert(run_cli, mamba, tmp_path / "ssm", "--no-onnx")
     assert _manifest(tmp_path / "ssm")["recipe"] == dry["recipe"]
     moe = api.convert(str(DEMO_OLMOE), "chipA", dry_run=True, progress=False, method_options=ROMER_FAST)
-    assert [s["step"] for s in moe["recipe"]["steps"]] == ["romer"]
-    assert moe["recipe"]["steps"][0]["options"]["calib_samples"] == 4  # flags reach the auto steps
-    _, llama = save_tiny("llama", tmp_path / "llama")
+    assert [s["step"] for s in moe["recipe"]["steps"]] == ["outlier_channels", "output_correction", "romer"]
+    assert all(s["options"]["calib_samples"] == 4 for s in moe["recipe"]["steps"])  # flags reach the steps
+    _, llama = save_tiny("llama", tmp_path / "llama")  # no tokenizer: auto skips the calibration steps
     _convert(run_cli, llama, tmp_path / "dense", "--no-onnx")
-    assert _manifest(tmp_path / "dense")["recipe"] == {
-        "schema_version": 1,
-        "family": "dense",
-        "model_type": "llama",
-        "steps": [],
-    }
+    dense = _manifest(tmp_path / "dense")
+    assert dense["recipe"] == {"schema_version": 1, "family": "dense", "model_type": "llama", "steps": []}
+    assert dense["extra"]["auto_skipped"] == ["outlier_channels", "output_correction"]
 
 
 def test_auto_recipes_are_data(monkeypatch: pytest.MonkeyPatch) -> None:
-    """register_method(auto_for=...) gives one-step defaults; a family's default may hold several steps."""
-    assert AUTO["moe"] == [{"step": "romer"}] and AUTO["ssm"] == [{"step": "hpd"}]
+    """The defaults are data (methods/defaults.py); a family's default may hold several steps."""
+    assert AUTO["dense"] == defaults.DENSE and AUTO["moe"] == defaults.MOE
+    assert AUTO["ssm"] == [{"step": "hpd"}]
     monkeypatch.setitem(
         AUTO, "ssm", [{"step": "hpd"}, {"step": "keep_digital", "options": {"patterns": [KEPT]}}]
     )

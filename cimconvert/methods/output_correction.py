@@ -16,6 +16,8 @@ digital afterwards would carry a gain it no longer needs.
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,7 +39,7 @@ from cimconvert.transforms.folded import FOLDED_TYPES
 
 NAME = "output_correction"
 TRANSFORM_TYPE = FOLDED_TYPES[0]
-DEFAULT_DRAWS = 4
+DEFAULT_DRAWS = 2
 DEFAULT_SEED = 200_000
 
 
@@ -74,13 +76,32 @@ def _exact_output_hook(fit: GainFit, clean_weight: torch.Tensor):
     return hook
 
 
+def _batch_nll(model: nn.Module, batch: torch.Tensor) -> tuple[float, int]:
+    """(summed next-token NLL, tokens scored) of a ``[rows, seq_len]`` batch."""
+    logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+    nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                      reduction="sum")  # fmt: skip
+    return float(nll), int(batch[:, 1:].numel())
+
+
+@torch.no_grad()
+def calibration_ppl(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> float:
+    """Perplexity of ``model`` on the calibration rows (each row its own window)."""
+    total, count = 0.0, 0
+    for batch in iter_batches(tokens, batch_size):
+        nll, n = _batch_nll(model, batch)
+        total, count = total + nll, count + n
+    return math.exp(total / count)
+
+
 @torch.no_grad()
 def fit_output_gains(
     model: nn.Module, layers: Sequence[str], targets: Sequence[Any], profile: ChipProfile,
-    tokens: torch.Tensor, seeds: Sequence[int], batch_size: int = 8,
+    tokens: torch.Tensor, seeds: Sequence[int], batch_size: int = 8, ppl_out: list[float] | None = None,
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """Per-channel gain of each layer in ``layers``, pooled over chip instances ``seeds`` (noise in
-    ``targets``, the analog tensors of ``model``) on the calibration ``tokens``."""
+    ``targets``, the analog tensors of ``model``) on the calibration ``tokens``. ``ppl_out`` receives
+    the calibration perplexity of each instance (the fitting passes give it for free)."""
     fits = {name: GainFit(model.get_submodule(name).out_features) for name in layers}
     clean = {name: model.get_submodule(name).weight.detach().clone() for name in layers}
     handles = [model.get_submodule(name).register_forward_hook(_exact_output_hook(fits[name], clean[name]))
@@ -89,8 +110,9 @@ def fit_output_gains(
         model.eval()
         for seed in seeds:
             with apply_chip_noise(model, targets, profile, seed):
-                for batch in iter_batches(tokens, batch_size):
-                    model(input_ids=batch, use_cache=False)
+                ppl = calibration_ppl(model, tokens, batch_size)
+            if ppl_out is not None:
+                ppl_out.append(ppl)
     finally:
         for handle in handles:
             handle.remove()
@@ -144,16 +166,26 @@ class OutputCorrectionMethod:
         if progress:
             print(f"output_correction: fitting {len(layers)} layers over {draws} chip draws, "
                   f"{tokens.numel()} calibration tokens")  # fmt: skip
-        gains = fit_output_gains(model, layers, placed.analog(), profile, tokens, seeds)
+        clean_ppl = calibration_ppl(model, tokens)
+        before: list[float] = []
+        gains = fit_output_gains(model, layers, placed.analog(), profile, tokens, seeds, ppl_out=before)
         fold_gains(model, gains)
+        check = first + draws  # one more instance, not used by the fit
+        with apply_chip_noise(model, placed.analog(), profile, check):
+            after = calibration_ppl(model, tokens)
         summary = _summary(gains)
         entry = {"id": "output-correction", "type": TRANSFORM_TYPE,
                  "params": {"folded_into": "weight rows", "layers": len(layers), "draws": draws,
                             "seeds": seeds, **summary},
                  "targets": [f"{name}.weight" for name in layers]}  # fmt: skip
+        noisy = statistics.fmean(before)
         report = {"method": NAME, "layers": len(layers), "draws": draws,
-                  "calibration_tokens": int(tokens.numel()), **summary}  # fmt: skip
-        return MethodResult(transforms=[entry], seeds={"output_correction": seeds}, report=report)
+                  "calibration_tokens": int(tokens.numel()), **summary,
+                  "calibration_ppl_clean": clean_ppl, "calibration_ppl_noisy_before": noisy,
+                  "calibration_ppl_noisy_after": after, "check_seed": check,
+                  "summary": f"calibration text, clean PPL {clean_ppl:.2f}: noisy {noisy:.2f} before the "
+                             f"correction ({draws} fitting draws), {after:.2f} after (draw {check})"}
+        return MethodResult(transforms=[entry], seeds={"output_correction": [*seeds, check]}, report=report)
 
 
 register_method(OutputCorrectionMethod())

@@ -113,24 +113,26 @@ def expected_key_changes(params: dict[str, Any]) -> tuple[list[str], list[str]]:
     return list(params["replaces"]), added
 
 
+def like_module(model: nn.Module, name: str, what: str) -> dict[str, Any]:
+    """``dtype``/``device`` keyword arguments matching module ``name``'s parameters (for a replacement of
+    it); BundleError naming ``what`` transform when the model has no such module."""
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise BundleError(f"{what} transform: the loaded model has no module '{name}'") from None
+    ref = next(iter(old.parameters()), None)
+    if ref is None:
+        return {"dtype": None, "device": None}
+    return {"dtype": ref.dtype, "device": ref.device}
+
+
 def load_hpd_split(model: nn.Module, entry: Any, bundle_dir: str | Path) -> None:
     """``TRANSFORM_LOADERS['hpd_split']``: rebuild the split module and load its factors from the bundle."""
     params = entry.params if hasattr(entry, "params") else entry["params"]
     folder = Path(bundle_dir)
     name = params["module"]
-    try:
-        old = model.get_submodule(name)
-    except AttributeError:
-        raise BundleError(f"HPD transform: the loaded model has no module '{name}'") from None
-    ref = next(iter(old.parameters()), None)
-    split = HpdLinear(
-        params["in_features"],
-        params["out_features"],
-        params["rank"],
-        bool(params["bias"]),
-        dtype=ref.dtype if ref is not None else None,
-        device=ref.device if ref is not None else None,
-    )
+    split = HpdLinear(params["in_features"], params["out_features"], params["rank"], bool(params["bias"]),
+                      **like_module(model, name, "HPD"))  # fmt: skip
     tensors = {"digital.weight": params["digital"], "analog.weight": params["analog"]}
     if params["bias"]:
         tensors["analog.bias"] = f"{name}.{ANALOG}.bias"

@@ -24,11 +24,10 @@ from safetensors import safe_open
 from torch import nn
 
 from cimconvert.errors import BundleError
-from cimconvert.transforms.hpd_split import replace_module
+from cimconvert.transforms.hpd_split import ANALOG, DIGITAL, like_module, replace_module
 
 #: ``type`` of the manifest transform entry (and key in ``TRANSFORM_LOADERS``).
 TRANSFORM_TYPE = "outlier_split"
-ANALOG, DIGITAL = "analog", "digital"
 
 
 class OutlierSplitLinear(nn.Module):
@@ -145,14 +144,8 @@ def _read(files: dict[str, Path], key: str) -> torch.Tensor:
 def _rebuild(model: nn.Module, layer: dict[str, Any], files: dict[str, Path]) -> None:
     """Replace module ``layer['module']`` by its split, with the weights read from the bundle."""
     name = layer["module"]
-    try:
-        old = model.get_submodule(name)
-    except AttributeError:
-        raise BundleError(f"outlier_split transform: the loaded model has no module '{name}'") from None
-    ref = next(iter(old.parameters()), None)
     split = OutlierSplitLinear(layer["in_features"], layer["out_features"], layer["digital_index"],
-                               bool(layer["bias"]), dtype=ref.dtype if ref is not None else None,
-                               device=ref.device if ref is not None else None)  # fmt: skip
+                               bool(layer["bias"]), **like_module(model, name, "outlier_split"))
     _, added = _replaced_and_added(layer)
     state = {key.removeprefix(f"{name}."): _read(files, key) for key in added}
     try:

@@ -9,7 +9,7 @@ from cimconvert.methods.hpd.method import HpdMethod, apply_hpd, hpd_placement, s
 from cimconvert.methods.hpd.split import FACTORS, Factors, build_split, decompose, hadamard_matrix
 from cimconvert.transforms.hpd_split import TRANSFORM_TYPE, HpdLinear, expected_key_changes, load_hpd_split
 
-register_method(HpdMethod(), auto_for=("ssm",))
+register_method(HpdMethod())
 
 __all__ = [
     "FACTORS",

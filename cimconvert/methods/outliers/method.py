@@ -67,7 +67,8 @@ def channel_maxima(model: nn.Module, layers: Sequence[str], tokens: torch.Tensor
 
 
 def channels_for(in_features: int, percent: float) -> int:
-    """How many input channels ``percent`` % of ``in_features`` keeps digital (at least one)."""
+    """How many input channels ``percent`` % of ``in_features`` keeps digital: rounded up (at least one), so
+    a layer's digital share can exceed ``percent`` by less than one channel (5 % of 576 → 29, 5.03 %)."""
     return max(1, math.ceil(percent / 100.0 * in_features - 1e-9))
 
 
@@ -105,7 +106,11 @@ def _report(rows: list[dict[str, Any]], percent: float, tokens: torch.Tensor) ->
     digital = sum(r["digital_macs_per_token"] for r in rows)
     total = digital + sum(r["analog_macs_per_token"] for r in rows)
     ratios = [r["input_max_before"] / max(r["input_max_after"], 1e-30) for r in rows]
+    share = 100.0 * digital / total if total else 0.0
+    median = float(torch.tensor(ratios).median()) if ratios else 1.0
     return {
+        "summary": f"{percent:g} % of the input channels of {len(rows)} layers digital ({share:.2f} % of "
+                   f"their MACs); the analog input range shrank {median:.2f}x (median)",
         "method": "outlier_channels",
         "percent": percent,
         "layers": len(rows),
@@ -113,8 +118,8 @@ def _report(rows: list[dict[str, Any]], percent: float, tokens: torch.Tensor) ->
         "digital_macs_per_token": digital,
         "digital_extra_bytes": sum(r["digital_extra_bytes"] for r in rows),
         "split_layers_macs_per_token": total,
-        "digital_share_of_split_layers_pct": 100.0 * digital / total if total else 0.0,
-        "median_input_range_reduction": float(torch.tensor(ratios).median()) if ratios else 1.0,
+        "digital_share_of_split_layers_pct": share,
+        "median_input_range_reduction": median,
         "rows": rows,
     }
 

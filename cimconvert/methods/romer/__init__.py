@@ -23,7 +23,7 @@ from cimconvert.transforms.romer.loader import REPLACEMENT_TYPE, ROUTING_TYPE, l
 from cimconvert.transforms.romer.moe import MoeRouting, moe_routers
 from cimconvert.transforms.romer.routing import RoutingRule, route
 
-register_method(METHOD, auto_for=("moe",))
+register_method(METHOD)
 
 __all__ = [
     "METHOD",
