@@ -72,7 +72,15 @@ def load_text(spec: str) -> str:
 _CHUNK_CHARS = 1 << 20
 
 
+#: transformers' key for its "sequence longer than the model's maximum" warning: a whole text is tokenised
+#: on purpose (windows are cut afterwards), so the warning is marked as given.
+_LONG_TEXT_WARNING = "sequence-length-is-longer-than-the-specified-maximum"
+
+
 def _encode(tokenizer: Any, text: str) -> list[int]:
+    given = getattr(tokenizer, "deprecation_warnings", None)
+    if isinstance(given, dict):
+        given[_LONG_TEXT_WARNING] = True
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
