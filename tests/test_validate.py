@@ -96,8 +96,8 @@ def _model_folder(tmp_path_factory: pytest.TempPathFactory, model: str) -> Path:
 def test_every_demo_model_exports_and_validates(
     tmp_path_factory: pytest.TempPathFactory, model: str, method: str
 ) -> None:
-    """Every demo model (and every architecture without one), with and without its method (ROMER for MoE,
-    HPD for SSM), validates in ORT."""
+    """Every demo model (and every architecture without one), with and without its default recipe (outlier
+    channels, output correction and ROMER for MoE, HPD for SSM), validates in ORT."""
     out = tmp_path_factory.mktemp("bundles") / f"{model}-{method}"
     folder = _model_folder(tmp_path_factory, model)
     adapter = get_adapter(json.loads((folder / "config.json").read_text()))
@@ -108,7 +108,8 @@ def test_every_demo_model_exports_and_validates(
     analog = [router] if moe and method == "auto" else []
     res = api.convert(str(folder), profile, out=out, method=method, analog=analog, progress=False,
                       method_options=options)  # fmt: skip
-    expected = {"none": [], "auto": ["romer_routing"] if moe else ["hpd_split"]}[method]
+    moe_auto = ["outlier_split", "output_gain", "romer_routing"]  # methods/defaults.py: MOE
+    expected = {"none": [], "auto": moe_auto if moe else ["hpd_split"]}[method]
     assert [t for t in res["transforms"] if t != "romer_replacement"] == expected
     # The bundle keeps the source's storage dtype (bf16 demos stay bf16), whatever the method did.
     source = {n: m.dtype for n, m in resolve_model(str(folder)).tensor_shapes().items()}
