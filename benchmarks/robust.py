@@ -31,6 +31,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -64,9 +65,10 @@ SCAN_TOKENS = 512
 
 # ------------------------------------------------------------------------------------------ recipes
 def scan_path(model: str, profile: str) -> Path:
-    """Where the ``scan`` phase writes the layer sensitivity scan of ``model`` under ``profile``."""
+    """Where the ``scan`` phase writes the layer sensitivity scan of ``model`` under ``profile``, relative
+    to the repository (the benchmark runs from there, so recorded recipes name no machine path)."""
     safe = profile.replace(":", "_").replace("=", "-")
-    return RESULTS / f"robust_scan_{model}_{safe}" / "sensitivity.json"
+    return RESULTS.relative_to(REPO) / f"robust_scan_{model}_{safe}" / "sensitivity.json"
 
 
 def step(name: str, **options: Any) -> dict[str, Any]:
@@ -449,6 +451,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    os.chdir(REPO)  # recipes record repo-relative paths (the layer scan)
     torch.set_num_threads(args.threads)
     phases = {"scan": scan_phase, "budget": budget_phase, "methods": methods_phase, "render": render_phase}
     phases[args.phase](args)
