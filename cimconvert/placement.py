@@ -540,6 +540,12 @@ def model_placement(model: nn.Module, placement: Placement, profile: ChipProfile
     return Placement.of(infos, profile, dict(placement.overrides))
 
 
+def current_placement(model: nn.Module, profile: ChipProfile, placement: Placement | None) -> Placement:
+    """What a method step works on: the conversion's ``placement`` mapped onto ``model``
+    (:func:`model_placement`), or the profile's default plan of it when the method is called on its own."""
+    return model_placement(model, placement, profile) if placement is not None else plan_model(model, profile)
+
+
 def _memory_names(info: TensorInfo) -> set[str]:
     """Every name ``info`` is known by in memory: its in-memory name, its own name and its aliases."""
     return {info.memory_name or info.name, info.name, *info.aliases}

@@ -19,7 +19,7 @@ from cimconvert.analog.routes import route_of
 from cimconvert.datasets import load_text, token_ids
 from cimconvert.errors import CimError
 from cimconvert.methods.base import MethodOption
-from cimconvert.placement import Placement, model_placement, plan_model
+from cimconvert.placement import Placement, current_placement
 from cimconvert.profiles import ChipProfile
 
 if TYPE_CHECKING:
@@ -117,9 +117,9 @@ def iter_batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 def analog_linear_layers(model: nn.Module, profile: ChipProfile, placement: Placement | None) -> list[str]:
     """Module paths of the analog ``nn.Linear`` layers of ``model`` (in placement order).
 
-    Fused experts, GPT-2 ``Conv1D`` and weight-only modules (Mamba ``dt_proj``) are left as they are.
+    Fused experts, GPT-2 ``Conv1D`` and weight-only modules (Mamba ``dt_proj``) are not listed.
     """
-    placed = model_placement(model, placement, profile) if placement else plan_model(model, profile)
+    placed = current_placement(model, profile, placement)
     names = []
     for info in placed.analog():
         module_path, _, attr = info.name.rpartition(".")

@@ -33,7 +33,7 @@ from cimconvert.methods.calibration import (
     calibration_tokens,
     iter_batches,
 )
-from cimconvert.placement import Placement, model_placement, plan_model
+from cimconvert.placement import Placement, current_placement
 from cimconvert.profiles import ChipProfile
 from cimconvert.transforms.folded import FOLDED_TYPES
 
@@ -160,7 +160,7 @@ class OutputCorrectionMethod:
         layers = analog_linear_layers(model, profile, placement)
         if not layers:
             raise CimError("output_correction: the model has no analog linear layer to correct")
-        placed = model_placement(model, placement, profile) if placement else plan_model(model, profile)
+        placed = current_placement(model, profile, placement)
         tokens = calibration_tokens(model, options)
         seeds = [first + i for i in range(draws)]
         if progress:

@@ -19,7 +19,7 @@ from cimconvert.errors import CimError
 from cimconvert.evaluation.sensitivity import FIRST_SEED, quick_layer_scan, read_scan
 from cimconvert.methods.base import MethodOption, MethodResult
 from cimconvert.methods.budget.knapsack import Item, fill_remaining, solve_knapsack
-from cimconvert.placement import Placement, TensorInfo, model_placement, plan_model, tensor_macs_per_token
+from cimconvert.placement import Placement, TensorInfo, current_placement, tensor_macs_per_token
 from cimconvert.profiles import ChipProfile
 
 NAME = "digital_budget"
@@ -106,11 +106,6 @@ def _scanned(scan: dict[str, Any]) -> list[tuple[str, float]]:
 
 
 # ---------------------------------------------------------------------------------------- apply
-def current_placement(model: nn.Module, profile: ChipProfile, placement: Placement | None) -> Placement:
-    """The conversion's placement mapped onto ``model``, else the profile's default plan of it."""
-    return model_placement(model, placement, profile) if placement is not None else plan_model(model, profile)
-
-
 def choose(items: Sequence[Item], capacity: float) -> list[Item]:
     """The exact knapsack, then whatever still fits (see :mod:`cimconvert.methods.budget.knapsack`)."""
     return fill_remaining(solve_knapsack(items, capacity), items, capacity)
