@@ -87,21 +87,25 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, attr, new)
 
 
-def _shard_of(bundle_dir: Path, key: str) -> Path:
+def bundle_key_files(bundle_dir: Path) -> dict[str, Path]:
+    """Every safetensors key of a bundle's checkpoint → its shard (the index, else one pass over shards)."""
     index = bundle_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        if key in weight_map:
-            return bundle_dir / weight_map[key]
+        return {key: bundle_dir / shard for key, shard in weight_map.items()}
+    files: dict[str, Path] = {}
     for file in sorted(bundle_dir.glob("*.safetensors")):
         with safe_open(str(file), "pt") as handle:
-            if key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
-                return file
-    raise BundleError(f"HPD transform: tensor '{key}' is not in the bundle {bundle_dir}")
+            files.update(dict.fromkeys(handle.keys(), file))
+    return files
 
 
-def _read_tensor(bundle_dir: Path, key: str) -> torch.Tensor:
-    with safe_open(str(_shard_of(bundle_dir, key)), "pt") as handle:
+def read_bundle_tensor(files: dict[str, Path], key: str, what: str) -> torch.Tensor:
+    """Tensor ``key`` from the shard ``files`` names (:func:`bundle_key_files`); BundleError naming the
+    ``what`` transform when the bundle lacks it."""
+    if key not in files:
+        raise BundleError(f"{what} transform: tensor '{key}' is not in the bundle")
+    with safe_open(str(files[key]), "pt") as handle:
         return handle.get_tensor(key)
 
 
@@ -136,7 +140,8 @@ def load_hpd_split(model: nn.Module, entry: Any, bundle_dir: str | Path) -> None
     tensors = {"digital.weight": params["digital"], "analog.weight": params["analog"]}
     if params["bias"]:
         tensors["analog.bias"] = f"{name}.{ANALOG}.bias"
-    state = {local: _read_tensor(folder, key) for local, key in tensors.items()}
+    files = bundle_key_files(folder)
+    state = {local: read_bundle_tensor(files, key, "HPD") for local, key in tensors.items()}
     try:
         split.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -14,17 +14,22 @@ split convention the adapters know (``<module>.analog.weight`` keeps the layer's
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from cimconvert.errors import BundleError
-from cimconvert.transforms.hpd_split import ANALOG, DIGITAL, like_module, replace_module
+from cimconvert.transforms.hpd_split import (
+    ANALOG,
+    DIGITAL,
+    bundle_key_files,
+    like_module,
+    read_bundle_tensor,
+    replace_module,
+)
 
 #: ``type`` of the manifest transform entry (and key in ``TRANSFORM_LOADERS``).
 TRANSFORM_TYPE = "outlier_split"
@@ -121,33 +126,13 @@ def expected_key_changes(params: dict[str, Any]) -> tuple[list[str], list[str]]:
     return missing, unexpected
 
 
-def _key_files(bundle_dir: Path) -> dict[str, Path]:
-    """Every safetensors key of the bundle's checkpoint → its shard (one pass over the shards)."""
-    index = bundle_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        return {key: bundle_dir / shard for key, shard in weight_map.items()}
-    files: dict[str, Path] = {}
-    for file in sorted(bundle_dir.glob("*.safetensors")):
-        with safe_open(str(file), "pt") as handle:
-            files.update(dict.fromkeys(handle.keys(), file))
-    return files
-
-
-def _read(files: dict[str, Path], key: str) -> torch.Tensor:
-    if key not in files:
-        raise BundleError(f"outlier_split transform: tensor '{key}' is not in the bundle")
-    with safe_open(str(files[key]), "pt") as handle:
-        return handle.get_tensor(key)
-
-
 def _rebuild(model: nn.Module, layer: dict[str, Any], files: dict[str, Path]) -> None:
     """Replace module ``layer['module']`` by its split, with the weights read from the bundle."""
     name = layer["module"]
     split = OutlierSplitLinear(layer["in_features"], layer["out_features"], layer["digital_index"],
                                bool(layer["bias"]), **like_module(model, name, "outlier_split"))
     _, added = _replaced_and_added(layer)
-    state = {key.removeprefix(f"{name}."): _read(files, key) for key in added}
+    state = {key.removeprefix(f"{name}."): read_bundle_tensor(files, key, "outlier_split") for key in added}
     try:
         split.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -158,6 +143,6 @@ def _rebuild(model: nn.Module, layer: dict[str, Any], files: dict[str, Path]) ->
 def load_outlier_split(model: nn.Module, entry: Any, bundle_dir: str | Path) -> None:
     """``TRANSFORM_LOADERS['outlier_split']``: rebuild every split layer of the entry from the bundle."""
     params = entry.params if hasattr(entry, "params") else entry["params"]
-    files = _key_files(Path(bundle_dir))
+    files = bundle_key_files(Path(bundle_dir))
     for layer in params["layers"]:
         _rebuild(model, layer, files)
