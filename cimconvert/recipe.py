@@ -25,7 +25,15 @@ from pydantic import ValidationError
 from cimconvert.arch import get_adapter
 from cimconvert.bundle.manifest import Manifest, Recipe, RecipeStep
 from cimconvert.errors import CimError, failure_detail
-from cimconvert.methods import METHODS, MethodResult, auto_steps, check_family, option_values, unknown_method
+from cimconvert.methods import (
+    LAYERWISE,
+    METHODS,
+    MethodResult,
+    auto_steps,
+    check_family,
+    option_values,
+    unknown_method,
+)
 from cimconvert.placement import Placement, replan_model
 from cimconvert.profiles import ChipProfile
 from cimconvert.profiles.loader import parse_yaml
@@ -209,6 +217,40 @@ def _merge(combined: MethodResult, result: MethodResult, key: str) -> None:
     combined.report[key] = result.report
     combined.analog.extend(result.analog)
     combined.digital.extend(result.digital)
+
+
+def check_layerwise(recipe: Recipe) -> None:
+    """CimError unless every step of ``recipe`` has a layer-by-layer implementation (one step at most:
+    a later step would need the model as the earlier one left it)."""
+    for index, step in enumerate(recipe.steps, 1):
+        if step.step not in LAYERWISE:
+            supported = ", ".join(sorted(LAYERWISE)) or "none"
+            raise CimError(
+                f"{_where(index, step.step)} has no layer-by-layer implementation (layer by layer: {supported}); "
+                "convert with --whole-model on a machine where the model fits in memory"
+            )
+    if len(recipe.steps) > 1:
+        raise CimError("layer by layer, a recipe runs one step at most (the steps would need the model as the "
+                       "earlier ones left it); convert with --whole-model")  # fmt: skip
+
+
+def run_recipe_layerwise(
+    lw: Any, chip: ChipProfile, recipe: Recipe, placement: Placement, progress: bool = True
+) -> MethodResult:
+    """Run a resolved recipe on a model executed layer by layer (``cimconvert.layerwise.LayerwiseModel``).
+
+    The steps (see :func:`check_layerwise`) return transforms only: the weights stay the checkpoint's,
+    and the conversion streams them into the bundle with the steps' transform entries.
+    """
+    check_layerwise(recipe)
+    combined = MethodResult()
+    for index, step in enumerate(recipe.steps, 1):
+        options = {**option_values(step.step, checked_options(step, index)),
+                   "seed": 0 if step.seed is None else step.seed}  # fmt: skip
+        with _naming_step(_where(index, step.step)):
+            result = LAYERWISE[step.step](lw, chip, options, progress=progress, placement=placement)
+        _merge(combined, result, f"{index}:{step.step}")
+    return combined
 
 
 def run_recipe(

@@ -43,6 +43,7 @@ __all__ = [
     "MvmKernel",
     "NoiseHandle",
     "apply_chip_noise",
+    "mvm_stream",
 ]
 
 
@@ -195,6 +196,11 @@ def _tick_hook(clock: CounterClock) -> Callable[..., None]:
     return hook
 
 
+def mvm_stream(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The native per-MVM generator of noise draw ``seed`` (one per draw, shared by all its matmuls)."""
+    return tensor_generator(seed, "<per-mvm>", device)
+
+
 #: Per-MVM noise modes: ``native`` (one torch.Generator per handle), ``counter`` (counter generator).
 MVM_NOISE_MODES = ("native", "counter")
 
@@ -206,6 +212,8 @@ def apply_chip_noise(
     profile: ChipProfile,
     seed: int,
     mvm_noise: str = "native",
+    mvm_generator: torch.Generator | None = None,
+    keep_clean: bool = True,
 ) -> NoiseHandle:
     """Program the analog ``targets`` of ``model`` in place under ``profile``; returns the handle.
 
@@ -214,6 +222,11 @@ def apply_chip_noise(
     seeded from sha256(seed, name). Per-MVM noise (``mvm_noise``): ``native`` — one generator seeded
     once from the seed; ``counter`` — ``simulator.rng.counter_normal`` keyed by (seed, index of the
     ``model`` forward, tensor, expert), the draws onnxruntime's counter-mode bodies make too.
+
+    Layer-by-layer execution (:mod:`cimconvert.layerwise`) programs one decoder layer per call:
+    ``mvm_generator`` continues the native per-MVM stream of the earlier layers (one generator per noise
+    draw, from :func:`mvm_stream`), and ``keep_clean=False`` keeps no clean copy (``restore()`` then only
+    stops the per-MVM simulation; the caller reloads the weights).
     """
     if mvm_noise not in MVM_NOISE_MODES:
         raise ValueError(f"mvm_noise must be one of {MVM_NOISE_MODES}, not {mvm_noise!r}")
@@ -226,7 +239,8 @@ def apply_chip_noise(
         handle.active = False
         return handle
     device = checked[0][2].device
-    mvm_generator = tensor_generator(seed, "<per-mvm>", device)
+    if mvm_generator is None:
+        mvm_generator = mvm_stream(seed, device)
     clock = CounterClock(seed) if mvm_noise == "counter" and profile.mvm.active else None
     handle.clock = clock
     kernel = MvmKernel(mvm_generator, clock)
@@ -235,16 +249,17 @@ def apply_chip_noise(
         if clock is not None:
             handle._hooks.append(model.register_forward_pre_hook(_tick_hook(clock)))
         for name, layout, param in checked:
-            clean = param.detach().to("cpu", copy=True)
-            handle._params[name] = param
-            handle._clean[name] = clean
+            if keep_clean:
+                handle._params[name] = param
+                handle._clean[name] = param.detach().to("cpu", copy=True)
             noisy = program_weight(
                 param.detach(), profile, tensor_generator(seed, name, param.device), layout
             )
+            # digital scales fixed at mapping time, from the clean weight
+            scales = clean_scales(param.detach(), layout, profile) if profile.mvm.active else None  # type: ignore[arg-type]
             param.copy_(noisy)
             handle.perturbed.append(name)
-            if profile.mvm.active:
-                scales = clean_scales(clean.to(param.device), layout, profile)  # type: ignore[arg-type]
+            if scales is not None:
                 mw = prepare_mvm(noisy, profile, layout, scales)  # type: ignore[arg-type]
                 _attach_mvm(handle, handle._patch, kernel, name, mw)
             else:

@@ -37,6 +37,38 @@ def _row_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return -logprobs.gather(-1, ids[1:, None]).squeeze(-1)
 
 
+Span = tuple[int, int, int]
+
+
+def window_batches(
+    tokens: torch.Tensor, seq_len: int, stride: int | None = None, batch_size: int = 8
+) -> list[tuple[torch.Tensor, list[Span]]]:
+    """The batches :func:`perplexity` runs, in order: ``(input_ids [B, len], spans)``.
+
+    Up to ``batch_size`` windows per group; within a group, windows of the same length form one batch.
+    """
+    stride = stride or seq_len
+    spans = list(windows(int(tokens.numel()), seq_len, stride))
+    batches = []
+    for start in range(0, len(spans), batch_size):
+        group = spans[start : start + batch_size]
+        for length in sorted({e - b for b, e, _ in group}):
+            same = [s for s in group if s[1] - s[0] == length]
+            batches.append((torch.stack([tokens[b:e] for b, e, _ in same]), same))
+    return batches
+
+
+def add_batch_nll(
+    running: tuple[float, int], logits: torch.Tensor, batch: torch.Tensor, spans: list[Span]
+) -> tuple[float, int]:
+    """``running`` (NLL sum, scored tokens) plus one batch's scored tokens, added row by row."""
+    total, count = running
+    for row, (_, _, scored) in enumerate(spans):
+        total += float(_row_nll(logits[row], batch[row])[-scored:].sum())
+        count += scored
+    return total, count
+
+
 @torch.no_grad()
 def perplexity(
     model: torch.nn.Module,
@@ -48,21 +80,20 @@ def perplexity(
     desc: str = "perplexity",
 ) -> float:
     """exp(mean negative log-likelihood) of ``tokens`` (1-D LongTensor) under ``model``."""
-    stride = stride or seq_len
-    spans = list(windows(int(tokens.numel()), seq_len, stride))
-    total_nll, total_count = 0.0, 0
+    batches = window_batches(tokens, seq_len, stride, batch_size)
+    running = (0.0, 0)
     model.eval()
-    bar = tqdm(total=len(spans), desc=desc, disable=not progress, leave=False, unit="win")
-    for start in range(0, len(spans), batch_size):
-        group = spans[start : start + batch_size]
-        for length in sorted({e - b for b, e, _ in group}):
-            same = [s for s in group if s[1] - s[0] == length]
-            batch = torch.stack([tokens[b:e] for b, e, _ in same])
-            logits = model(input_ids=batch, use_cache=False).logits
-            for row, (_, _, scored) in enumerate(same):
-                total_nll += float(_row_nll(logits[row], batch[row])[-scored:].sum())
-                total_count += scored
-            del logits
-        bar.update(len(group))
+    bar = tqdm(total=sum(len(spans) for _, spans in batches), desc=desc, disable=not progress, leave=False,
+               unit="win")  # fmt: skip
+    for batch, spans in batches:
+        logits = model(input_ids=batch, use_cache=False).logits
+        running = add_batch_nll(running, logits, batch, spans)
+        del logits
+        bar.update(len(spans))
     bar.close()
-    return math.exp(total_nll / max(total_count, 1))
+    return nll_perplexity(running)
+
+
+def nll_perplexity(running: tuple[float, int]) -> float:
+    """exp(mean NLL) of a (NLL sum, scored tokens) pair."""
+    return math.exp(running[0] / max(running[1], 1))

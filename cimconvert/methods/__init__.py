@@ -5,6 +5,7 @@ is one new module here (and is then a ``--method`` and a recipe step) with no ot
 
 from cimconvert.methods.base import (
     AUTO,
+    LAYERWISE,
     METHODS,
     Method,
     MethodOption,
@@ -14,6 +15,7 @@ from cimconvert.methods.base import (
     available_methods,
     check_family,
     option_values,
+    register_layerwise,
     register_method,
     resolve_method,
     set_auto_recipe,
@@ -22,6 +24,7 @@ from cimconvert.methods.base import (
 
 __all__ = [
     "AUTO",
+    "LAYERWISE",
     "METHODS",
     "Method",
     "MethodOption",
@@ -31,6 +34,7 @@ __all__ = [
     "available_methods",
     "check_family",
     "option_values",
+    "register_layerwise",
     "register_method",
     "resolve_method",
     "set_auto_recipe",

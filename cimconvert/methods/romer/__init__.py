@@ -7,7 +7,7 @@ the MoE layer discovery and the bundle loaders of ``romer_replacement`` / ``rome
 :mod:`cimconvert.transforms.romer`, below both the methods and the bundle reader.
 """
 
-from cimconvert.methods.base import register_method
+from cimconvert.methods.base import register_layerwise, register_method
 from cimconvert.methods.romer.core import (
     CalibrationStats,
     RomerConfig,
@@ -16,6 +16,7 @@ from cimconvert.methods.romer.core import (
     calibration_stats,
     install,
 )
+from cimconvert.methods.romer.layerwise import apply_layerwise
 from cimconvert.methods.romer.method import METHOD, OPTIONS, RomerMethod, plan_transforms
 from cimconvert.methods.romer.stats import RouterStats, collect, load_router_logits, save_router_logits
 from cimconvert.transforms.romer.hook import LayerRouting, install_hook, remove_hook
@@ -24,6 +25,7 @@ from cimconvert.transforms.romer.moe import MoeRouting, moe_routers
 from cimconvert.transforms.romer.routing import RoutingRule, route
 
 register_method(METHOD)
+register_layerwise(METHOD.name, apply_layerwise)
 
 __all__ = [
     "METHOD",

@@ -122,6 +122,14 @@ def _noisy_run(
     return stats, programmed
 
 
+def fit_seeds(cfg: RomerConfig) -> list[int]:
+    """The simulated chip instances the fit uses: ``calib_seeds`` draws from ``calib_seed`` (cross-instance)
+    or the one in-situ instance."""
+    if cfg.calib_mode == "in-situ":
+        return [cfg.insitu_seed]
+    return [cfg.calib_seed + i for i in range(cfg.calib_seeds)]
+
+
 def calibration_stats(
     model: torch.nn.Module,
     moe: MoeRouting,
@@ -148,10 +156,7 @@ def calibration_stats(
     seconds = {"clean_pass": clean.seconds, "programming": 0.0}
     if measured is not None:
         return CalibrationStats(tokens, clean, measured, [measured], [], "measured", seconds)
-    if cfg.calib_mode == "in-situ":
-        seeds = [cfg.insitu_seed]
-    else:
-        seeds = [cfg.calib_seed + i for i in range(cfg.calib_seeds)]
+    seeds = fit_seeds(cfg)
     runs = []
     for seed in tqdm(seeds, desc="ROMER noise draws", disable=not progress or len(seeds) < 2, leave=False):
         stats, programmed = _noisy_run(model, moe, tokens, cfg, (targets, profile, seed), progress)

@@ -72,7 +72,7 @@ OPTIONS: tuple[MethodOption, ...] = (
 )  # fmt: skip
 
 
-def _noise_targets(
+def noise_targets(
     model: torch.nn.Module, profile: ChipProfile, options: dict[str, Any], placement: Placement | None
 ) -> list[Any]:
     """The analog tensors the calibration runs noisy: the conversion's ``placement`` mapped onto
@@ -129,7 +129,7 @@ class RomerMethod:
             if (cfg.calib_mode == "in-situ" and cfg.insitu_logits)
             else calibration_tokens(model, options)
         )
-        targets = _noise_targets(model, profile, options, placement)
+        targets = noise_targets(model, profile, options, placement)
         if (not targets or profile.is_ideal) and not (cfg.calib_mode == "in-situ" and cfg.insitu_logits):
             note = f"profile {profile.name} adds no analog noise: ROMER left the model unchanged"
             return MethodResult(report={"config": dict(cfg.__dict__), "skipped": note})
@@ -137,25 +137,31 @@ class RomerMethod:
             stats = calibration_stats(model, moe, tokens, targets, profile, cfg, progress)
             plan = build_plan(stats, moe, cfg)
             install(moe, plan)
-        total = time.perf_counter() - start
-        passes = stats.noisy_runs if stats.source == "simulated" else [stats.clean]
-        one_pass = sum(r.seconds for r in passes) / max(len(passes), 1)
-        report = {
-            "config": dict(cfg.__dict__),
-            "calibration_tokens": int(stats.tokens.numel()),
-            "noise_seeds": stats.seeds,
-            "logits_source": stats.source,
-            "analog_tensors": len(targets),
-            "router_analog": any(t.kind == "router" for t in targets),
-            "seconds": {**{k: round(v, 3) for k, v in stats.seconds.items()}, "total": round(total, 3)},
-            "cost_vs_one_noisy_pass": round(total / max(one_pass, 1e-9), 2),
-            **plan.report,
-        }
-        return MethodResult(
-            transforms=plan_transforms(plan, moe, adapter),
-            seeds={"romer_calibration": stats.seeds},
-            report=report,
-        )
+        return romer_result(cfg, stats, plan, moe, adapter, (targets, time.perf_counter() - start))
+
+
+def romer_result(cfg: RomerConfig, stats: Any, plan: RomerPlan, moe: MoeRouting, adapter: Any,
+                 run: tuple[list[Any], float]) -> MethodResult:  # fmt: skip
+    """The method result of a fitted plan: transforms, seeds and the report (``run``: targets, seconds)."""
+    targets, total = run
+    passes = stats.noisy_runs if stats.source == "simulated" else [stats.clean]
+    one_pass = sum(r.seconds for r in passes) / max(len(passes), 1)
+    report = {
+        "config": dict(cfg.__dict__),
+        "calibration_tokens": int(stats.tokens.numel()),
+        "noise_seeds": stats.seeds,
+        "logits_source": stats.source,
+        "analog_tensors": len(targets),
+        "router_analog": any(t.kind == "router" for t in targets),
+        "seconds": {**{k: round(v, 3) for k, v in stats.seconds.items()}, "total": round(total, 3)},
+        "cost_vs_one_noisy_pass": round(total / max(one_pass, 1e-9), 2),
+        **plan.report,
+    }
+    return MethodResult(
+        transforms=plan_transforms(plan, moe, adapter),
+        seeds={"romer_calibration": stats.seeds},
+        report=report,
+    )
 
 
 METHOD = RomerMethod()
