@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
+from transformers import AutoTokenizer
 
 from cimconvert.arch import get_adapter
 from cimconvert.bundle.outdir import out_lock, tmp_path
@@ -31,19 +32,24 @@ from cimconvert.datasets import load_text, tokenize
 from cimconvert.errors import BundleError, CimError, failure_detail
 from cimconvert.evaluation.loading import load_for_eval
 from cimconvert.evaluation.monte_carlo import evaluate_model
+from cimconvert.layerwise import LayerwiseModel, evaluate_layerwise
+from cimconvert.layerwise.memory import check_onnx_fits, use_layerwise
 from cimconvert.methods.defaults import calibration_free
 from cimconvert.onnx.export import export_bundle_onnx
-from cimconvert.placement import Placement, plan_tensors, replan_tensors
+from cimconvert.placement import Placement, plan_model, plan_tensors, replan_tensors
 from cimconvert.profiles import ChipProfile, list_profiles, load_profile
 from cimconvert.recipe import (
     Recipe,
+    check_layerwise,
     load_recipe,
     method_recipe,
     recipe_label,
     recipe_of_manifest,
     resolve_recipe,
     run_recipe,
+    run_recipe_layerwise,
 )
+from cimconvert.transforms import TRANSFORM_LOADERS
 
 __all__ = [
     "check_weights_finite",
@@ -247,6 +253,7 @@ def convert(
     dtype: str | None = None,
     key: bytes | str | None = None,
     recipe: str | Path | Recipe | None = None,
+    layerwise: bool | str = "auto",
 ) -> dict[str, Any]:
     """Convert a checkpoint into a bundle for ``profile`` (or only plan it with ``dry_run``).
 
@@ -260,6 +267,10 @@ def convert(
     ``model`` may be a GGUF file, dequantised to ``dtype`` first (see :mod:`cimconvert.gguf`).
     OUT is locked against other writers for the whole run; leftovers of killed runs on OUT are removed
     first and listed under ``recovered``. ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) signs ``bundle.lock``.
+    ``layerwise`` (True, False or ``"auto"``: when the float32 model exceeds half the available memory)
+    runs the steps one decoder layer at a time (:mod:`cimconvert.layerwise`; ROMER) and streams the
+    checkpoint into the bundle with their transforms. ``onnx`` on a model whose export would not fit in
+    memory is refused before anything is written (use ``onnx=False``).
     """
     chip = load_profile(profile)
     given = _given_recipe(recipe, method, method_options)
@@ -273,6 +284,11 @@ def convert(
     placement = _plan(source, adapter, chip, analog, digital)
     if dry_run:  # plan only: the steps (and any tensors they add) run at conversion time
         return _dry_run_result(model, chip, resolved, placement)
+    if onnx:
+        check_onnx_fits(source, model)
+    by_layer = bool(resolved.steps) and use_layerwise(layerwise, source)
+    if by_layer:
+        check_layerwise(resolved)
     out_dir = Path(out) if out is not None else default_out_dir(model, chip)
     # The steps get the placement itself (e.g. ROMER calibrates with an analog router noisy), not the
     # patterns: they are recorded once, in placement_config.overrides.
@@ -282,7 +298,12 @@ def convert(
     recorded = resolved.model_dump(mode="json")
     with out_lock(out_dir) as lock:  # one writer per OUT, from here to the final rename
         check_out_dir(out_dir, force)  # fail before any expensive work
-        if not resolved.steps:
+        if by_layer:
+            summary, report, transform_types = _convert_layerwise(
+                source, chip, resolved, placement, out_dir, extra,
+                dict(seed=seed, force=force, progress=progress, onnx=onnx, key=key, recipe=recorded),
+            )
+        elif not resolved.steps:
             hook = _onnx_exporter(lambda: source.load_model(dtype=torch.float32), progress) if onnx else None
             summary = write_bundle(source, out_dir, chip, placement, seeds={"global": seed}, extra=extra,
                                    force=force, progress=progress, finalize=hook, key=key, recipe=recorded)
@@ -313,7 +334,33 @@ def convert(
         "files": summary.files,
         "recovered": lock.recovered,
         "auto_skipped": skipped,
+        "layer_by_layer": by_layer,
     }
+
+
+def _with_transforms(source: Any, transforms: list[dict[str, Any]]) -> torch.nn.Module:
+    """The float32 source model with ``transforms`` re-applied, as ``load_bundle`` would give it."""
+    net = source.load_model(dtype=torch.float32)
+    for entry in transforms:
+        TRANSFORM_LOADERS[entry["type"]](net, entry, source.dir)
+    return net
+
+
+def _convert_layerwise(
+    source: Any, chip: ChipProfile, resolved: Recipe, placement: Placement, out_dir: Path,
+    extra: dict[str, Any], opts: dict[str, Any],
+) -> tuple[Any, dict[str, Any], list[str]]:  # fmt: skip
+    """Run the recipe layer by layer and stream the checkpoint into OUT with the steps' transforms;
+    returns (BundleSummary, method report, transform types)."""
+    result = run_recipe_layerwise(LayerwiseModel.open(source), chip, resolved, placement, opts["progress"])
+    extra.update(method_report=result.report, layer_by_layer=True)
+    hook = None
+    if opts["onnx"]:
+        hook = _onnx_exporter(lambda: _with_transforms(source, result.transforms), opts["progress"])
+    summary = write_bundle(source, out_dir, chip, placement, transforms=result.transforms,
+                           seeds={"global": opts["seed"], **result.seeds}, extra=extra, force=opts["force"],
+                           progress=opts["progress"], finalize=hook, key=opts["key"], recipe=opts["recipe"])
+    return summary, result.report, [t["type"] for t in result.transforms]
 
 
 def recipe_of(out: str | Path) -> dict[str, Any]:
@@ -350,31 +397,65 @@ def evaluate(
     batch_size: int = 8,
     threads: int | None = None,
     progress: bool = True,
+    layerwise: bool | str = "auto",
 ) -> dict[str, Any]:
-    """Clean perplexity and perplexity under ``seeds`` chip-noise draws (seed, seed+1, ...)."""
+    """Clean perplexity and perplexity under ``seeds`` chip-noise draws (seed, seed+1, ...).
+
+    ``layerwise`` (True, False or ``"auto"``: when the float32 checkpoint exceeds half the available
+    memory) evaluates a source checkpoint one decoder layer at a time (:mod:`cimconvert.layerwise`),
+    with the same numbers; bundles are evaluated whole.
+    """
     _set_threads(threads)
     text = load_text(dataset)
-    net, tokenizer, targets, chip = load_for_eval(model, profile)
+    source = _layerwise_source(model, profile, layerwise)
+    if source is not None:
+        chip = load_profile(str(profile))
+        lw = LayerwiseModel.open(source)
+        net, targets = lw.model, plan_model(lw.model, chip).analog()
+        tokenizer = _tokenizer(source.dir)
+    else:
+        net, tokenizer, targets, chip = load_for_eval(model, profile)
     tokens = tokenize(tokenizer, text, max_tokens)
     max_pos = getattr(net.config, "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:
         raise CimError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
-    result = evaluate_model(
-        net,
-        tokens,
-        targets,
-        chip,
-        seeds=range(seed, seed + seeds),
-        seq_len=seq_len,
-        stride=stride,
-        batch_size=batch_size,
-        progress=progress,
-    ).check_finite()
+    run = dict(seeds=range(seed, seed + seeds), seq_len=seq_len, stride=stride, batch_size=batch_size,
+               progress=progress)  # fmt: skip
+    if source is not None:
+        result = evaluate_layerwise(lw, tokens, targets, chip, **run).check_finite()
+    else:
+        result = evaluate_model(net, tokens, targets, chip, **run).check_finite()
     return {
         "model": model,
         "dataset": dataset,
         "tokens": int(tokens.numel()),
         "seq_len": seq_len,
         "stride": stride or seq_len,
+        "layer_by_layer": source is not None,
         **result.to_dict(),
     }
+
+
+def _layerwise_source(model: str, profile: str | None, layerwise: bool | str) -> Any:
+    """The checkpoint to evaluate layer by layer, or None for the whole-model path (see :func:`evaluate`)."""
+    if layerwise is False:
+        return None
+    if is_bundle(model):
+        if layerwise is True:
+            raise CimError("layer-by-layer evaluation reads a source checkpoint, not a bundle (evaluate the "
+                           "bundle with --whole-model)")  # fmt: skip
+        return None
+    source = resolve_model(model)
+    if not use_layerwise(layerwise, source):
+        return None
+    if not profile:
+        raise CimError("--profile is required unless MODEL is a bundle")
+    return source
+
+
+def _tokenizer(folder: Path) -> Any:
+    """The tokenizer of a model folder (one-line CimError when none is usable)."""
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise CimError(f"no usable tokenizer in {folder}: {str(exc).splitlines()[0]}") from None

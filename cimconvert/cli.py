@@ -65,6 +65,19 @@ def noisy_run_options(max_tokens: int, seq_len: int) -> Callable[[Callable], Cal
     return decorate
 
 
+#: ``--layer-by-layer/--whole-model`` (default: auto, by the model's size; README "Large models").
+LAYERWISE_OPTION = click.option(
+    "--layer-by-layer/--whole-model", "layer_by_layer", default=None,
+    help="run one decoder layer at a time (models larger than memory) or the whole model [auto: layer by "
+    "layer when the float32 model exceeds half the available memory]",
+)  # fmt: skip
+
+
+def _layerwise(flag: bool | None) -> bool | str:
+    """The API's ``layerwise`` value of the ``--layer-by-layer/--whole-model`` flag (unset: auto)."""
+    return "auto" if flag is None else flag
+
+
 def _key(key_file: Path | None) -> bytes | None:
     """The signing key read from ``--key FILE`` (None: the environment's, if any)."""
     return read_key_file(key_file) if key_file is not None else None
@@ -190,18 +203,20 @@ def _method_line(res: dict) -> str:
               help="GGUF input: dtype the weights are dequantised to [the GGUF's float type; float32 "
               "for quantised files]")
 @KEY_OPTION
+@LAYERWISE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="machine-readable summary on stdout")
 @method_options
 @click.pass_context
 def convert_cmd(ctx: click.Context, model: str, profile: str, out: Path | None, method: str,
                 recipe_file: Path | None, analog: tuple[str, ...], digital: tuple[str, ...], dry_run: bool,
-                force: bool, onnx: bool, seed: int, dtype: str | None, key_file: Path | None, as_json: bool,
-                **method_opts: Any) -> None:
+                force: bool, onnx: bool, seed: int, dtype: str | None, key_file: Path | None,
+                layer_by_layer: bool | None, as_json: bool, **method_opts: Any) -> None:
     """Convert MODEL (local HF folder, .gguf file or cached hub id) into a bundle for the chip PROFILE."""
     res = api.convert(
         model, profile, out=out, method=method, analog=analog, digital=digital, dry_run=dry_run,
         force=force, seed=seed, progress=not as_json, recipe=recipe_file,
         method_options=_given_method_options(ctx, method_opts), onnx=onnx, dtype=dtype, key=_key(key_file),
+        layerwise=_layerwise(layer_by_layer),
     )
     emit(res, as_json, _format_convert)
 
@@ -233,6 +248,8 @@ def _format_eval(res: dict) -> str:
         f"{res['degradation_pct']:+.1f}%",
         f"  analog tensors     {res['analog_tensors']}",
     ]
+    if res.get("layer_by_layer"):
+        lines.append("  run layer by layer (one decoder layer in memory at a time)")
     return "\n".join(lines)
 
 
@@ -243,13 +260,16 @@ def _format_eval(res: dict) -> str:
 @click.option("--stride", default=None, type=click.IntRange(1), help="window stride [seq-len]")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads")
+@LAYERWISE_OPTION
 @click.option("--json", "as_json", is_flag=True, help="machine-readable result on stdout")
 def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: str, max_tokens: int,
-             seq_len: int, stride: int | None, batch_size: int, threads: int | None, as_json: bool) -> None:
+             seq_len: int, stride: int | None, batch_size: int, threads: int | None,
+             layer_by_layer: bool | None, as_json: bool) -> None:
     """Perplexity of MODEL (HF folder, hub id or bundle), clean and under chip noise."""
     res = api.evaluate(
         model, profile, seeds=seeds, seed=seed, dataset=dataset, max_tokens=max_tokens, seq_len=seq_len,
         stride=stride, batch_size=batch_size, threads=threads, progress=not as_json,
+        layerwise=_layerwise(layer_by_layer),
     )
     emit(res, as_json, _format_eval)
 

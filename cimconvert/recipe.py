@@ -226,12 +226,12 @@ def check_layerwise(recipe: Recipe) -> None:
         if step.step not in LAYERWISE:
             supported = ", ".join(sorted(LAYERWISE)) or "none"
             raise CimError(
-                f"{_where(index, step.step)} has no layer-by-layer implementation (layer by layer: {supported}); "
-                "convert with --whole-model on a machine where the model fits in memory"
+                f"{_where(index, step.step)} has no layer-by-layer implementation (layer by layer: "
+                f"{supported}); convert with --whole-model on a machine where the model fits in memory"
             )
     if len(recipe.steps) > 1:
-        raise CimError("layer by layer, a recipe runs one step at most (the steps would need the model as the "
-                       "earlier ones left it); convert with --whole-model")  # fmt: skip
+        raise CimError("layer by layer, a recipe runs one step at most (a later step would need the model "
+                       "as the earlier ones left it); convert with --whole-model")  # fmt: skip
 
 
 def run_recipe_layerwise(

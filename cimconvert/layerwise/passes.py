@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +80,8 @@ def capture_inputs(lw: LayerwiseModel, batches: Sequence[torch.Tensor]) -> list[
     captured: list[LayerInputs] = []
     last = lw.num_layers - 1
 
-    def record(index: int, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    def record(index: int, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+               ) -> torch.Tensor:  # fmt: skip
         entry = captured[-1]
         if index == 0:
             entry.hidden = hidden
@@ -93,10 +94,8 @@ def capture_inputs(lw: LayerwiseModel, batches: Sequence[torch.Tensor]) -> list[
         for batch in batches:
             ids = batch.to(lw.device)
             captured.append(LayerInputs(ids, ids))
-            try:
+            with suppress(_StopForward):
                 lw.model(input_ids=ids, use_cache=False)
-            except _StopForward:
-                pass
     return captured
 
 
@@ -153,7 +152,9 @@ def memory_error(lw: LayerwiseModel, index: int, inputs: Sequence[LayerInputs],
 
 
 @contextmanager
-def reporting_memory(lw: LayerwiseModel, index: int, inputs: Sequence[LayerInputs], streams: int) -> Iterator[None]:
+def reporting_memory(
+    lw: LayerwiseModel, index: int, inputs: Sequence[LayerInputs], streams: int
+) -> Iterator[None]:
     """Turn an allocation failure inside the block into :class:`LayerMemoryError` for layer ``index``."""
     try:
         yield
@@ -250,7 +251,8 @@ def head_logits(lw: LayerwiseModel, entry: LayerInputs, final: torch.Tensor) -> 
     """Logits of one batch whose last decoder layer output is ``final`` (the model's own norm and head)."""
     last = lw.num_layers - 1
 
-    def finish(index: int, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    def finish(index: int, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+               ) -> torch.Tensor:  # fmt: skip
         return final if index == last else hidden
 
     with stubbed_layers(lw.layers, finish):
@@ -265,8 +267,8 @@ __all__ = [
     "head_logits",
     "memory_error",
     "noisy_draw",
-    "resident_targets",
     "reporting_memory",
+    "resident_targets",
     "run_layers",
     "start_streams",
     "stubbed_layers",

@@ -123,7 +123,8 @@ class LayerwiseModel:
                 for meta in group:
                     tensor = handle.get_tensor(meta.name)
                     check_finite(meta.name, tensor, file)
-                    out[meta.name] = tensor.to(self.device, torch.float32 if tensor.is_floating_point() else None)
+                    dtype = torch.float32 if tensor.is_floating_point() else None
+                    out[meta.name] = tensor.to(self.device, dtype)
         return out
 
     def _assign(self, params: dict[str, nn.Parameter], metas: list[TensorMeta], where: str) -> None:
@@ -153,7 +154,7 @@ class LayerwiseModel:
             raise ModelInputError(f"checkpoint lacks tensor '{missing[0]}' of {where}")
 
     def _load_resident(self) -> None:
-        """Load every parameter outside the decoder layers; tie lm_head to the embedding when the config does."""
+        """Load every parameter outside the decoder layers (lm_head tied to the embedding if configured)."""
         prefix = f"{self.adapter.layers_path}."
         params = {n: p for n, p in self.model.named_parameters() if not n.startswith(prefix)}
         tied = self.adapter.tied_embeddings(self.model.config)

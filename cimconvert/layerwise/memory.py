@@ -1,0 +1,101 @@
+"""When layer-by-layer execution engages, and whether a model fits in memory at all.
+
+``layerwise="auto"`` (the default of ``convert`` and ``eval``) runs a checkpoint layer by layer when its
+float32 size (what the whole-model path loads) exceeds :data:`AUTO_FRACTION` of the available memory.
+Available memory is the kernel's ``MemAvailable`` (Linux), else the free physical pages;
+``$CIMCONVERT_MEMORY_BUDGET`` (bytes, or with a K/M/G/T suffix) replaces it, e.g. to plan for a smaller
+machine or inside a container whose limit the kernel figure does not show.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from cimconvert.checkpoint import FLOAT_DTYPES, SourceCheckpoint
+from cimconvert.errors import CimError
+
+#: Layer by layer when the float32 model exceeds this fraction of the available memory (auto).
+AUTO_FRACTION = 0.5
+#: The ONNX export holds the float32 model and its graph's initializers at once: about twice the model.
+ONNX_FACTOR = 2.0
+BUDGET_ENV = "CIMCONVERT_MEMORY_BUDGET"
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+GIB = float(1 << 30)
+
+
+def parse_bytes(text: str) -> int:
+    """``"6G"`` → bytes (K, M, G, T: powers of 1024; optional ``B``/``iB``); CimError when malformed."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if match is None:
+        raise CimError(f"${BUDGET_ENV}={text!r} is not a size (e.g. 6G, 512M, 1073741824)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+def _meminfo_available() -> int | None:
+    """``MemAvailable`` from /proc/meminfo in bytes, or None off Linux."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def available_bytes() -> int:
+    """Memory this process may use: ``$CIMCONVERT_MEMORY_BUDGET``, else what the OS reports available."""
+    budget = os.environ.get(BUDGET_ENV)
+    if budget:
+        return parse_bytes(budget)
+    found = _meminfo_available()
+    if found is not None:
+        return found
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def model_bytes(source: SourceCheckpoint) -> int:
+    """Bytes of the checkpoint once loaded as the whole-model path loads it (floats as float32)."""
+    total = 0
+    for meta in source.tensor_shapes().values():
+        numel = 1
+        for dim in meta.shape:
+            numel *= dim
+        total += numel * 4 if meta.dtype in FLOAT_DTYPES else meta.nbytes
+    return total
+
+
+def use_layerwise(mode: bool | str, source: SourceCheckpoint) -> bool:
+    """Whether to run ``source`` layer by layer: True/False as given, ``"auto"`` by size (module doc)."""
+    if isinstance(mode, bool):
+        return mode
+    if mode != "auto":
+        raise CimError(f"layerwise must be True, False or 'auto' (got {mode!r})")
+    return model_bytes(source) > AUTO_FRACTION * available_bytes()
+
+
+def check_onnx_fits(source: SourceCheckpoint, model: str) -> None:
+    """CimError (nothing written yet) when the ONNX export of ``source`` would not fit in memory."""
+    need = model_bytes(source) * ONNX_FACTOR
+    have = available_bytes()
+    if need <= have:
+        return
+    raise CimError(
+        f"{model} needs about {need / GIB:.1f} GiB to export ONNX (the whole model in float32 plus its "
+        f"graph) and {have / GIB:.1f} GiB are available: convert with --no-onnx to get the bundle without "
+        "onnx/model.onnx (validate then cannot run: it compares that graph in onnxruntime with the torch "
+        "simulator)"
+    )
+
+
+__all__ = [
+    "AUTO_FRACTION",
+    "BUDGET_ENV",
+    "ONNX_FACTOR",
+    "available_bytes",
+    "check_onnx_fits",
+    "model_bytes",
+    "parse_bytes",
+    "use_layerwise",
+]
