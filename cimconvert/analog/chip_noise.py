@@ -257,7 +257,10 @@ def apply_chip_noise(
             )
             # digital scales fixed at mapping time, from the clean weight
             scales = clean_scales(param.detach(), layout, profile) if profile.mvm.active else None  # type: ignore[arg-type]
-            param.copy_(noisy)
+            if keep_clean:
+                param.copy_(noisy)
+            else:  # the clean storage is not kept: take the programmed tensor's (no second copy)
+                param.data = noisy
             handle.perturbed.append(name)
             if scales is not None:
                 mw = prepare_mvm(noisy, profile, layout, scales)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ layer's parameters back on ``meta``.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,26 +112,29 @@ class LayerwiseModel:
         return max((self.layer_bytes(i) for i in range(self.num_layers)), default=0)
 
     # ------------------------------------------------------------------ loading
-    def _read(self, metas: Iterable[TensorMeta]) -> dict[str, torch.Tensor]:
-        """The float32 tensors of ``metas`` (on ``device``), read shard by shard with a NaN/Inf check."""
+    def _read(self, metas: Iterable[TensorMeta]) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(key, float32 tensor on device)`` for each of ``metas``, one at a time, shard by shard, with a
+        NaN/Inf check."""
         by_file: dict[str, list[TensorMeta]] = defaultdict(list)
         for meta in metas:
             by_file[meta.file].append(meta)
-        out: dict[str, torch.Tensor] = {}
         for file, group in by_file.items():
             with safe_open(str(self.source.dir / file), framework="pt") as handle:
                 for meta in group:
                     tensor = handle.get_tensor(meta.name)
                     check_finite(meta.name, tensor, file)
                     dtype = torch.float32 if tensor.is_floating_point() else None
-                    out[meta.name] = tensor.to(self.device, dtype)
-        return out
+                    yield meta.name, tensor.to(self.device, dtype)
 
     def _assign(self, params: dict[str, nn.Parameter], metas: list[TensorMeta], where: str) -> None:
-        """Load ``metas`` into the parameters ``params`` (full names); every parameter must be filled."""
+        """Load ``metas`` into the parameters ``params`` (full names); every parameter must be filled.
+
+        Tensors are read one at a time; a per-expert key is copied into its fused tensor right away, so
+        the peak is the layer plus one on-disk tensor.
+        """
         fused: dict[str, torch.Tensor] = {}
         filled: set[str] = set()
-        for key, tensor in self._read(metas).items():
+        for key, tensor in self._read(metas):
             expert = self.adapter.expert_key(key)
             name = expert.memory_name if expert is not None else self.adapter.memory_name(key)
             if name not in params:

@@ -82,7 +82,9 @@ def prepare_mvm(
         scales = weight_scales(w3, profile.mapping, grid)
     scales = scales.reshape(w3.shape[0], w3.shape[1], grid.n_in).float().to(w3.device)
     tiles = to_tiles(w3, grid.in_sizes, dim=-1)  # [E, out, n_in, max_in]
-    normalised = (tiles / scales.unsqueeze(-1)).permute(0, 2, 3, 1).contiguous()  # [E, n_in, max_in, out]
+    normalised = tiles.new_empty((tiles.shape[0], tiles.shape[2], tiles.shape[3], tiles.shape[1]))
+    for e in range(tiles.shape[0]):  # one expert at a time: one temporary of one matrix, not of the stack
+        normalised[e] = (tiles[e] / scales[e].unsqueeze(-1)).permute(1, 2, 0)  # [n_in, max_in, out]
     scales_t = scales.permute(0, 2, 1).unsqueeze(-2).contiguous()  # [E, n_in, 1, out]
     if w.dim() == 2:
         normalised, scales_t = normalised[0], scales_t[0]

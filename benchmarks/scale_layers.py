@@ -1,0 +1,160 @@
+"""Layer-by-layer scale benchmark: peak RSS and time of ``convert --method romer`` and ``eval`` of
+random-weight checkpoints with OLMoE-1B-7B's shapes (benchmarks/make_olmoe_shapes.py) at several depths.
+
+Targets (issue #13): the 16-layer checkpoint (about 13.8 GB in bfloat16, 27.6 GB in float32) converts
+with ROMER and evaluates with 2 noise draws under 6 GB of peak RSS each; RSS(16 layers)/RSS(2 layers)
+<= 1.3 for both commands. Each command runs in a child process under ``/usr/bin/time -v`` (its maximum
+resident set size) with ``OMP_NUM_THREADS=1``; with ``--parallel`` the convert and the eval of one depth
+run side by side (two children: each RSS is its own, wall times overlap). Checkpoints and bundles are
+written under ``models/`` (git-ignored) and deleted after each depth. Results go to
+benchmarks/results/scale_layers.json and .md after every command.
+
+    CIMCONVERT_SHARED_DATA=... python benchmarks/scale_layers.py [--layers 2 16 4 8] [--parallel]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+PROFILE = "benchmarks/olmoe_bench.yaml"
+TARGET_GB, TARGET_RATIO = 6.0, 1.3
+SETTINGS = {
+    "profile": PROFILE,
+    "convert": ["--method", "romer", "--calib-samples", "2", "--calib-seq-len", "128", "--calib-seeds", "1",
+                "--no-onnx", "--layer-by-layer"],
+    "eval": ["--seeds", "2", "--max-tokens", "256", "--seq-len", "128", "--layer-by-layer"],
+}  # fmt: skip
+
+
+def _command(kind: str, model: Path, out: Path) -> list[str]:
+    """The cimconvert command line of one measured run."""
+    base = [sys.executable, "-m", "cimconvert", kind, str(model), "-p", PROFILE, "--json"]
+    return base + SETTINGS[kind] + (["-o", str(out), "--force"] if kind == "convert" else [])
+
+
+def _start(kind: str, model: Path, out: Path, log: Path) -> tuple[subprocess.Popen, float]:
+    """Start one run under ``/usr/bin/time -v`` (output in ``log``)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    handle = log.open("w")
+    proc = subprocess.Popen(["nice", "-n", "10", "/usr/bin/time", "-v", *_command(kind, model, out)],
+                            cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)  # fmt: skip
+    return proc, time.perf_counter()
+
+
+def _finish(kind: str, proc: subprocess.Popen, started: float, log: Path) -> dict[str, Any]:
+    """Wait for a run; its peak RSS, wall time, exit code and the JSON it printed (key figures only)."""
+    code = proc.wait()
+    seconds = time.perf_counter() - started
+    text = log.read_text(errors="replace")
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    row: dict[str, Any] = {"command": kind, "exit_code": code, "seconds": round(seconds, 1),
+                           "peak_rss_gb": round(int(rss.group(1)) / 2**20, 3) if rss else None}  # fmt: skip
+    start, end = text.find("{"), text.rfind("}")
+    try:
+        result = json.loads(text[start : end + 1])
+    except ValueError:
+        row["error"] = text.strip().splitlines()[-1][:300] if text.strip() else "no output"
+        return row
+    row["layer_by_layer"] = result.get("layer_by_layer")
+    if kind == "eval":
+        row.update(clean_ppl=result["clean_ppl"], noisy_ppl=result["per_seed"], tokens=result["tokens"])
+    else:
+        report = next(iter(result["method_report"].values()), {})
+        row.update(transforms=result["transforms"], romer_seconds=report.get("seconds"))
+    return row
+
+
+def measure_depth(layers: int, parallel: bool, keep: bool) -> list[dict[str, Any]]:
+    """Generate the checkpoint with ``layers`` layers, run convert and eval, delete what was written."""
+    model = ROOT / "models" / f"olmoe-shapes-L{layers}"
+    out = ROOT / "models" / f"olmoe-shapes-L{layers}-bundle"
+    generated = subprocess.run(
+        [sys.executable, "benchmarks/make_olmoe_shapes.py", "--out", str(model), "--layers", str(layers)],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)},
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    made = json.loads(generated.stdout.strip().splitlines()[-1])
+    logs = {kind: ROOT / "models" / f"scale-L{layers}-{kind}.log" for kind in ("convert", "eval")}
+    rows = []
+    try:
+        if parallel:
+            running = {kind: _start(kind, model, out, logs[kind]) for kind in ("convert", "eval")}
+            rows = [_finish(kind, *running[kind], logs[kind]) for kind in ("convert", "eval")]
+        else:
+            for kind in ("convert", "eval"):
+                rows.append(_finish(kind, *_start(kind, model, out, logs[kind]), logs[kind]))
+    finally:
+        if not keep:
+            shutil.rmtree(model, ignore_errors=True)
+            shutil.rmtree(out, ignore_errors=True)
+    for row in rows:
+        row.update(layers=layers, checkpoint_gb=round(made["bytes"] / 1e9, 2), parallel=parallel)
+    return rows
+
+
+def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Targets: peak RSS of the deepest runs and the RSS ratio deepest/shallowest per command."""
+    out: dict[str, Any] = {}
+    for kind in ("convert", "eval"):
+        done = [r for r in rows if r["command"] == kind and r.get("peak_rss_gb")]
+        done.sort(key=lambda r: r["layers"])
+        if not done:
+            continue
+        deep, shallow = done[-1], done[0]
+        out[kind] = {
+            "layers": [r["layers"] for r in done],
+            "peak_rss_gb": [r["peak_rss_gb"] for r in done],
+            "deepest_peak_rss_gb": deep["peak_rss_gb"],
+            "meets_6gb": deep["peak_rss_gb"] <= TARGET_GB and deep["exit_code"] == 0,
+            "rss_ratio_deepest_to_shallowest": round(deep["peak_rss_gb"] / shallow["peak_rss_gb"], 3),
+        }
+    return out
+
+
+def write_results(rows: list[dict[str, Any]]) -> None:
+    """benchmarks/results/scale_layers.json and .md."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    data = {"settings": SETTINGS, "runs": rows, "summary": summarise(rows),
+            "machine": "2 CPU cores shared with other jobs (load ~7), 24 GB RAM; OMP_NUM_THREADS=1, nice 10"}
+    (RESULTS / "scale_layers.json").write_text(json.dumps(data, indent=2) + "\n")
+    lines = ["# Layer-by-layer scale benchmark (OLMoE-1B-7B shapes, random weights)", "",
+             f"Profile `{PROFILE}`; convert `{' '.join(SETTINGS['convert'])}`;",
+             f"eval `{' '.join(SETTINGS['eval'])}`.",
+             "", "| layers | checkpoint GB | command | peak RSS GB | seconds | exit | parallel |",
+             "| ---: | ---: | --- | ---: | ---: | ---: | --- |"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['layers']} | {r['checkpoint_gb']} | {r['command']} | {r['peak_rss_gb']} | "
+                     f"{r['seconds']} | {r['exit_code']} | {r['parallel']} |")  # fmt: skip
+    lines += ["", "```json", json.dumps(data["summary"], indent=2), "```", ""]
+    (RESULTS / "scale_layers.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    """Command line: ``--layers`` (order of the depths measured), ``--parallel``, ``--keep``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, nargs="+", default=[2, 16, 4, 8])
+    parser.add_argument("--parallel", action="store_true", help="convert and eval of a depth side by side")
+    parser.add_argument("--keep", action="store_true", help="keep the checkpoints and bundles")
+    args = parser.parse_args()
+    if not os.environ.get("CIMCONVERT_SHARED_DATA"):
+        sys.exit("set CIMCONVERT_SHARED_DATA (the OLMoE tokenizer)")
+    rows: list[dict[str, Any]] = []
+    for layers in args.layers:
+        rows += measure_depth(layers, args.parallel, args.keep)
+        write_results(rows)
+        print(json.dumps(rows[-2:]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
