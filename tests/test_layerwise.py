@@ -1,0 +1,225 @@
+"""Layer-by-layer execution (cimconvert.layerwise): the same numbers as the whole-model path on the demo
+models, ROMER layer by layer, when it engages, the out-of-memory report, ONNX for big models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from cimconvert import api
+from cimconvert.arch import get_adapter
+from cimconvert.bundle.reader import read_manifest, verify_bundle
+from cimconvert.checkpoint import resolve_model
+from cimconvert.datasets import load_text, tokenize
+from cimconvert.errors import CimError
+from cimconvert.evaluation.monte_carlo import evaluate_model
+from cimconvert.layerwise import LayerMemoryError, LayerwiseModel, evaluate_layerwise
+from cimconvert.layerwise import memory as layer_memory
+from cimconvert.methods import option_values
+from cimconvert.methods.calibration import calibration_tokens
+from cimconvert.methods.romer.core import RomerConfig, calibration_stats
+from cimconvert.methods.romer.layerwise import layerwise_stats
+from cimconvert.onnx import export as onnx_export
+from cimconvert.placement import plan_model
+from cimconvert.profiles import load_profile
+from cimconvert.transforms.romer.moe import moe_routers
+
+DEMO = Path(__file__).resolve().parent.parent / "examples" / "models"
+RTOL = 1e-5
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= RTOL * abs(b)
+
+
+@pytest.fixture(scope="module")
+def chip():
+    return load_profile("chipA")
+
+
+@pytest.mark.parametrize("name", ["tiny-olmoe", "tiny-mamba", "tiny-deepseek"])
+def test_layerwise_eval_matches_whole_model(name: str, chip) -> None:
+    """Clean and noisy perplexities (chipA: programming noise, drift, 8-bit DAC/ADC, out_noise) agree."""
+    source = resolve_model(DEMO / name)
+    tokens = tokenize(AutoTokenizer.from_pretrained(str(source.dir)), load_text("heldout"), 512)
+    net = source.load_model(torch.float32)
+    whole = evaluate_model(net, tokens, plan_model(net, chip).analog(), chip, seeds=[7, 8], seq_len=128)
+    lw = LayerwiseModel.open(source)
+    targets = plan_model(lw.model, chip).analog()
+    assert sorted(t.name for t in targets) == sorted(t.name for t in plan_model(net, chip).analog())
+    layered = evaluate_layerwise(lw, tokens, targets, chip, seeds=[7, 8], seq_len=128)
+    assert _close(layered.clean_ppl, whole.clean_ppl)
+    assert all(_close(a, b) for a, b in zip(layered.per_seed, whole.per_seed, strict=True))
+    assert layered.per_seed != [layered.clean_ppl] * 2  # the draws did perturb the layers
+
+
+def test_layerwise_frees_each_layer_and_leaves_the_skeleton_on_meta(chip) -> None:
+    lw = LayerwiseModel.open(resolve_model(DEMO / "tiny-olmoe"))
+    tokens = torch.arange(256) % 100
+    evaluate_layerwise(lw, tokens, plan_model(lw.model, chip).analog(), chip, seeds=[1], seq_len=128)
+    assert all(p.is_meta for p in lw.layers.parameters())
+    assert not lw.model.model.embed_tokens.weight.is_meta
+
+
+def test_layerwise_romer_statistics_match_whole_model(chip) -> None:
+    source = resolve_model(DEMO / "tiny-olmoe")
+    adapter = get_adapter(source.model_type)
+    cfg = RomerConfig(calib_seeds=2)
+    options = {**option_values("romer", {}), "calib_samples": 4, "calib_seq_len": 64}
+    net = source.load_model(torch.float32)
+    tokens = calibration_tokens(net, options)
+    whole = calibration_stats(net, moe_routers(net, adapter), tokens, plan_model(net, chip).analog(), chip, cfg)
+    lw = LayerwiseModel.open(source)
+    layered = layerwise_stats(lw, moe_routers(lw.model, adapter), tokens, plan_model(lw.model, chip).analog(),
+                              chip, cfg)  # fmt: skip
+    assert layered.seeds == whole.seeds
+    for which in ("clean", "noisy"):
+        a, b = getattr(layered, which), getattr(whole, which)
+        assert sorted(a.logits) == sorted(b.logits) and a.tokens == b.tokens
+        for i in b.logits:
+            torch.testing.assert_close(a.logits[i], b.logits[i], rtol=RTOL, atol=0)
+            assert torch.equal(a.counts[i], b.counts[i])
+    assert not torch.equal(layered.noisy.logits[0][: tokens.numel()], layered.clean.logits[0])
+
+
+@pytest.mark.slow
+def test_layer_by_layer_convert_gives_the_same_bundle_behaviour(run_cli, tmp_path: Path) -> None:
+    """ROMER layer by layer: the same transforms as the whole-model conversion, and the bundles evaluate alike."""
+    args = ["examples/models/tiny-olmoe", "-p", "chipA", "--method", "romer", "--calib-samples", "4",
+            "--calib-seq-len", "64", "--router-deadband", "0", "--replacement", "substitute", "--replace-bottom",
+            "1", "--no-onnx", "--json"]  # fmt: skip
+    code, out, err = run_cli("convert", *args, "--layer-by-layer", "-o", str(tmp_path / "lw"))
+    assert code == 0, err
+    assert json.loads(out)["layer_by_layer"] is True
+    code, out, err = run_cli("convert", *args, "--whole-model", "-o", str(tmp_path / "whole"))
+    assert code == 0, err
+    assert json.loads(out)["layer_by_layer"] is False
+    lw, whole = read_manifest(tmp_path / "lw"), read_manifest(tmp_path / "whole")
+    assert [t.model_dump() for t in lw.transforms] == [t.model_dump() for t in whole.transforms]
+    assert {t.type for t in lw.transforms} == {"romer_replacement", "romer_routing"}
+    assert lw.extra["layer_by_layer"] is True
+    assert verify_bundle(tmp_path / "lw") == []
+    results = [api.evaluate(str(tmp_path / b), None, seeds=1, max_tokens=512, seq_len=128, progress=False)
+               for b in ("lw", "whole")]  # fmt: skip
+    assert _close(results[0]["clean_ppl"], results[1]["clean_ppl"])
+    assert _close(results[0]["per_seed"][0], results[1]["per_seed"][0])
+
+
+def test_auto_engages_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    source = resolve_model(DEMO / "tiny-olmoe")
+    size = layer_memory.model_bytes(source)
+    assert size > 4 * 1e6  # float32 of a ~12 MB float32 checkpoint
+    monkeypatch.setenv(layer_memory.BUDGET_ENV, str(size))  # model > half the budget
+    assert layer_memory.use_layerwise("auto", source)
+    monkeypatch.setenv(layer_memory.BUDGET_ENV, str(4 * size))
+    assert not layer_memory.use_layerwise("auto", source)
+    assert layer_memory.use_layerwise(True, source) and not layer_memory.use_layerwise(False, source)
+    monkeypatch.setenv(layer_memory.BUDGET_ENV, "1K")
+    res = api.evaluate(str(DEMO / "tiny-olmoe"), "chipA", seeds=1, max_tokens=256, seq_len=128, progress=False)
+    assert res["layer_by_layer"] is True
+
+
+def test_parse_bytes() -> None:
+    assert layer_memory.parse_bytes("6G") == 6 << 30
+    assert layer_memory.parse_bytes("512MiB") == 512 << 20
+    assert layer_memory.parse_bytes("1000") == 1000
+    with pytest.raises(CimError, match="not a size"):
+        layer_memory.parse_bytes("lots")
+
+
+def test_out_of_memory_in_a_layer_names_the_layer(monkeypatch: pytest.MonkeyPatch, chip) -> None:
+    """A failed allocation inside a layer pass: one line with the layer and the memory it needed."""
+    lw = LayerwiseModel.open(resolve_model(DEMO / "tiny-olmoe"))
+    original = lw.load_layer
+
+    def failing(index: int):
+        if index == 2:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 3221225472 bytes. Error code 12")  # fmt: skip
+        return original(index)
+
+    monkeypatch.setattr(lw, "load_layer", failing)
+    with pytest.raises(LayerMemoryError) as info:
+        evaluate_layerwise(lw, torch.arange(256) % 100, plan_model(lw.model, chip).analog(), chip, seeds=[1],
+                           seq_len=128)  # fmt: skip
+    message = str(info.value)
+    assert "decoder layer 2 of 4" in message and "\n" not in message
+    assert "the failed allocation 3.00 GiB" in message and "weights 0.00 GiB" in message
+
+
+def test_other_runtime_errors_pass_through(monkeypatch: pytest.MonkeyPatch, chip) -> None:
+    lw = LayerwiseModel.open(resolve_model(DEMO / "tiny-olmoe"))
+
+    def broken(index: int):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(lw, "load_layer", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        evaluate_layerwise(lw, torch.arange(256) % 100, [], chip, seeds=[1], seq_len=128)
+
+
+def test_memory_error_is_reported_too(monkeypatch: pytest.MonkeyPatch, chip) -> None:
+    lw = LayerwiseModel.open(resolve_model(DEMO / "tiny-olmoe"))
+
+    def exhausted(index: int):
+        raise MemoryError
+
+    monkeypatch.setattr(lw, "load_layer", exhausted)
+    with pytest.raises(LayerMemoryError, match="out of memory in decoder layer 0 of 4: it needs about"):
+        evaluate_layerwise(lw, torch.arange(256) % 100, [], chip, seeds=[1], seq_len=128)
+
+
+def test_steps_without_a_layerwise_implementation_are_refused(run_cli, tmp_path: Path) -> None:
+    code, _, err = run_cli("convert", "examples/models/tiny-mamba", "-p", "chipA", "--method", "hpd",
+                           "--layer-by-layer", "--no-onnx", "-o", str(tmp_path / "out"))  # fmt: skip
+    assert code == 2 and "no layer-by-layer implementation" in err and "--whole-model" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bundle_is_not_evaluated_layer_by_layer(run_cli, tmp_path: Path) -> None:
+    code, _, err = run_cli("convert", "examples/models/tiny-olmoe", "-p", "chipA", "--method", "none",
+                           "--no-onnx", "-o", str(tmp_path / "b"))  # fmt: skip
+    assert code == 0, err
+    code, _, err = run_cli("eval", str(tmp_path / "b"), "--layer-by-layer", "--seeds", "1")
+    assert code == 2 and "not a bundle" in err
+
+
+def test_onnx_refused_when_the_export_would_not_fit(run_cli, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv(layer_memory.BUDGET_ENV, "1M")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli("convert", "examples/models/tiny-olmoe", "-p", "chipA", "--method", "none",
+                                "-o", str(out))  # fmt: skip
+    assert code == 2 and stdout == ""
+    line = err.strip()
+    assert "\n" not in line and "--no-onnx" in line and "validate" in line
+    assert not out.exists()
+    code, _, err = run_cli("convert", "examples/models/tiny-olmoe", "-p", "chipA", "--method", "none",
+                           "--no-onnx", "-o", str(out))  # fmt: skip
+    assert code == 0, err
+
+
+@pytest.mark.slow
+def test_external_onnx_data_is_locked_and_validated(run_cli, tmp_path: Path, monkeypatch) -> None:
+    """Forced low threshold: the graph's weights go to onnx/model.onnx_data, which the manifest lists (so
+    bundle.lock covers it), a changed byte fails the check, and validate loads it."""
+    monkeypatch.setattr(onnx_export, "EXTERNAL_THRESHOLD", 0)
+    out = tmp_path / "b"
+    code, _, err = run_cli("convert", "examples/models/tiny-olmoe", "-p", "chipA", "--method", "none",
+                           "-o", str(out))  # fmt: skip
+    assert code == 0, err
+    names = {f.name for f in read_manifest(out).files}
+    assert {"onnx/model.onnx", "onnx/model.onnx_data"} <= names
+    code, stdout, err = run_cli("validate", str(out), "--seeds", "1", "--max-tokens", "256", "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["onnx"].endswith("model.onnx")
+    data = out / "onnx" / "model.onnx_data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    assert any("model.onnx_data" in problem for problem in verify_bundle(out))
+    code, _, err = run_cli("validate", str(out), "--seeds", "1", "--max-tokens", "256")
+    assert code == 2 and "model.onnx_data" in err
