@@ -72,7 +72,8 @@ def test_layerwise_romer_statistics_match_whole_model(chip) -> None:
     options = {**option_values("romer", {}), "calib_samples": 4, "calib_seq_len": 64}
     net = source.load_model(torch.float32)
     tokens = calibration_tokens(net, options)
-    whole = calibration_stats(net, moe_routers(net, adapter), tokens, plan_model(net, chip).analog(), chip, cfg)
+    targets = plan_model(net, chip).analog()
+    whole = calibration_stats(net, moe_routers(net, adapter), tokens, targets, chip, cfg)
     lw = LayerwiseModel.open(source)
     layered = layerwise_stats(lw, moe_routers(lw.model, adapter), tokens, plan_model(lw.model, chip).analog(),
                               chip, cfg)  # fmt: skip
@@ -88,10 +89,10 @@ def test_layerwise_romer_statistics_match_whole_model(chip) -> None:
 
 @pytest.mark.slow
 def test_layer_by_layer_convert_gives_the_same_bundle_behaviour(run_cli, tmp_path: Path) -> None:
-    """ROMER layer by layer: the same transforms as the whole-model conversion, and the bundles evaluate alike."""
+    """ROMER layer by layer: the whole-model conversion's transforms, and the bundles evaluate alike."""
     args = ["examples/models/tiny-olmoe", "-p", "chipA", "--method", "romer", "--calib-samples", "4",
-            "--calib-seq-len", "64", "--router-deadband", "0", "--replacement", "substitute", "--replace-bottom",
-            "1", "--no-onnx", "--json"]  # fmt: skip
+            "--calib-seq-len", "64", "--router-deadband", "0", "--replacement", "substitute",
+            "--replace-bottom", "1", "--no-onnx", "--json"]  # fmt: skip
     code, out, err = run_cli("convert", *args, "--layer-by-layer", "-o", str(tmp_path / "lw"))
     assert code == 0, err
     assert json.loads(out)["layer_by_layer"] is True
@@ -119,7 +120,8 @@ def test_auto_engages_by_size(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not layer_memory.use_layerwise("auto", source)
     assert layer_memory.use_layerwise(True, source) and not layer_memory.use_layerwise(False, source)
     monkeypatch.setenv(layer_memory.BUDGET_ENV, "1K")
-    res = api.evaluate(str(DEMO / "tiny-olmoe"), "chipA", seeds=1, max_tokens=256, seq_len=128, progress=False)
+    res = api.evaluate(str(DEMO / "tiny-olmoe"), "chipA", seeds=1, max_tokens=256, seq_len=128,
+                       progress=False)
     assert res["layer_by_layer"] is True
 
 
