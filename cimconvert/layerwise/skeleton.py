@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 from accelerate import init_empty_weights
-from safetensors import safe_open
 from torch import nn
 
 from cimconvert.arch import get_adapter, load_config, load_model_class
 from cimconvert.arch.base import ArchAdapter, ExpertKey
-from cimconvert.checkpoint import SourceCheckpoint, TensorMeta, check_finite
+from cimconvert.checkpoint import SourceCheckpoint, TensorMeta, as_tensor, check_finite
 from cimconvert.errors import ModelInputError
 
 #: Bytes per element of the float32 parameters a layer is materialised in.
@@ -113,15 +112,23 @@ class LayerwiseModel:
 
     # ------------------------------------------------------------------ loading
     def _read(self, metas: Iterable[TensorMeta]) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(key, float32 tensor on device)`` for each of ``metas``, one at a time, shard by shard, with a
-        NaN/Inf check."""
+        """``(key, float32 tensor on device)`` for each of ``metas``, one at a time, with a NaN/Inf check.
+
+        Plain reads at the header's offsets into a fresh buffer (no memory map, whose touched pages would
+        stay in the resident set until the file is closed).
+        """
         by_file: dict[str, list[TensorMeta]] = defaultdict(list)
         for meta in metas:
             by_file[meta.file].append(meta)
         for file, group in by_file.items():
-            with safe_open(str(self.source.dir / file), framework="pt") as handle:
-                for meta in group:
-                    tensor = handle.get_tensor(meta.name)
+            start = self.source.headers[file].data_start
+            with (self.source.dir / file).open("rb") as handle:
+                for meta in sorted(group, key=lambda m: m.begin):
+                    handle.seek(start + meta.begin)
+                    raw = torch.empty(meta.nbytes, dtype=torch.uint8)
+                    if meta.nbytes and handle.readinto(raw.numpy()) != meta.nbytes:
+                        raise ModelInputError(f"{file}: file is truncated while reading tensor '{meta.name}'")
+                    tensor = as_tensor(meta, raw)
                     check_finite(meta.name, tensor, file)
                     dtype = torch.float32 if tensor.is_floating_point() else None
                     yield meta.name, tensor.to(self.device, dtype)
