@@ -49,7 +49,8 @@ def _stream_perplexity(
 @torch.no_grad()
 def evaluate_layerwise(
     lw: LayerwiseModel, tokens: torch.Tensor, targets: Sequence[Any], profile: ChipProfile,
-    seeds: Sequence[int], seq_len: int = 256, stride: int | None = None, batch_size: int = 8, progress: bool = False,
+    seeds: Sequence[int], seq_len: int = 256, stride: int | None = None, batch_size: int = 8,
+    progress: bool = False,
 ) -> NoisyEvalResult:  # fmt: skip
     """Clean perplexity plus one per noise seed, one decoder layer in memory at a time (see module doc)."""
     if lw.num_layers < 1:
