@@ -5,8 +5,11 @@ Targets (issue #13): the 16-layer checkpoint (about 13.8 GB in bfloat16, 27.6 GB
 with ROMER and evaluates with 2 noise draws under 6 GB of peak RSS each; RSS(16 layers)/RSS(2 layers)
 <= 1.3 for both commands. Each command runs in a child process under ``/usr/bin/time -v`` (its maximum
 resident set size) with ``OMP_NUM_THREADS=1``; with ``--parallel`` the convert and the eval of one depth
-run side by side (two children: each RSS is its own, wall times overlap). Checkpoints and bundles are
-written under ``models/`` (git-ignored) and deleted after each depth. Results go to
+run side by side (two children: each RSS is its own, wall times overlap). Run the driver under
+``nice -n 10``. Profiles: ``--profile full`` (benchmarks/olmoe_bench.yaml: every layer tensor analog)
+or ``attn`` (the default, benchmarks/olmoe_bench_attn.yaml: experts digital, so a deep sweep fits in the
+session's CPU time). Checkpoints and bundles are written under ``models/`` (git-ignored) and deleted
+after each depth. Results go to
 benchmarks/results/scale_layers.json and .md after every command.
 
     CIMCONVERT_SHARED_DATA=... python benchmarks/scale_layers.py [--layers 2 16 4 8] [--parallel]
@@ -27,27 +30,28 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-PROFILE = "benchmarks/olmoe_bench.yaml"
+#: Everything analog (attention and the 64 experts of each layer) / experts digital (attention analog).
+PROFILES = {"full": "benchmarks/olmoe_bench.yaml", "attn": "benchmarks/olmoe_bench_attn.yaml"}
 TARGET_GB, TARGET_RATIO = 6.0, 1.3
 SETTINGS = {
-    "profile": PROFILE,
+    "profiles": PROFILES,
     "convert": ["--method", "romer", "--calib-samples", "2", "--calib-seq-len", "128", "--calib-seeds", "1",
                 "--no-onnx", "--layer-by-layer"],
     "eval": ["--seeds", "2", "--max-tokens", "256", "--seq-len", "128", "--layer-by-layer"],
 }  # fmt: skip
 
 
-def _command(kind: str, model: Path, out: Path) -> list[str]:
+def _command(kind: str, model: Path, out: Path, profile: str) -> list[str]:
     """The cimconvert command line of one measured run."""
-    base = [sys.executable, "-m", "cimconvert", kind, str(model), "-p", PROFILE, "--json"]
+    base = [sys.executable, "-m", "cimconvert", kind, str(model), "-p", PROFILES[profile], "--json"]
     return base + SETTINGS[kind] + (["-o", str(out), "--force"] if kind == "convert" else [])
 
 
-def _start(kind: str, model: Path, out: Path, log: Path) -> tuple[subprocess.Popen, float]:
+def _start(kind: str, model: Path, out: Path, profile: str, log: Path) -> tuple[subprocess.Popen, float]:
     """Start one run under ``/usr/bin/time -v`` (output in ``log``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     handle = log.open("w")
-    proc = subprocess.Popen(["nice", "-n", "10", "/usr/bin/time", "-v", *_command(kind, model, out)],
+    proc = subprocess.Popen(["/usr/bin/time", "-v", *_command(kind, model, out, profile)],
                             cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT)  # fmt: skip
     return proc, time.perf_counter()
 
@@ -75,7 +79,7 @@ def _finish(kind: str, proc: subprocess.Popen, started: float, log: Path) -> dic
     return row
 
 
-def measure_depth(layers: int, parallel: bool, keep: bool) -> list[dict[str, Any]]:
+def measure_depth(layers: int, profile: str, parallel: bool, keep: bool) -> list[dict[str, Any]]:
     """Generate the checkpoint with ``layers`` layers, run convert and eval, delete what was written."""
     model = ROOT / "models" / f"olmoe-shapes-L{layers}"
     out = ROOT / "models" / f"olmoe-shapes-L{layers}-bundle"
@@ -89,52 +93,66 @@ def measure_depth(layers: int, parallel: bool, keep: bool) -> list[dict[str, Any
     rows = []
     try:
         if parallel:
-            running = {kind: _start(kind, model, out, logs[kind]) for kind in ("convert", "eval")}
+            running = {kind: _start(kind, model, out, profile, logs[kind]) for kind in ("convert", "eval")}
             rows = [_finish(kind, *running[kind], logs[kind]) for kind in ("convert", "eval")]
         else:
             for kind in ("convert", "eval"):
-                rows.append(_finish(kind, *_start(kind, model, out, logs[kind]), logs[kind]))
+                rows.append(_finish(kind, *_start(kind, model, out, profile, logs[kind]), logs[kind]))
     finally:
         if not keep:
             shutil.rmtree(model, ignore_errors=True)
             shutil.rmtree(out, ignore_errors=True)
     for row in rows:
-        row.update(layers=layers, checkpoint_gb=round(made["bytes"] / 1e9, 2), parallel=parallel)
+        row.update(layers=layers, profile=profile, checkpoint_gb=round(made["bytes"] / 1e9, 2),
+                   parallel=parallel)  # fmt: skip
     return rows
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Targets: peak RSS of the deepest runs and the RSS ratio deepest/shallowest per command."""
+    """Per profile and command: peak RSS by depth, the 6 GB target at the deepest run, RSS(deepest)/RSS(2)."""
     out: dict[str, Any] = {}
-    for kind in ("convert", "eval"):
-        done = [r for r in rows if r["command"] == kind and r.get("peak_rss_gb")]
-        done.sort(key=lambda r: r["layers"])
-        if not done:
-            continue
-        deep, shallow = done[-1], done[0]
-        out[kind] = {
-            "layers": [r["layers"] for r in done],
-            "peak_rss_gb": [r["peak_rss_gb"] for r in done],
-            "deepest_peak_rss_gb": deep["peak_rss_gb"],
-            "meets_6gb": deep["peak_rss_gb"] <= TARGET_GB and deep["exit_code"] == 0,
-            "rss_ratio_deepest_to_shallowest": round(deep["peak_rss_gb"] / shallow["peak_rss_gb"], 3),
-        }
+    for profile in PROFILES:
+        for kind in ("convert", "eval"):
+            done = [r for r in rows if (r["profile"], r["command"]) == (profile, kind)]
+            done = [r for r in done if r.get("peak_rss_gb")]
+            if not done:
+                continue
+            done.sort(key=lambda r: r["layers"])
+            deep, shallow = done[-1], done[0]
+            out[f"{profile}/{kind}"] = {
+                "layers": [r["layers"] for r in done],
+                "peak_rss_gb": [r["peak_rss_gb"] for r in done],
+                "seconds": [r["seconds"] for r in done],
+                "deepest_meets_6gb": deep["peak_rss_gb"] <= TARGET_GB and deep["exit_code"] == 0,
+                "rss_ratio_deepest_to_shallowest": round(deep["peak_rss_gb"] / shallow["peak_rss_gb"], 3),
+            }
     return out
 
 
+def merged(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` plus the runs of earlier invocations in the results file that ``rows`` does not repeat."""
+    path = RESULTS / "scale_layers.json"
+    old = json.loads(path.read_text())["runs"] if path.is_file() else []
+    key = lambda r: (r.get("profile"), r["layers"], r["command"])  # noqa: E731
+    new = {key(r) for r in rows}
+    return [r for r in old if key(r) not in new] + rows
+
+
 def write_results(rows: list[dict[str, Any]]) -> None:
-    """benchmarks/results/scale_layers.json and .md."""
+    """benchmarks/results/scale_layers.json and .md (earlier runs of other depths/profiles kept)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
+    rows = merged(rows)
     data = {"settings": SETTINGS, "runs": rows, "summary": summarise(rows),
             "machine": "2 CPU cores shared with other jobs (load ~7), 24 GB RAM; OMP_NUM_THREADS=1, nice 10"}
     (RESULTS / "scale_layers.json").write_text(json.dumps(data, indent=2) + "\n")
     lines = ["# Layer-by-layer scale benchmark (OLMoE-1B-7B shapes, random weights)", "",
-             f"Profile `{PROFILE}`; convert `{' '.join(SETTINGS['convert'])}`;",
+             f"Profiles {PROFILES}; convert `{' '.join(SETTINGS['convert'])}`;",
              f"eval `{' '.join(SETTINGS['eval'])}`.",
-             "", "| layers | checkpoint GB | command | peak RSS GB | seconds | exit | parallel |",
-             "| ---: | ---: | --- | ---: | ---: | ---: | --- |"]  # fmt: skip
+             "", "| profile | layers | checkpoint GB | command | peak RSS GB | seconds | exit | parallel |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | --- |"]  # fmt: skip
     for r in rows:
-        lines.append(f"| {r['layers']} | {r['checkpoint_gb']} | {r['command']} | {r['peak_rss_gb']} | "
+        lines.append(f"| {r['profile']} | {r['layers']} | {r['checkpoint_gb']} | {r['command']} | "
+                     f"{r['peak_rss_gb']} | "
                      f"{r['seconds']} | {r['exit_code']} | {r['parallel']} |")  # fmt: skip
     lines += ["", "```json", json.dumps(data["summary"], indent=2), "```", ""]
     (RESULTS / "scale_layers.md").write_text("\n".join(lines))
@@ -144,6 +162,7 @@ def main() -> None:
     """Command line: ``--layers`` (order of the depths measured), ``--parallel``, ``--keep``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, nargs="+", default=[2, 16, 4, 8])
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="attn")
     parser.add_argument("--parallel", action="store_true", help="convert and eval of a depth side by side")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints and bundles")
     args = parser.parse_args()
@@ -151,7 +170,7 @@ def main() -> None:
         sys.exit("set CIMCONVERT_SHARED_DATA (the OLMoE tokenizer)")
     rows: list[dict[str, Any]] = []
     for layers in args.layers:
-        rows += measure_depth(layers, args.parallel, args.keep)
+        rows += measure_depth(layers, args.profile, args.parallel, args.keep)
         write_results(rows)
         print(json.dumps(rows[-2:]), flush=True)
 

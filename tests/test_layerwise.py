@@ -138,11 +138,11 @@ def test_out_of_memory_in_a_layer_names_the_layer(monkeypatch: pytest.MonkeyPatc
     lw = LayerwiseModel.open(resolve_model(DEMO / "tiny-olmoe"))
     original = lw.load_layer
 
-    def failing(index: int):
+    def failing(index: int, names=None):
         if index == 2:
             raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] . DefaultCPUAllocator: can't allocate "
                                "memory: you tried to allocate 3221225472 bytes. Error code 12")  # fmt: skip
-        return original(index)
+        return original(index, names)
 
     monkeypatch.setattr(lw, "load_layer", failing)
     with pytest.raises(LayerMemoryError) as info:
@@ -156,7 +156,7 @@ def test_out_of_memory_in_a_layer_names_the_layer(monkeypatch: pytest.MonkeyPatc
 def test_other_runtime_errors_pass_through(monkeypatch: pytest.MonkeyPatch, chip) -> None:
     lw = LayerwiseModel.open(resolve_model(DEMO / "tiny-olmoe"))
 
-    def broken(index: int):
+    def broken(index: int, names=None):
         raise RuntimeError("shape mismatch")
 
     monkeypatch.setattr(lw, "load_layer", broken)
@@ -167,7 +167,7 @@ def test_other_runtime_errors_pass_through(monkeypatch: pytest.MonkeyPatch, chip
 def test_memory_error_is_reported_too(monkeypatch: pytest.MonkeyPatch, chip) -> None:
     lw = LayerwiseModel.open(resolve_model(DEMO / "tiny-olmoe"))
 
-    def exhausted(index: int):
+    def exhausted(index: int, names=None):
         raise MemoryError
 
     monkeypatch.setattr(lw, "load_layer", exhausted)

@@ -225,7 +225,8 @@ def run_layers(
     context: Callable[[Stream], AbstractContextManager[Any]] | None = None,
     progress: bool = False,
 ) -> None:
-    """Run every stream through every decoder layer; each layer is loaded once per programmed draw.
+    """Run every stream through every decoder layer; each layer is read once, its programmed tensors again
+    for each later draw.
 
     ``targets``: the analog tensors (in-memory names); a layer's are programmed per noise draw with that
     draw's seed, exactly as the whole-model path programs them. ``context(stream)``: entered around each
@@ -234,15 +235,15 @@ def run_layers(
     for index in tqdm(range(lw.num_layers), desc="layers", disable=not progress, unit="layer"):
         layer_targets = analog_of_layer(targets, lw.layer_prefix(index))
         with reporting_memory(lw, index, inputs, len(streams)):
-            fresh = False
+            layer = lw.load_layer(index)
+            programmed: list[str] = []
             for stream in streams:
-                if not fresh:
-                    layer = lw.load_layer(index)
-                    fresh = True
+                if programmed:  # the previous draw programmed these in place: read them again
+                    layer = lw.load_layer(index, programmed)
                 with noisy_draw(lw, layer_targets, profile, stream) as handle:
                     with context(stream) if context is not None else nullcontext():
                         _run_stream(layer, index, stream, inputs)
-                    fresh = not getattr(handle, "perturbed", None)  # programmed weights: reload
+                    programmed = list(getattr(handle, "perturbed", None) or [])
             lw.free_layer(index)
 
 

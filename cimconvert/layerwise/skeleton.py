@@ -143,7 +143,7 @@ class LayerwiseModel:
         filled: set[str] = set()
         for key, tensor in self._read(metas):
             expert = self.adapter.expert_key(key)
-            name = expert.memory_name if expert is not None else self.adapter.memory_name(key)
+            name = self._memory_name(key)
             if name not in params:
                 continue  # extra on-disk tensors are allowed, as in the whole-model load
             if expert is None:
@@ -177,10 +177,24 @@ class LayerwiseModel:
             if self.model.get_parameter(head).is_meta:
                 raise ModelInputError("tied lm_head could not be tied to the input embedding")
 
-    def load_layer(self, index: int) -> nn.Module:
-        """Materialise decoder layer ``index`` from the shards (float32 on ``device``); returns the layer."""
-        self._assign(self.layer_parameters(index), self.layer_keys.get(index, []), f"decoder layer {index}")
+    def load_layer(self, index: int, names: Iterable[str] | None = None) -> nn.Module:
+        """Materialise decoder layer ``index`` from the shards (float32 on ``device``); returns the layer.
+
+        ``names``: reload only these parameters (full names), e.g. the ones a noise draw programmed.
+        """
+        params = self.layer_parameters(index)
+        metas = self.layer_keys.get(index, [])
+        if names is not None:
+            wanted = set(names)
+            params = {n: p for n, p in params.items() if n in wanted}
+            metas = [m for m in metas if self._memory_name(m.name) in wanted]
+        self._assign(params, metas, f"decoder layer {index}")
         return self.layers[index]
+
+    def _memory_name(self, key: str) -> str:
+        """The in-memory parameter an on-disk key loads into (fused tensor for a per-expert key)."""
+        expert = self.adapter.expert_key(key)
+        return expert.memory_name if expert is not None else self.adapter.memory_name(key)
 
     def free_layer(self, index: int) -> None:
         """Put decoder layer ``index``'s parameters back on ``meta`` (its memory is released)."""
