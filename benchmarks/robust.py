@@ -207,9 +207,9 @@ def command(phase: str, args: argparse.Namespace) -> str:
             f"--seeds {args.seeds} --max-tokens {args.max_tokens} --threads {args.threads}{extra}")
 
 
-#: How outlier_channels rounds a layer's channel count (``ceil``; one chipB row was measured while the code
-#: rounded down and records ``floor``); rows measured before this field existed rounded up too.
-OUTLIER_ROUNDING = "ceil"
+#: How outlier_channels rounds a layer's channel count (``floor`` since the default was fixed at <= 5 %; rows
+#: recording ``ceil`` and rows without the field were measured rounding up).
+OUTLIER_ROUNDING = "floor"
 
 
 def row_key(row: dict[str, Any]) -> tuple:

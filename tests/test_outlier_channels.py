@@ -49,8 +49,9 @@ def test_split_refuses_channels_that_are_not_a_proper_subset(index: list[int]) -
         OutlierSplitLinear(10, 4, index, bias=False)
 
 
-def test_channels_for_rounds_up_and_keeps_one() -> None:
-    assert channels_for(576, 5.0) == 29 and channels_for(32, 0.1) == 1 and channels_for(100, 5.0) == 5
+def test_channels_for_rounds_down_and_keeps_one() -> None:
+    assert channels_for(576, 5.0) == 28 and channels_for(32, 0.1) == 1 and channels_for(100, 5.0) == 5
+    assert channels_for(1536, 5.0) == 76 and channels_for(96, 5.0) == 4
 
 
 def test_channel_maxima_finds_a_planted_outlier() -> None:

@@ -72,9 +72,10 @@ def channel_maxima(model: nn.Module, layers: Sequence[str], tokens: torch.Tensor
 
 
 def channels_for(in_features: int, percent: float) -> int:
-    """How many input channels ``percent`` % of ``in_features`` keeps digital: rounded up (at least one), so
-    a layer's digital share can exceed ``percent`` by less than one channel (5 % of 576 → 29, 5.03 %)."""
-    return max(1, math.ceil(percent / 100.0 * in_features - 1e-9))
+    """How many input channels ``percent`` % of ``in_features`` keeps digital: rounded down (at least one),
+    so the digital share stays within ``percent`` (5 % of 576 → 28, 4.86 %) except where one channel is
+    already more than ``percent`` of the layer."""
+    return max(1, math.floor(percent / 100.0 * in_features + 1e-9))
 
 
 def split_outliers(
