@@ -24,6 +24,7 @@ from cimconvert.placement import plan_model
 from cimconvert.profiles import load_profile
 from cimconvert.transforms.experts_inputs import TRANSFORM_TYPE
 from cimconvert.transforms.outlier_split import OutlierSplitLinear, expected_key_changes
+from cimconvert.transforms.romer import replacement
 from cimconvert.validate import validate
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "models"
@@ -193,3 +194,13 @@ def test_percent_out_of_range_is_exit_2_and_writes_nothing(run_cli, tmp_path: Pa
                            "--outlier-percent", percent, "-o", str(out))  # fmt: skip
     assert code == 2 and "--outlier-percent" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_expert_replacement_copies_the_donor_channels_and_restores_them() -> None:
+    _, experts, index = _moe_with_digital_inputs()
+    saved = replacement.snapshot(experts)
+    replacement.copy_experts(experts, [[0, 2]])
+    assert digital_inputs(experts, "down_proj")[0].tolist() == index[2].tolist()
+    assert torch.equal(experts.down_proj[0], experts.down_proj[2])
+    replacement.restore(experts, saved)
+    assert torch.equal(digital_inputs(experts, "down_proj"), index)
