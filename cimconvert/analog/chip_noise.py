@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from cimconvert.analog.experts import EXPERTS_IMPLEMENTATION
+from cimconvert.analog.experts import EXPERTS_IMPLEMENTATION, analog_columns, column_mask, digital_inputs
 from cimconvert.analog.patch import AnalogPatch
-from cimconvert.analog.routes import EXPERT_PARAMS
+from cimconvert.analog.routes import EXPERT_PARAMS, owner_of
 from cimconvert.errors import ModelInputError
 from cimconvert.profiles.schema import ChipProfile
 from cimconvert.simulator import MvmWeights, analog_matmul, prepare_mvm, program_weight
@@ -94,8 +94,10 @@ class NoiseHandle:
     ``perturbed``: analog tensors written with programmed values; ``mvm_simulated``: tensors whose
     matmuls run the per-MVM simulation; ``weight_only``: analog tensors with weight-level noise only;
     ``mvm_calls``: simulated matmul calls per tensor since the handle was created; ``mvm_weights``:
-    the prepared per-MVM weights of each simulated tensor (what its kernel uses); ``clock``: the
-    forward counter in counter noise mode (None otherwise).
+    the prepared per-MVM weights of each simulated tensor (what its kernel uses); ``crossbar``: the
+    programmed values of fused tensors with digital input channels as the crossbar holds them (their
+    parameter keeps the exact digital columns); ``clock``: the forward counter in counter noise mode
+    (None otherwise).
     """
 
     seed: int
@@ -106,12 +108,17 @@ class NoiseHandle:
     weight_only: list[str] = field(default_factory=list)
     mvm_calls: Counter[str] = field(default_factory=Counter)
     mvm_weights: dict[str, MvmWeights] = field(default_factory=dict, repr=False)
+    crossbar: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     clock: CounterClock | None = None
     _params: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)
     _clean: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _hooks: list[RemovableHandle] = field(default_factory=list, repr=False)
     _patch: AnalogPatch | None = field(default=None, repr=False)
     active: bool = True
+
+    def programmed_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every parameter of ``model`` as programmed: analog tensors as the crossbar holds them."""
+        return {**dict(model.named_parameters()), **self.crossbar}
 
     def drop_mvm(self) -> None:
         """Stop the per-MVM simulation (matmuls run digitally on the programmed weights again)."""
@@ -132,6 +139,7 @@ class NoiseHandle:
         self.drop_mvm()
         self._clean.clear()
         self.mvm_weights.clear()
+        self.crossbar.clear()
         self.active = False
 
     def summary(self) -> dict[str, Any]:
@@ -185,6 +193,12 @@ def _unique_targets(targets: Iterable[AnalogTarget]) -> list[tuple[str, str]]:
     for target in targets:
         seen.setdefault(str(target.name), str(target.layout))
     return list(seen.items())
+
+
+def _digital_inputs(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The digital input channels of the fused experts tensor ``name`` (None for every other tensor)."""
+    owner, _, attr = owner_of(model, name)
+    return digital_inputs(owner, attr) if attr in EXPERT_PARAMS else None
 
 
 def _tick_hook(clock: CounterClock) -> Callable[..., None]:
@@ -252,15 +266,18 @@ def apply_chip_noise(
             if keep_clean:
                 handle._params[name] = param
                 handle._clean[name] = param.detach().to("cpu", copy=True)
-            noisy = program_weight(
-                param.detach(), profile, tensor_generator(seed, name, param.device), layout
-            )
-            # digital scales fixed at mapping time, from the clean weight
-            scales = clean_scales(param.detach(), layout, profile) if profile.mvm.active else None  # type: ignore[arg-type]
+            digital = _digital_inputs(model, name)
+            stored = param.detach() if digital is None else analog_columns(param.detach(), digital, layout)
+            noisy = program_weight(stored, profile, tensor_generator(seed, name, param.device), layout)
+            scales = clean_scales(stored, layout, profile) if profile.mvm.active else None  # type: ignore[arg-type]
+            programmed = noisy
+            if digital is not None:  # digital input channels keep their exact values
+                programmed = torch.where(column_mask(param, digital, layout), param.detach(), noisy)
+                handle.crossbar[name] = noisy
             if keep_clean:
-                param.copy_(noisy)
+                param.copy_(programmed)
             else:  # the clean storage is not kept: take the programmed tensor's (no second copy)
-                param.data = noisy
+                param.data = programmed
             handle.perturbed.append(name)
             if scales is not None:
                 mw = prepare_mvm(noisy, profile, layout, scales)  # type: ignore[arg-type]
