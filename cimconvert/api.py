@@ -407,21 +407,21 @@ def evaluate(
     """
     _set_threads(threads)
     text = load_text(dataset)
-    source = _layerwise_source(model, profile, layerwise)
-    if source is not None:
+    source, by_layer = _eval_source(model, profile, layerwise)
+    if by_layer:
         chip = load_profile(str(profile))
         lw = LayerwiseModel.open(source)
         net, targets = lw.model, plan_model(lw.model, chip).analog()
         tokenizer = _tokenizer(source.dir)
     else:
-        net, tokenizer, targets, chip = load_for_eval(model, profile)
+        net, tokenizer, targets, chip = load_for_eval(model, profile, source=source)
     tokens = tokenize(tokenizer, text, max_tokens)
     max_pos = getattr(net.config, "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:
         raise CimError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
     run = dict(seeds=range(seed, seed + seeds), seq_len=seq_len, stride=stride, batch_size=batch_size,
                progress=progress)  # fmt: skip
-    if source is not None:
+    if by_layer:
         result = evaluate_layerwise(lw, tokens, targets, chip, **run).check_finite()
     else:
         result = evaluate_model(net, tokens, targets, chip, **run).check_finite()
@@ -431,26 +431,22 @@ def evaluate(
         "tokens": int(tokens.numel()),
         "seq_len": seq_len,
         "stride": stride or seq_len,
-        "layer_by_layer": source is not None,
+        "layer_by_layer": by_layer,
         **result.to_dict(),
     }
 
 
-def _layerwise_source(model: str, profile: str | None, layerwise: bool | str) -> Any:
-    """The checkpoint to evaluate layer by layer, or None for the whole-model path (see :func:`evaluate`)."""
-    if layerwise is False:
-        return None
+def _eval_source(model: str, profile: str | None, layerwise: bool | str) -> tuple[Any, bool]:
+    """(the resolved checkpoint or None for a bundle, whether to evaluate it layer by layer)."""
     if is_bundle(model):
         if layerwise is True:
             raise CimError("layer-by-layer evaluation reads a source checkpoint, not a bundle (evaluate the "
                            "bundle with --whole-model)")  # fmt: skip
-        return None
-    source = resolve_model(model)
-    if not use_layerwise(layerwise, source):
-        return None
+        return None, False
     if not profile:
         raise CimError("--profile is required unless MODEL is a bundle")
-    return source
+    source = resolve_model(model)
+    return source, use_layerwise(layerwise, source)
 
 
 def _tokenizer(folder: Path) -> Any:

@@ -15,17 +15,20 @@ from cimconvert.bundle.reader import (
     placement_from_manifest,
     read_manifest,
 )
-from cimconvert.checkpoint import check_weights_finite, resolve_model
+from cimconvert.checkpoint import SourceCheckpoint, check_weights_finite, resolve_model
 from cimconvert.errors import CimError
 from cimconvert.placement import model_placement, plan_model
 from cimconvert.profiles import ChipProfile, load_profile
 
 
-def load_for_eval(model: str, profile: str | None) -> tuple[torch.nn.Module, Any, list[Any], ChipProfile]:
+def load_for_eval(
+    model: str, profile: str | None, source: SourceCheckpoint | None = None
+) -> tuple[torch.nn.Module, Any, list[Any], ChipProfile]:
     """(model, tokenizer, analog targets, profile) for a source checkpoint or a bundle.
 
     A bundle's analog targets are its manifest's placement (read back, whatever ``profile`` says); a
-    checkpoint's are planned here, once, under ``profile`` with the default rules.
+    checkpoint's are planned here, once, under ``profile`` with the default rules. ``source``: the
+    checkpoint already resolved from ``model`` (it is not resolved again; a GGUF file not dequantised again).
     """
     if is_bundle(model):
         manifest = read_manifest(Path(model))
@@ -38,7 +41,7 @@ def load_for_eval(model: str, profile: str | None) -> tuple[torch.nn.Module, Any
         if not profile:
             raise CimError("--profile is required unless MODEL is a bundle")
         chip = load_profile(profile)
-        source = resolve_model(model)
+        source = source or resolve_model(model)
         net = check_weights_finite(source.load_model(dtype=torch.float32))
         targets = plan_model(net, chip).analog()
         folder = source.dir
