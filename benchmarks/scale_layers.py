@@ -56,11 +56,22 @@ def _start(kind: str, model: Path, out: Path, profile: str, log: Path) -> tuple[
     return proc, time.perf_counter()
 
 
+def _elapsed(text: str) -> float | None:
+    """The wall-clock seconds ``/usr/bin/time -v`` reported (``h:mm:ss`` or ``m:ss.ss``), if any."""
+    match = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
+    if match is None:
+        return None
+    seconds = 0.0
+    for part in match.group(1).split(":"):
+        seconds = seconds * 60 + float(part)
+    return seconds
+
+
 def _finish(kind: str, proc: subprocess.Popen, started: float, log: Path) -> dict[str, Any]:
     """Wait for a run; its peak RSS, wall time, exit code and the JSON it printed (key figures only)."""
     code = proc.wait()
-    seconds = time.perf_counter() - started
     text = log.read_text(errors="replace")
+    seconds = _elapsed(text) or time.perf_counter() - started
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     row: dict[str, Any] = {"command": kind, "exit_code": code, "seconds": round(seconds, 1),
                            "peak_rss_gb": round(int(rss.group(1)) / 2**20, 3) if rss else None}  # fmt: skip
@@ -89,7 +100,7 @@ def measure_depth(layers: int, profile: str, parallel: bool, keep: bool) -> list
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     made = json.loads(generated.stdout.strip().splitlines()[-1])
-    logs = {kind: ROOT / "models" / f"scale-L{layers}-{kind}.log" for kind in ("convert", "eval")}
+    logs = {kind: ROOT / "models" / f"scale-{profile}-L{layers}-{kind}.log" for kind in ("convert", "eval")}
     rows = []
     try:
         if parallel:
