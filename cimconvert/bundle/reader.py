@@ -19,6 +19,7 @@ from pydantic import ValidationError
 from cimconvert.arch import get_adapter
 from cimconvert.bundle.integrity import LOCK_NAME, member_path, signing_key, verified_manifest_bytes
 from cimconvert.bundle.manifest import MANIFEST_NAME, Manifest, TensorEntry, TransformEntry
+from cimconvert.bundle.quantization import check_format_version
 from cimconvert.checkpoint import load_hf_model, sha256_file
 from cimconvert.errors import BundleError, failure_detail
 from cimconvert.placement import Placement, TensorInfo
@@ -62,9 +63,13 @@ def _read_locked(folder: Path, key: bytes | str | None) -> tuple[Manifest, dict[
         raise BundleError(f"{folder} is not a cimconvert bundle (no {MANIFEST_NAME})")
     data, lock = verified_manifest_bytes(folder, key)
     try:
-        manifest = Manifest.model_validate(json.loads(data.decode("utf-8")))
+        raw = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise BundleError(f"{path} is not valid JSON") from None
+    if isinstance(raw, dict) and "schema_version" in raw:
+        check_format_version(raw["schema_version"], str(path))
+    try:
+        manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -172,6 +177,16 @@ def _run_transform(entry: TransformEntry, fn: Callable[..., Any], *args: Any) ->
         ) from None
 
 
+def read_verified_manifest(out: str | Path, verify: bool = True, key: bytes | str | None = None) -> Manifest:
+    """:func:`read_manifest`, then (with ``verify``) every file checked against it: BundleError on the first
+    problem. What every loader of a bundle reads first."""
+    folder = Path(out)
+    manifest = read_manifest(folder, key)
+    if verify:
+        _raise_problems(folder, verify_bundle(folder, manifest))
+    return manifest
+
+
 def load_bundle(
     out: str | Path, dtype: torch.dtype = torch.float32, verify: bool = True, key: bytes | str | None = None
 ) -> torch.nn.Module:
@@ -181,9 +196,7 @@ def load_bundle(
     ``verify`` every file's sha256 is checked too and a mismatch raises BundleError.
     """
     folder = Path(out)
-    manifest = read_manifest(folder, key)
-    if verify:
-        _raise_problems(folder, verify_bundle(folder, manifest))
+    manifest = read_verified_manifest(folder, verify, key)
     model = load_hf_model(
         folder, manifest.source.model_type, dtype, expected_key_changes=expected_key_changes(manifest)
     )

@@ -50,6 +50,7 @@ from cimconvert.bundle.manifest import (
     match_target,
 )
 from cimconvert.bundle.outdir import move_into_place, out_lock, tmp_path
+from cimconvert.bundle.quantization import write_hf_config
 from cimconvert.bundle.report import render_report
 from cimconvert.checkpoint import (
     CONFIG_NAME,
@@ -478,8 +479,9 @@ def write_bundle(
     Every on-disk tensor keeps its name and dtype and goes to an ``analog-*`` or ``digital-*`` shard
     (rolled over at ``max_shard_size`` bytes); ``model.safetensors.index.json`` covers all of them so
     transformers loads the folder as a normal model. Analog tensors get abs-max mapping scales in
-    ``cim_scales.safetensors``. Also writes ``manifest.json`` and ``REPORT.md`` and copies config,
-    generation config and tokenizer files. Refuses a non-empty ``out`` unless ``force`` (the old folder
+    ``cim_scales.safetensors``. Also writes ``manifest.json`` and ``REPORT.md``, copies generation config
+    and tokenizer files, and copies config.json with the manifest's ``quantization_config`` added (so
+    transformers loads the bundle through cimconvert's quantizer, see :mod:`cimconvert.bundle.quantization`). Refuses a non-empty ``out`` unless ``force`` (the old folder
     is replaced only once the new bundle is complete). ``origin`` is the checkpoint the manifest names as
     the source when ``source`` is a transformed temporary copy of it (methods such as ROMER/HPD).
     ``finalize(tmp_folder, manifest)`` runs before the manifest is written (e.g. the ONNX export): files it
@@ -619,6 +621,7 @@ def _assemble(
         files=[],
         totals=totals,
     )
+    write_hf_config(folder, manifest)  # config.json is hashed into manifest.files below
     if recorded.finalize is not None:
         manifest.extra = {**manifest.extra, **recorded.finalize(folder, manifest)}
     (folder / REPORT_NAME).write_text(render_report(manifest), encoding="utf-8")
