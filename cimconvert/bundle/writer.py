@@ -477,13 +477,13 @@ def write_bundle(
     """Write the bundle for ``source`` placed by ``placement`` into ``out`` (atomically).
 
     Every on-disk tensor keeps its name and dtype and goes to an ``analog-*`` or ``digital-*`` shard
-    (rolled over at ``max_shard_size`` bytes); ``model.safetensors.index.json`` covers all of them so
-    transformers loads the folder as a normal model. Analog tensors get abs-max mapping scales in
-    ``cim_scales.safetensors``. Also writes ``manifest.json`` and ``REPORT.md``, copies generation config
-    and tokenizer files, and copies config.json with the manifest's ``quantization_config`` added (so
-    transformers loads the bundle through cimconvert's quantizer, see :mod:`cimconvert.bundle.quantization`). Refuses a non-empty ``out`` unless ``force`` (the old folder
-    is replaced only once the new bundle is complete). ``origin`` is the checkpoint the manifest names as
-    the source when ``source`` is a transformed temporary copy of it (methods such as ROMER/HPD).
+    (rolled over at ``max_shard_size`` bytes); ``model.safetensors.index.json`` covers all of them.
+    Analog tensors get abs-max mapping scales in ``cim_scales.safetensors``. Also writes ``manifest.json``
+    and ``REPORT.md``, copies generation config and tokenizer files, and copies config.json with the
+    manifest's ``quantization_config`` added, so transformers loads the folder through cimconvert's
+    quantizer (:mod:`cimconvert.bundle.quantization`). Refuses a non-empty ``out`` unless ``force`` (the
+    old folder is replaced only once the new bundle is complete). ``origin`` is the checkpoint the
+    manifest names as the source when ``source`` is a transformed temporary copy of it (ROMER, HPD, ...).
     ``finalize(tmp_folder, manifest)`` runs before the manifest is written (e.g. the ONNX export): files it
     adds to the folder are hashed into ``manifest.files`` and the dict it returns is merged into
     ``manifest.extra``, so the bundle appears complete or not at all. ``bundle.lock`` (the manifest's
