@@ -10,6 +10,8 @@ A bundle's config.json carries ``quantization_config = {"quant_method": "cimconv
   every file against the manifest, as ``load_bundle`` does), checks the config's entry is what the
   manifest gives, and tells transformers which keys the recorded transforms own (an HPD split's
   ``out_proj.weight`` is not in the bundle, its factors are), so the load report does not list them;
+  any other missing or unexpected key is a BundleError, as in ``load_bundle`` (transformers alone would
+  warn and initialise the parameter randomly);
 * after the weights load, it re-applies the manifest's transforms in order through
   ``bundle.reader.apply_transforms`` — the same ``TRANSFORM_LOADERS`` ``load_bundle`` calls: HPD factor
   modules, outlier split modules, ROMER expert copies and routing hooks, folded output corrections.
@@ -79,6 +81,7 @@ class CimQuantizer(HfQuantizer):
         missing, unexpected = expected_key_changes(manifest)
         ignore_keys(model, "_keys_to_ignore_on_load_missing", missing)
         ignore_keys(model, "_keys_to_ignore_on_load_unexpected", unexpected)
+        refuse_other_key_changes(model, folder)
         self.bundle = (folder, manifest)
         return model
 
@@ -112,6 +115,26 @@ def ignore_keys(model: nn.Module, attribute: str, keys: Sequence[str]) -> None:
         patterns = set(getattr(model, attribute, None) or ())
         patterns.update(f"^{re.escape(key)}$" for key in keys)
         setattr(model, attribute, patterns)
+
+
+def refuse_other_key_changes(model: nn.Module, folder: Path) -> None:
+    """Make the load as strict as ``load_bundle``'s: a key missing from the bundle or not expected by the
+    model, other than those the transforms own, is a BundleError (transformers would only warn and leave
+    the parameter randomly initialised).
+
+    transformers 5 filters the missing / unexpected keys of a load in the model's
+    ``_adjust_missing_and_unexpected_keys(loading_info)``; this wraps that method on this one model.
+    """
+    adjust = model._adjust_missing_and_unexpected_keys
+
+    def adjust_strictly(loading_info: Any) -> None:
+        adjust(loading_info)
+        problems = {kind: sorted(getattr(loading_info, f"{kind}_keys")) for kind in ("missing", "unexpected")}
+        if any(problems.values()):
+            detail = "; ".join(f"{kind}: {', '.join(keys[:3])}" for kind, keys in problems.items() if keys)
+            raise BundleError(f"bundle {folder} does not match {type(model).__name__} ({detail})")
+
+    model._adjust_missing_and_unexpected_keys = adjust_strictly
 
 
 def register() -> None:

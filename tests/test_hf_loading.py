@@ -16,13 +16,14 @@ import torch
 import transformers
 from reliability_helpers import DEMO_MODELS, RunCli, edit_manifest, subprocess_env
 
-from cimconvert import api
+from cimconvert import api, hf_quantizer
 from cimconvert.arch import get_adapter
 from cimconvert.arch.loading import BUNDLE_WEIGHTS_GUARD, load_config, load_pretrained
 from cimconvert.bundle.quantization import check_against_manifest, quantization_config
 from cimconvert.bundle.reader import load_bundle, read_manifest
 from cimconvert.errors import BundleError
 from cimconvert.hf_quantizer import CimQuantizationConfig
+from cimconvert.transforms import TRANSFORM_LOADERS
 
 MOE_MODELS = ("tiny-olmoe", "tiny-qwen2-moe", "tiny-deepseek")
 SSM_MODELS = ("tiny-mamba", "tiny-mamba2")
@@ -36,11 +37,19 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "none": None,
     "romer": ROMER,
     "hpd": None,
-    "auto": {**CALIB, "correction_draws": 1, **{k: ROMER[k] for k in ("calib_seeds", "replace_bottom")}},
+    "auto": {**CALIB, "correction_draws": 1,
+             **{k: ROMER[k] for k in ("calib_seeds", "replace_bottom", "replacement")}},
     "outlier_channels": {**CALIB, "outlier_percent": 10.0},
     "output_correction": {**CALIB, "correction_draws": 1},
     "keep_digital": {"patterns": ["re:.*layers\\.0\\..*"]},
 }
+ROMER_TYPES = {"romer_replacement", "romer_routing"}
+#: method → the transform types its bundle records (so every loader in TRANSFORM_LOADERS is exercised)
+TRANSFORMS: dict[str, set[str]] = {
+    "none": set(), "romer": ROMER_TYPES, "hpd": {"hpd_split"}, "keep_digital": set(),
+    "auto": {"outlier_split", "output_gain", *ROMER_TYPES}, "outlier_channels": {"outlier_split"},
+    "output_correction": {"output_gain"},
+}  # fmt: skip
 #: transform types whose loaders change the forward pass of the plain architecture loaded from the bundle
 CHANGING = {"hpd_split", "outlier_split", "romer_routing"}
 #: the cheap cases that run without ``-m slow``: one per transform loader
@@ -66,6 +75,11 @@ def _options(model: str, method: str) -> dict[str, Any] | None:
     if method == "auto" and model in SSM_MODELS:
         return None
     return METHODS[method]
+
+
+def _expected_transforms(model: str, method: str) -> set[str]:
+    """The transform types a bundle of ``model`` by ``method`` records (an SSM's ``auto`` is HPD)."""
+    return {"hpd_split"} if method == "auto" and model in SSM_MODELS else TRANSFORMS[method]
 
 
 def _convert(model: str, method: str, out: Path) -> Path:
@@ -118,9 +132,15 @@ def test_from_pretrained_equals_load_bundle(model: str, method: str, tmp_path: P
     assert loaded.hf_quantizer.quantization_config.quant_method == "cimconvert"
     _assert_same(_logits(loaded), reference)
     types = {t.type for t in read_manifest(bundle).transforms}
+    assert types == _expected_transforms(model, method)
     if types & CHANGING:
         plain = load_pretrained(bundle, dtype=torch.float32, strict=False)
         assert not torch.allclose(_logits(plain), reference, atol=1e-4), types
+
+
+def test_every_transform_loader_is_covered() -> None:
+    """The method bundles above record every transform type a loader exists for."""
+    assert set().union(*TRANSFORMS.values()) == set(TRANSFORM_LOADERS)
 
 
 def test_bundle_config_carries_the_manifest_quantization_config(moe_bundle: Path) -> None:
@@ -225,6 +245,15 @@ def test_altered_quantization_config_is_refused(hpd_bundle: Path, tmp_path: Path
         transformers.AutoModelForCausalLM.from_pretrained(bundle)
     with pytest.raises(BundleError, match=r"does not match manifest\.json \(field 'transforms'\)"):
         check_against_manifest(config["quantization_config"], read_manifest(hpd_bundle))
+
+
+def test_keys_no_transform_owns_are_refused(hpd_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As strict as load_bundle: were the HPD keys not owned by a transform, the load would be refused
+    (transformers alone warns and initialises out_proj.weight randomly)."""
+    monkeypatch.setattr(hf_quantizer, "expected_key_changes", lambda manifest: ([], []))
+    expected = r"not match MambaForCausalLM \(missing: backbone\.layers\.7\.mixer\.out_proj\.weight; unexp"
+    with pytest.raises(BundleError, match=expected):
+        transformers.AutoModelForCausalLM.from_pretrained(hpd_bundle)
 
 
 def test_quantizer_refuses_a_plain_checkpoint() -> None:
