@@ -5,9 +5,12 @@ for a newer bundle format, the load is refused."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +102,24 @@ def _assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
     assert torch.equal(a, b) or (a - b).abs().max().item() <= 1e-6, (a - b).abs().max().item()
 
 
+@contextmanager
+def transformers_log() -> Iterator[list[str]]:
+    """The messages transformers logs at warning level or above inside the block (whatever verbosity an
+    earlier CLI run set)."""
+    records: list[str] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("transformers")
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        transformers.logging.set_verbosity(level)
+
+
 @pytest.fixture(scope="module")
 def hpd_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny-mamba bundle with an HPD split (shared by the refusal tests; copied before any edit)."""
@@ -119,16 +140,15 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
 
 # ------------------------------------------------------------------------------ exact loading
 @pytest.mark.parametrize(("model", "method"), _cases())
-def test_from_pretrained_equals_load_bundle(model: str, method: str, tmp_path: Path, capfd: Any) -> None:
+def test_from_pretrained_equals_load_bundle(model: str, method: str, tmp_path: Path) -> None:
     """Logits of ``AutoModelForCausalLM.from_pretrained(bundle)`` equal ``load_bundle``'s; transformers
-    reports no missing or unexpected key; where a transform changes the forward pass, the plain
-    architecture loaded from the same files differs (so the comparison can fail)."""
+    logs no load report (no missing or unexpected key); where a transform changes the forward pass, the
+    plain architecture loaded from the same files differs (so the comparison can fail)."""
     bundle = _convert(model, method, tmp_path / "bundle")
     reference = _logits(load_bundle(bundle))
-    capfd.readouterr()
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(bundle, dtype=torch.float32)
-    report = capfd.readouterr().err
-    assert "MISSING" not in report and "UNEXPECTED" not in report, report
+    with transformers_log() as records:
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(bundle, dtype=torch.float32)
+    assert not [r for r in records if "LOAD REPORT" in r], records
     assert loaded.hf_quantizer.quantization_config.quant_method == "cimconvert"
     _assert_same(_logits(loaded), reference)
     types = {t.type for t in read_manifest(bundle).transforms}
@@ -204,7 +224,8 @@ def test_without_cimconvert_transformers_refuses(hpd_bundle: Path) -> None:
         f"transformers.AutoModelForCausalLM.from_pretrained({str(hpd_bundle)!r})\n"
         "print('LOADED', 'cimconvert' in sys.modules)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", script], env=subprocess_env({"PYTHONPATH": ""}),
+    env = subprocess_env({"PYTHONPATH": "", "TRANSFORMERS_VERBOSITY": "warning"})  # its warning shown
+    proc = subprocess.run([sys.executable, "-c", script], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode != 0 and "LOADED" not in proc.stdout, proc.stdout
     assert BUNDLE_WEIGHTS_GUARD in proc.stderr
