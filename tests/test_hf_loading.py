@@ -20,12 +20,14 @@ import transformers
 from reliability_helpers import DEMO_MODELS, RunCli, edit_manifest, subprocess_env
 
 from cimconvert import api, hf_quantizer
+from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.arch import get_adapter
 from cimconvert.arch.loading import BUNDLE_WEIGHTS_GUARD, load_config, load_pretrained
 from cimconvert.bundle.quantization import check_against_manifest, quantization_config
-from cimconvert.bundle.reader import load_bundle, read_manifest
+from cimconvert.bundle.reader import load_bundle, manifest_profile, placement_from_manifest, read_manifest
 from cimconvert.errors import BundleError
 from cimconvert.hf_quantizer import CimQuantizationConfig
+from cimconvert.placement import model_placement
 from cimconvert.transforms import TRANSFORM_LOADERS
 
 MOE_MODELS = ("tiny-olmoe", "tiny-qwen2-moe", "tiny-deepseek")
@@ -47,14 +49,17 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "keep_digital": {"patterns": ["re:.*layers\\.0\\..*"]},
 }
 ROMER_TYPES = {"romer_replacement", "romer_routing"}
-#: method → the transform types its bundle records (so every loader in TRANSFORM_LOADERS is exercised)
+#: what outlier_channels records on an MoE model (linear layers split, fused experts' channels listed)
+MOE_OUTLIERS = {"outlier_split", "experts_digital_inputs"}
+#: method → the transform types its bundle of an MoE model records (every loader in TRANSFORM_LOADERS)
 TRANSFORMS: dict[str, set[str]] = {
     "none": set(), "romer": ROMER_TYPES, "hpd": {"hpd_split"}, "keep_digital": set(),
-    "auto": {"outlier_split", "output_gain", *ROMER_TYPES}, "outlier_channels": {"outlier_split"},
+    "auto": {*MOE_OUTLIERS, "output_gain", *ROMER_TYPES}, "outlier_channels": MOE_OUTLIERS,
     "output_correction": {"output_gain"},
 }  # fmt: skip
-#: transform types whose loaders change the forward pass of the plain architecture loaded from the bundle
-CHANGING = {"hpd_split", "outlier_split", "romer_routing"}
+#: transform types whose loaders change the forward pass on a simulated chip of the plain architecture
+#: loaded from the bundle's files (the others are already in the stored weights)
+CHANGING = {"hpd_split", "outlier_split", "romer_routing", "experts_digital_inputs"}
 #: the cheap cases that run without ``-m slow``: one per transform loader
 FAST = {("tiny-olmoe", "romer"), ("tiny-mamba", "hpd"), ("tiny-mamba", "outlier_channels"),
         ("tiny-olmoe", "none")}  # fmt: skip
@@ -81,8 +86,11 @@ def _options(model: str, method: str) -> dict[str, Any] | None:
 
 
 def _expected_transforms(model: str, method: str) -> set[str]:
-    """The transform types a bundle of ``model`` by ``method`` records (an SSM's ``auto`` is HPD)."""
-    return {"hpd_split"} if method == "auto" and model in SSM_MODELS else TRANSFORMS[method]
+    """The transform types a bundle of ``model`` by ``method`` records (an SSM has no fused experts, and
+    its ``auto`` is HPD)."""
+    if model in SSM_MODELS:
+        return {"hpd_split"} if method == "auto" else TRANSFORMS[method] - {"experts_digital_inputs"}
+    return TRANSFORMS[method]
 
 
 def _convert(model: str, method: str, out: Path) -> Path:
@@ -95,6 +103,16 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         return model(input_ids=ids).logits.float()
+
+
+def _noisy_logits(model: torch.nn.Module, bundle: Path) -> torch.Tensor:
+    """Logits on one simulated chip (seed 0) of the bundle's profile and placement: what the transforms
+    that act only under noise (routing hooks, experts' digital input channels) change."""
+    manifest = read_manifest(bundle)
+    chip = manifest_profile(manifest)
+    targets = model_placement(model, placement_from_manifest(manifest), chip).analog()
+    with apply_chip_noise(model, targets, chip, seed=0):
+        return _logits(model)
 
 
 def _assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -141,9 +159,10 @@ def _copy(bundle: Path, tmp_path: Path) -> Path:
 # ------------------------------------------------------------------------------ exact loading
 @pytest.mark.parametrize(("model", "method"), _cases())
 def test_from_pretrained_equals_load_bundle(model: str, method: str, tmp_path: Path) -> None:
-    """Logits of ``AutoModelForCausalLM.from_pretrained(bundle)`` equal ``load_bundle``'s; transformers
-    logs no load report (no missing or unexpected key); where a transform changes the forward pass, the
-    plain architecture loaded from the same files differs (so the comparison can fail)."""
+    """Logits of ``AutoModelForCausalLM.from_pretrained(bundle)`` equal ``load_bundle``'s, clean and on a
+    simulated chip; transformers logs no load report (no missing or unexpected key); where a transform
+    changes the forward pass, the plain architecture loaded from the same files differs (so the
+    comparison can fail)."""
     bundle = _convert(model, method, tmp_path / "bundle")
     reference = _logits(load_bundle(bundle))
     with transformers_log() as records:
@@ -151,11 +170,13 @@ def test_from_pretrained_equals_load_bundle(model: str, method: str, tmp_path: P
     assert not [r for r in records if "LOAD REPORT" in r], records
     assert loaded.hf_quantizer.quantization_config.quant_method == "cimconvert"
     _assert_same(_logits(loaded), reference)
+    noisy = _noisy_logits(load_bundle(bundle), bundle)
+    _assert_same(_noisy_logits(loaded, bundle), noisy)
     types = {t.type for t in read_manifest(bundle).transforms}
     assert types == _expected_transforms(model, method)
     if types & CHANGING:
         plain = load_pretrained(bundle, dtype=torch.float32, strict=False)
-        assert not torch.allclose(_logits(plain), reference, atol=1e-4), types
+        assert not torch.allclose(_noisy_logits(plain, bundle), noisy, atol=1e-4), types
 
 
 def test_every_transform_loader_is_covered() -> None:
