@@ -14,7 +14,8 @@ A bundle's config.json carries ``quantization_config = {"quant_method": "cimconv
   warn and initialise the parameter randomly);
 * after the weights load, it re-applies the manifest's transforms in order through
   ``bundle.reader.apply_transforms`` — the same ``TRANSFORM_LOADERS`` ``load_bundle`` calls: HPD factor
-  modules, outlier split modules, ROMER expert copies and routing hooks, folded output corrections.
+  modules, outlier split modules, fused experts' digital input channels, ROMER expert copies and routing
+  hooks, folded output corrections.
 
 Without cimconvert imported, transformers only warns about the unknown ``quant_method`` and would load the
 plain architecture; the bundle's config.json therefore also names a weights file that does not exist

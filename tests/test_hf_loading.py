@@ -61,8 +61,8 @@ TRANSFORMS: dict[str, set[str]] = {
 #: loaded from the bundle's files (the others are already in the stored weights)
 CHANGING = {"hpd_split", "outlier_split", "romer_routing", "experts_digital_inputs"}
 #: the cheap cases that run without ``-m slow``: one per transform loader
-FAST = {("tiny-olmoe", "romer"), ("tiny-mamba", "hpd"), ("tiny-mamba", "outlier_channels"),
-        ("tiny-olmoe", "none")}  # fmt: skip
+FAST = {("tiny-olmoe", "none"), ("tiny-olmoe", "romer"), ("tiny-olmoe", "outlier_channels"),
+        ("tiny-mamba", "hpd"), ("tiny-mamba", "output_correction")}  # fmt: skip
 
 
 def _cases() -> list[Any]:
