@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
-from cimconvert.arch import ArchAdapter, get_adapter
+from cimconvert.arch import ArchAdapter, get_adapter, load_config
 from cimconvert.bundle.manifest import Manifest, TensorEntry
 from cimconvert.placement import tensor_macs_per_token
 from cimconvert.profiles.schema import COST_FIELDS, CostFigure, CostSpec
@@ -208,8 +208,9 @@ def deployment_figures(
     """Everything the deployment report shows, JSON-ready (docs/JSON.md, ``inspect --json``
     ``deployment``): arrays, per-token counts, digital MACs by source, transform overheads, estimates and
     the cost figures with their sources (``costs``: the bundle's profile's unless given).
-    ``config``: the bundle's ``config.json`` as a dict."""
+    ``config``: the bundle's ``config.json`` as a dict (ModelInputError when it is not a valid config)."""
     costs = costs if costs is not None else manifest_costs(manifest)
+    config = load_config(config)  # the transformers config: it maps aliased keys (num_experts, ...)
     adapter = get_adapter(manifest.source.model_type)
     analog = [t for t in manifest.tensors if t.unit == "analog"]
     by_source = digital_macs_by_source(manifest, adapter, config)

@@ -22,7 +22,7 @@ from cimconvert.bundle.integrity import LOCK_NAME, member_path, signing_key, ver
 from cimconvert.bundle.manifest import MANIFEST_NAME, Manifest, TransformEntry
 from cimconvert.bundle.report import step_outcomes
 from cimconvert.checkpoint import CONFIG_NAME, load_hf_model, sha256_file
-from cimconvert.errors import BundleError, failure_detail
+from cimconvert.errors import BundleError, CimError, failure_detail
 from cimconvert.placement import Placement
 from cimconvert.profiles import ChipProfile, profile_from_dict
 from cimconvert.transforms import TRANSFORM_KEY_CHANGES, TRANSFORM_LOADERS
@@ -199,9 +199,9 @@ def _deployment(folder: Path, manifest: Manifest) -> dict[str, Any] | None:
     verification then names the file)."""
     try:
         config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return deployment_figures(manifest, config) if isinstance(config, dict) else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, CimError):
         return None
-    return deployment_figures(manifest, config) if isinstance(config, dict) else None
 
 
 def inspect_bundle(out: str | Path, verify: bool = True, key: bytes | str | None = None) -> dict[str, Any]:
