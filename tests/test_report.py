@@ -170,3 +170,13 @@ def test_one_on_disk_tensor_count_in_report_and_inspect(tmp_path: Path) -> None:
         for entry in manifest.tensors if entry.unit == "analog"
     )  # fmt: skip
     assert info["deployment"]["per_token"]["analog_macs"] == pytest.approx(expected)
+
+
+def test_inspect_without_config_reports_no_deployment(tmp_path: Path) -> None:
+    _, src = save_tiny("llama", tmp_path / "src")
+    out = tmp_path / "bundle"
+    api.convert(str(src), "chipA", out, method="none", onnx=False, progress=False)
+    (out / "config.json").unlink()
+    info = inspect_bundle(out)
+    assert info["verified"] is False and any("config.json" in p for p in info["problems"])
+    assert info["deployment"] is None

@@ -21,8 +21,11 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any
 
+from pydantic import ValidationError
+
 from cimconvert.arch import ArchAdapter, get_adapter, load_config
 from cimconvert.bundle.manifest import Manifest, TensorEntry
+from cimconvert.errors import BundleError
 from cimconvert.placement import tensor_macs_per_token
 from cimconvert.profiles.schema import COST_FIELDS, CostFigure, CostSpec
 
@@ -49,7 +52,7 @@ def _analog_counts(entries: list[TensorEntry], adapter: ArchAdapter, config: Any
     for entry in entries:
         info = entry.placement_info()
         matrix = info.matrix_shape
-        if matrix is None or entry.tile_grid is None:
+        if matrix is None or entry.tile_grid is None or matrix[0] * matrix[1] == 0:
             continue
         out_f, in_f = matrix
         macs = tensor_macs_per_token(info, adapter, config)
@@ -198,8 +201,14 @@ def estimate(per_token: dict[str, float], tiles: int, costs: CostSpec) -> dict[s
 
 
 def manifest_costs(manifest: Manifest) -> CostSpec:
-    """The cost figures of the profile a bundle records (none for a bundle written before costs)."""
-    return CostSpec.model_validate(manifest.profile.profile.get("costs") or {})
+    """The cost figures of the profile a bundle records (none for a bundle written before costs);
+    BundleError (one line) when the manifest's figures are malformed."""
+    try:
+        return CostSpec.model_validate(manifest.profile.profile.get("costs") or {})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(part) for part in err["loc"]) or "costs"
+        raise BundleError(f"manifest profile field 'costs.{field}': {err['msg']}") from None
 
 
 def deployment_figures(
