@@ -11,10 +11,15 @@ from tiny_models import TINY_CONFIGS, read_shapes, save_tiny
 
 from cimconvert import api
 from cimconvert.bundle.costs import TENSOR_COUNT, deployment_figures
+from cimconvert.bundle.manifest import Recipe, RecipeStep
 from cimconvert.bundle.reader import inspect_bundle, read_manifest
+from cimconvert.bundle.report import render_report, step_outcomes
 from cimconvert.errors import ProfileError
+from cimconvert.methods.romer.core import RomerConfig, RomerPlan
+from cimconvert.methods.romer.method import plan_outcome
 from cimconvert.profiles import load_profile
 from cimconvert.profiles.schema import CostSpec
+from cimconvert.transforms.romer.hook import LayerRouting
 
 TILE_IN, TILE_OUT = 24, 20
 SMALL = f"chipA:mapping.tile_rows={TILE_IN},mapping.tile_cols={TILE_OUT}"
@@ -180,3 +185,40 @@ def test_inspect_without_config_reports_no_deployment(tmp_path: Path) -> None:
     info = inspect_bundle(out)
     assert info["verified"] is False and any("config.json" in p for p in info["problems"])
     assert info["deployment"] is None
+
+
+def test_step_outcomes_show_summary_measured_ppl_and_warnings(llama: tuple[Path, Path]) -> None:
+    _, out = llama
+    manifest = read_manifest(out)
+    steps = ("output_correction", "romer", "hpd")
+    manifest.recipe = Recipe(steps=[RecipeStep(step=name, seed=0) for name in steps])
+    inactive = "router calibration inactive under this profile: the routers are digital"
+    manifest.extra = {"method_report": {
+        "1:output_correction": {"summary": "fitted gains", "calibration_ppl_clean": 10.0,
+                                "calibration_ppl_noisy_before": 12.5, "layers": 3},
+        "2:romer": {"summary": "romer did nothing", "warnings": [inactive], "analog_tensors": 24},
+    }}  # fmt: skip
+    outcomes = step_outcomes(manifest)
+    measured = {"calibration_ppl_clean": 10.0, "calibration_ppl_noisy_before": 12.5}
+    assert outcomes[0]["measured_ppl"] == measured
+    assert outcomes[1]["warnings"] == [inactive] and outcomes[1]["measured_ppl"] == {}
+    assert "no summary recorded" in outcomes[2]["summary"]
+    text = render_report(manifest)
+    assert f"## Warnings\n\n- step 2 `romer`: {inactive}" in text
+    assert "measured perplexity: calibration_ppl_clean 10.00, calibration_ppl_noisy_before 12.50" in text
+    assert "analog_tensors" not in text  # ROMER's in-memory count: the report counts on disk only
+    assert "   - layers: 3" in text
+
+
+def test_romer_warns_when_router_calibration_is_inactive() -> None:
+    cfg = RomerConfig()
+    idle = RomerPlan(routing={i: LayerRouting(layer=i, num_experts=4, calibration="none") for i in (0, 1)},
+                     pairs={0: [], 1: []}, replacement=cfg.replacement)  # fmt: skip
+    outcome = plan_outcome(idle, cfg, router_analog=False)
+    assert "active in 0 of 2 MoE layers" in outcome["summary"]
+    assert any(w.startswith("router calibration inactive under this profile: the routers are digital")
+               for w in outcome["warnings"])  # fmt: skip
+    active = RomerPlan(routing={0: LayerRouting(layer=0, num_experts=4, calibration="affine")}, pairs={0: []},
+                       replacement=cfg.replacement)  # fmt: skip
+    warnings = plan_outcome(active, cfg, router_analog=True)["warnings"]
+    assert not any("router calibration" in w for w in warnings)

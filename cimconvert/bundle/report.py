@@ -53,9 +53,14 @@ def _table(title: str, rows: list[dict], indent: str = "   ") -> list[str]:
 
 # ------------------------------------------------------------------ what each step did
 def _measured_ppl(report: dict[str, Any]) -> dict[str, float]:
-    """The perplexities a step's calibration measured (report keys naming a ``ppl``, e.g.
-    output_correction's ``calibration_ppl_clean`` / ``_noisy_before`` / ``_noisy_after``)."""
-    return {k: float(v) for k, v in report.items() if "ppl" in k and isinstance(v, int | float)}
+    """The perplexities a step's calibration measured: report keys naming a ``ppl`` (output_correction's
+    ``calibration_ppl_clean`` / ``_noisy_before`` / ``_noisy_after``), also one level down as
+    ``outer.key`` (the digital budget's ``scan.clean_ppl``)."""
+    flat = {k: v for k, v in report.items() if not isinstance(v, dict)}
+    for outer, inner in report.items():
+        if isinstance(inner, dict):
+            flat.update({f"{outer}.{k}": v for k, v in inner.items()})
+    return {k: float(v) for k, v in flat.items() if "ppl" in k and isinstance(v, int | float)}
 
 
 def _fallback_summary(step: str, report: dict[str, Any]) -> str:

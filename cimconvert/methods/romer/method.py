@@ -111,7 +111,7 @@ def plan_transforms(plan: RomerPlan, moe: MoeRouting, adapter: Any) -> list[dict
     return entries
 
 
-def _outcome(plan: RomerPlan, cfg: RomerConfig, router_analog: bool) -> dict[str, Any]:
+def plan_outcome(plan: RomerPlan, cfg: RomerConfig, router_analog: bool) -> dict[str, Any]:
     """The report's ``summary`` (what ROMER changed) and ``warnings`` (e.g. router calibration inactive)."""
     calibrated = sum(1 for spec in plan.routing.values() if spec.calibration != "none")
     copies = sum(len(pairs) for pairs in plan.pairs.values())
@@ -172,7 +172,7 @@ class RomerMethod:
             "cost_vs_one_noisy_pass": round(total / max(one_pass, 1e-9), 2),
             **plan.report,
         }
-        report.update(_outcome(plan, cfg, report["router_analog"]))
+        report.update(plan_outcome(plan, cfg, report["router_analog"]))
         return MethodResult(
             transforms=plan_transforms(plan, moe, adapter),
             seeds={"romer_calibration": stats.seeds},
