@@ -186,7 +186,7 @@ def _noisy_draws(
     check_nodes = mvm_noise == "counter" and bool(runner.mvm_nodes)
     for seed in seeds:
         with apply_chip_noise(net, targets, chip, seed, mvm_noise=mvm_noise) as handle:
-            out["identical"] &= runner.program_matches(seed, dict(net.named_parameters()))
+            out["identical"] &= runner.program_matches(seed, handle.programmed_weights(net))
             if check_nodes:
                 out["nodes"].append(node_check(handle, runner, seed))
             value, seconds = _timed(lambda: ppl(ort_model))
