@@ -222,3 +222,25 @@ def test_romer_warns_when_router_calibration_is_inactive() -> None:
                        replacement=cfg.replacement)  # fmt: skip
     warnings = plan_outcome(active, cfg, router_analog=True)["warnings"]
     assert not any("router calibration" in w for w in warnings)
+
+
+def test_outlier_channel_overheads_match_the_method_report(tmp_path: Path) -> None:
+    """Attention linears split (digital halves stored) and fused experts with digital input channels
+    (channels recorded in the transform's params): overheads counted by hand from shapes and params."""
+    demo = Path(__file__).resolve().parent.parent / "examples" / "models" / "tiny-olmoe"
+    out = tmp_path / "out"
+    res = api.convert(str(demo), "chipA", out=out, method="outlier_channels", progress=False, onnx=False,
+                      method_options={"calib_samples": 2, "calib_seq_len": 32})  # fmt: skip
+    manifest = read_manifest(out)
+    rows = inspect_bundle(out)["deployment"]["transforms"]
+    by_type = {t["type"]: t["digital_macs_per_token"] for t in rows}
+    halves = sum(math.prod(t.shape) for t in manifest.tensors if t.name.endswith(".digital.weight"))
+    assert by_type["outlier_split"] == halves > 0
+    experts = next(t for t in manifest.transforms if t.type == "experts_digital_inputs")
+    # tiny-olmoe: 8 experts, top-2, expert MLP 192: gate_up_proj has 2·192 outputs, down_proj 128
+    outputs = {"gate_up_proj": 2 * 192, "down_proj": 128}
+    by_hand = sum(len(index) * outputs[item["tensor"].rpartition(".")[2]] * 2 / 8
+                  for item in experts.params["tensors"] for index in item["digital_index"])  # fmt: skip
+    assert by_type["experts_digital_inputs"] == pytest.approx(by_hand) and by_hand > 0
+    reported = res["method_report"]["1:outlier_channels"]["digital_macs_per_token"]
+    assert by_type["outlier_split"] + by_type["experts_digital_inputs"] == pytest.approx(reported)

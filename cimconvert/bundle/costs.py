@@ -19,15 +19,17 @@ source gives stays unknown (None) and so does every total that needs it.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
 
 from cimconvert.arch import ArchAdapter, get_adapter, load_config
-from cimconvert.bundle.manifest import Manifest, TensorEntry
+from cimconvert.bundle.manifest import Manifest, TensorEntry, TransformEntry
 from cimconvert.errors import BundleError
 from cimconvert.placement import tensor_macs_per_token
 from cimconvert.profiles.schema import COST_FIELDS, CostFigure, CostSpec
+from cimconvert.transforms.experts_inputs import TRANSFORM_TYPE as EXPERTS_INPUTS_TYPE
 
 #: How the report counts tensors (REPORT.md and ``inspect --json`` use this count only).
 TENSOR_COUNT = "on-disk tensors (safetensors keys; a fused in-memory expert tensor counts once per expert)"
@@ -94,11 +96,48 @@ def _digital_macs(entry: TensorEntry, adapter: ArchAdapter, config: Any) -> floa
     return tensor_macs_per_token(info, adapter, config) if info.matrix_shape else float(_numel(entry.shape))
 
 
+def _fused_outputs(manifest: Manifest, adapter: ArchAdapter, fused: str) -> int:
+    """Outputs of all experts of in-memory fused tensor ``fused``, summed over the on-disk tensors that load
+    into it (per-expert keys, or one ``[E, out, in]`` key)."""
+    outputs = 0
+    for tensor in manifest.tensors:
+        matrix = tensor.placement_info().matrix_shape
+        if matrix is not None and adapter.memory_name(tensor.name) == fused:
+            outputs += matrix[0] * (tensor.shape[0] if len(tensor.shape) == 3 else 1)
+    return outputs
+
+
+def _experts_inputs_macs(
+    entry: TransformEntry, manifest: Manifest, adapter: ArchAdapter, config: Any
+) -> float:
+    """Digital MACs per token of an ``experts_digital_inputs`` transform: each fused experts tensor keeps,
+    per expert ``e``, ``k_e`` input channels digital (``k_e · out`` MACs), and a token runs top_k of E."""
+    total = 0.0
+    for item in entry.params.get("tensors") or []:
+        per_expert = item.get("digital_index") or []
+        if per_expert:
+            out_features = _fused_outputs(manifest, adapter, item["tensor"]) / len(per_expert)
+            channels = sum(len(index) for index in per_expert)
+            total += channels * out_features * adapter.top_k(config) / len(per_expert)
+    return total
+
+
+#: Transforms whose digital work is described by their params, not by tensors they store: type → MACs.
+PARAM_OVERHEADS: dict[str, Callable[[TransformEntry, Manifest, ArchAdapter, Any], float]] = {
+    EXPERTS_INPUTS_TYPE: _experts_inputs_macs,
+}
+
+
 def digital_macs_by_source(manifest: Manifest, adapter: ArchAdapter, config: Any) -> dict[str, float]:
     """Digital MACs per token grouped by where they come from: ``digital <kind>`` (matmuls kept
-    digital), ``lm_head (tied to the embedding)``, ``ssm convolution`` and each transform type."""
+    digital), ``lm_head (tied to the embedding)``, ``ssm convolution`` and each transform type (the
+    tensors it produced, or what its params describe: :data:`PARAM_OVERHEADS`)."""
     transform_types = {t.id: t.type for t in manifest.transforms}
     sources: dict[str, float] = defaultdict(float)
+    for transform in manifest.transforms:
+        overhead = PARAM_OVERHEADS.get(transform.type)
+        if overhead is not None:
+            sources[transform.type] += overhead(transform, manifest, adapter, config)
     for entry in manifest.tensors:
         if entry.unit != "digital":
             continue
