@@ -17,7 +17,6 @@ import datetime as dt
 import hashlib
 import json
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -62,6 +61,7 @@ from cimconvert.checkpoint import (
 )
 from cimconvert.errors import BundleError, CimError, ModelInputError, failure_detail
 from cimconvert.profiles import ChipProfile
+from cimconvert.progress import progress_bar
 from cimconvert.simulator.program import clean_scales
 from cimconvert.simulator.tiles import tile_grid
 
@@ -450,9 +450,7 @@ def _infos(placement: Any, metas: list[TensorMeta]) -> dict[str, Any]:
 def _progress_bar(total: int, enabled: bool) -> tuple[Callable[[int], None], Callable[[], None]]:
     if not enabled:
         return (lambda n: None), (lambda: None)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", file=sys.stderr, leave=False)
+    bar = progress_bar(total=total, unit="B", unit_scale=True, desc="converting")
     return bar.update, bar.close
 
 

@@ -8,12 +8,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.errors import CimError
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.profiles import ChipProfile
+from cimconvert.progress import progress_bar
 
 
 @dataclass
@@ -73,7 +73,8 @@ def noisy_perplexities(
     """Perplexity under each seed's programmed chip; the clean weights are restored after each draw."""
     ppl_fn = ppl_fn or (lambda m, t: perplexity(m, t))
     results = []
-    for seed in tqdm(list(seeds), desc=f"noise draws ({profile.name})", disable=not progress, unit="draw"):
+    draws = progress_bar(list(seeds), desc=f"noise draws ({profile.name})", enabled=progress, unit="draw")
+    for seed in draws:
         with apply_chip_noise(model, targets, profile, seed):
             results.append(ppl_fn(model, tokens))
     return results

@@ -8,6 +8,7 @@ noise and the ADC step. Running those channels digitally lets the crossbar see a
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -33,6 +34,8 @@ from cimconvert.transforms.outlier_split import (
     OutlierSplitLinear,
     layer_params,
 )
+
+LOGGER = logging.getLogger(__name__)
 
 DEFAULT_PERCENT = 3.0
 #: Largest share of a layer's input channels the method moves (beyond it, keep the layer digital).
@@ -149,7 +152,8 @@ class OutlierChannelsMethod:
             raise CimError("outlier_channels: the model has no analog linear layer to split")
         tokens = calibration_tokens(model, options)
         if progress:
-            print(f"outlier_channels: calibration maxima of {len(layers)} layers on {tokens.numel()} tokens")
+            LOGGER.info("outlier_channels: calibration maxima of %d layers on %d tokens",
+                        len(layers), tokens.numel())
         maxima = channel_maxima(model, layers, tokens)
         params, rows = split_outliers(model, maxima, percent)
         entry = {
