@@ -319,6 +319,8 @@ def _format_eval(res: dict) -> str:
         f"model {res['model']}  profile {res['profile']}  dataset {res['dataset']} "
         f"({res['tokens']} tokens, seq_len {res['seq_len']}, stride {res['stride']})",
         f"  clean perplexity   {res['clean_ppl']:.3f}",
+        *([f"  noise-free, calibrated routing ({res['calibrated_routing_layers']} layers)  "
+           f"{res['noise_free_ppl']:.3f}"] if res.get("calibrated_routing_layers") else []),
         f"  noisy perplexity   {res['noisy_ppl_mean']:.3f} +- {res['noisy_ppl_std']:.3f} "
         f"over {len(res['seeds'])} draws (seeds {res['seeds'][0]}..{res['seeds'][-1]}), "
         f"{res['degradation_pct']:+.1f}%",

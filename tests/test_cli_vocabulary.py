@@ -14,8 +14,12 @@ from tiny_models import build_tiny
 
 import cimconvert
 from cimconvert import api
+from cimconvert.arch import get_adapter
 from cimconvert.cli import cli
 from cimconvert.errors import CimError
+from cimconvert.evaluation.monte_carlo import evaluate_model
+from cimconvert.methods.romer import LayerRouting, install_hook, moe_routers, remove_hook
+from cimconvert.profiles import load_profile
 from cimconvert.progress import PlainProgress, progress_bar
 
 DEMO_MAMBA = Path(__file__).resolve().parent.parent / "examples" / "models" / "tiny-mamba"
@@ -122,3 +126,24 @@ def test_unknown_method_option_is_an_error(tmp_path: Path) -> None:
         api.convert(str(DEMO_MAMBA), "chipA", out=tmp_path / "b", method_options={"router_pl": 3},
                     progress=False)  # fmt: skip
     assert not (tmp_path / "b").exists()
+
+
+def test_calibrated_routing_is_not_reported_as_clean() -> None:
+    """ROMER router calibration: clean_ppl is the stock routing's PPL, noise_free_ppl the calibrated one's."""
+    model = build_tiny("olmoe").eval()
+    tokens = torch.randint(0, 128, (96,), generator=torch.Generator().manual_seed(0))
+    chip = load_profile("ideal")
+    stock = evaluate_model(model, tokens, [], chip, seeds=[1], seq_len=32)
+    assert stock.calibrated_routing_layers == 0 and stock.to_dict()["noise_free_ppl"] == stock.clean_ppl
+    moe = moe_routers(model, get_adapter(model.config.model_type))
+    n = moe.num_experts
+    for m in moe.layers:
+        spec = LayerRouting(layer=m.index, num_experts=n, calibration="affine",
+                            a=[float(1 + e) for e in range(n)], b=[0.5 * e for e in range(n)])  # fmt: skip
+        install_hook(m.router, spec, moe.rules[m.index])
+    calibrated = evaluate_model(model, tokens, [], chip, seeds=[1], seq_len=32).to_dict()
+    assert calibrated["calibrated_routing_layers"] == len(moe.layers)
+    assert calibrated["clean_ppl"] == pytest.approx(stock.clean_ppl, rel=1e-6)
+    assert abs(calibrated["noise_free_ppl"] / calibrated["clean_ppl"] - 1) > 1e-4
+    for m in moe.layers:
+        remove_hook(m.router)
