@@ -147,3 +147,10 @@ def test_calibrated_routing_is_not_reported_as_clean() -> None:
     assert abs(calibrated["noise_free_ppl"] / calibrated["clean_ppl"] - 1) > 1e-4
     for m in moe.layers:
         remove_hook(m.router)
+
+
+def test_verbose_and_quiet_are_global_and_restored(run_cli: RunCli) -> None:
+    for flag in ("-v", "-vv", "--verbose", "-q", "--quiet"):
+        code, out, _ = run_cli(flag, "profiles", "--json")
+        assert code == 0 and json.loads(out), flag
+    assert logging.getLogger("cimconvert").level == logging.NOTSET  # a run leaves logging as it found it
