@@ -38,7 +38,7 @@ from cimconvert.evaluation.monte_carlo import evaluate_model
 from cimconvert.methods import all_options
 from cimconvert.methods.defaults import calibration_free
 from cimconvert.onnx.export import export_bundle_onnx
-from cimconvert.placement import Placement, plan_tensors, replan_tensors
+from cimconvert.placement import Placement, plan_model, plan_tensors, replan_tensors
 from cimconvert.profiles import ChipProfile, list_profiles, load_profile
 from cimconvert.recipe import (
     Recipe,
@@ -413,9 +413,22 @@ def inspect(out: str | Path, key: bytes | str | None = None) -> dict[str, Any]:
     return inspect_bundle(Path(out), key=key)
 
 
+def _in_memory_for_eval(
+    net: torch.nn.Module, tokenizer: Any, profile: str | ChipProfile | None
+) -> tuple[torch.nn.Module, Any, list[Any], ChipProfile]:
+    """(model, tokenizer, analog targets, profile) of an in-memory model: planned under ``profile``."""
+    if tokenizer is None:
+        raise CimError("evaluating an in-memory model needs its tokenizer (tokenizer=...)")
+    if profile is None:
+        raise CimError("evaluating an in-memory model needs a profile")
+    chip = load_profile(profile)
+    check_weights_finite(net)
+    return net.eval(), tokenizer, plan_model(net, chip).analog(), chip
+
+
 def evaluate(
-    model: str,
-    profile: str | None,
+    model: str | Path | torch.nn.Module,
+    profile: str | ChipProfile | None,
     seeds: int = 5,
     seed: int = 1000,
     dataset: str = "heldout",
@@ -425,11 +438,21 @@ def evaluate(
     batch_size: int = 8,
     threads: int | None = None,
     progress: bool = True,
+    tokenizer: Any = None,
 ) -> dict[str, Any]:
-    """Clean perplexity and perplexity under ``seeds`` chip-noise draws (seed, seed+1, ...)."""
+    """Clean perplexity and perplexity under ``seeds`` chip-noise draws (seed, seed+1, ...).
+
+    ``model``: a checkpoint folder, hub id or bundle, or an in-memory Hugging Face model with its
+    ``tokenizer`` (its analog tensors planned under ``profile``; each draw is undone bit-exactly).
+    """
     _set_threads(threads)
     text = load_text(dataset)
-    net, tokenizer, targets, chip = load_for_eval(model, profile)
+    if isinstance(model, torch.nn.Module):
+        net, tokenizer, targets, chip = _in_memory_for_eval(model, tokenizer, profile)
+        label = _in_memory_label(model)
+    else:
+        net, tokenizer, targets, chip = load_for_eval(str(model), profile)
+        label = str(model)
     tokens = tokenize(tokenizer, text, max_tokens)
     max_pos = getattr(net.config, "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:
@@ -446,7 +469,7 @@ def evaluate(
         progress=progress,
     ).check_finite()
     return {
-        "model": model,
+        "model": label,
         "dataset": dataset,
         "tokens": int(tokens.numel()),
         "seq_len": seq_len,

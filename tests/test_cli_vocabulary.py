@@ -11,6 +11,7 @@ import pytest
 import torch
 from reliability_helpers import RunCli
 from tiny_models import build_tiny
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import cimconvert
 from cimconvert import api
@@ -154,3 +155,16 @@ def test_verbose_and_quiet_are_global_and_restored(run_cli: RunCli) -> None:
         code, out, _ = run_cli(flag, "profiles", "--json")
         assert code == 0 and json.loads(out), flag
     assert logging.getLogger("cimconvert").level == logging.NOTSET  # a run leaves logging as it found it
+
+
+def test_evaluate_accepts_an_in_memory_model() -> None:
+    net = AutoModelForCausalLM.from_pretrained(DEMO_MAMBA, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(DEMO_MAMBA)
+    fast = dict(seeds=2, max_tokens=256, seq_len=64, progress=False)
+    in_memory = api.evaluate(net, "chipA", tokenizer=tokenizer, **fast)
+    on_disk = api.evaluate(str(DEMO_MAMBA), "chipA", **fast)
+    assert in_memory["model"].startswith("in-memory:")
+    assert in_memory["clean_ppl"] == pytest.approx(on_disk["clean_ppl"], rel=1e-6)
+    assert in_memory["per_seed"] == pytest.approx(on_disk["per_seed"], rel=1e-6)
+    with pytest.raises(CimError, match="tokenizer"):
+        api.evaluate(net, "chipA", **fast)
