@@ -191,7 +191,7 @@ def _noisy_draws(
     desc = f"validate: noise draws ({chip.name}, onnxruntime + torch)"
     for seed in progress_bar(list(seeds), desc=desc, enabled=progress, unit="draw"):
         with apply_chip_noise(net, targets, chip, seed, mvm_noise=mvm_noise) as handle:
-            out["identical"] &= runner.program_matches(seed, dict(net.named_parameters()))
+            out["identical"] &= runner.program_matches(seed, handle.programmed_weights(net))
             if check_nodes:
                 out["nodes"].append(node_check(handle, runner, seed))
             value, seconds = _timed(lambda: ppl(ort_model))
