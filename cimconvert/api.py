@@ -339,6 +339,8 @@ def _convert(
     given = _given_recipe(recipe, method, method_options)
     source = resolve_model(model, dtype=dtype, progress=progress)
     source.model_id = label
+    if label != model:  # an in-memory model: its temporary folder is not worth recording
+        source.recorded_path = label
     adapter = get_adapter(source.model_type)
     chosen = given or method_recipe(method, dict(method_options or {}), adapter.family)
     skipped: list[str] = []

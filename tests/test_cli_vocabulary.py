@@ -109,7 +109,7 @@ def test_convert_accepts_an_in_memory_model(tmp_path: Path) -> None:
     res = api.convert(net, "chipA", out=tmp_path / "b", method="none", onnx=False, progress=False)
     assert res["model"].startswith("in-memory:")
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert manifest["source"]["model"] == res["model"]
+    assert manifest["source"]["model"] == manifest["source"]["path"] == res["model"]
     loaded = api.load_bundle(tmp_path / "b")
     ids = torch.arange(12).view(1, 12)
     with torch.no_grad():

@@ -598,7 +598,7 @@ def _assemble(
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         source=SourceInfo(
             model=origin.model_id,
-            path=str(origin.origin_path),
+            path=origin.recorded_path or str(origin.origin_path),
             revision=origin.revision,
             model_type=origin.model_type,
             files=[FileEntry(name=f.name, sha256=f.sha256, bytes=f.bytes) for f in origin.files()],
