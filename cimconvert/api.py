@@ -411,7 +411,9 @@ def load_bundle(out: str | Path, dtype: torch.dtype = torch.float32, verify: boo
 
 def inspect(out: str | Path, key: bytes | str | None = None) -> dict[str, Any]:
     """Summary of a bundle plus ``verified`` (all checksums match) and ``problems``; with a signing
-    ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) its bundle.lock signature must match too."""
+    ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) its bundle.lock signature must match too. Also the deployment
+    report's figures: ``deployment`` (arrays, per-token counts, cost estimates), ``steps``, ``warnings``
+    (docs/JSON.md)."""
     return inspect_bundle(Path(out), key=key)
 
 

@@ -255,7 +255,7 @@ def _method_line(res: dict) -> str:
         return "; ".join(summaries)
     if all(r.get("method", "").startswith("keep_") for r in reports):
         return "placement steps only"
-    return "nothing to apply for this profile (measurements in manifest.json extra.method_report)"
+    return "no step changed the model (each step's summary below; REPORT.md says why)"
 
 
 @cli.command("convert", context_settings=CONTEXT)
@@ -395,7 +395,29 @@ def _format_inspect(res: dict) -> str:
     transforms = ", ".join(t.get("type", "?") for t in res["transforms"]) or "none"
     lines.append(f"  recipe     {steps}")
     lines.append(f"  transforms {transforms}")
+    lines += _deployment_lines(res.get("deployment"))
+    lines += [f"  warning    {w}" for w in res.get("warnings") or []]
     return "\n".join(lines)
+
+
+def _deployment_lines(figures: dict | None) -> list[str]:
+    """Arrays, per-token counts and the energy estimate of ``inspect`` (details: REPORT.md, --json)."""
+    if figures is None:
+        return ["  deployment unknown (config.json unreadable)"]
+    arrays, per_token = figures["arrays"], figures["per_token"]
+    used = arrays["utilisation"]
+    energy = figures["estimate"]["energy_per_token"]
+    total = energy["total_pj"]
+    analog = energy["components"]["analog"]["pj"]
+    return [
+        f"  arrays     {arrays['tiles']} of {arrays['tile_rows']}x{arrays['tile_cols']}, utilisation "
+        + (f"{100 * used:.1f} %" if used is not None else "n/a"),
+        f"  per token  {per_token['analog_macs']:,.0f} analog MACs, {per_token['adc_conversions']:,.0f} "
+        f"ADC / {per_token['dac_conversions']:,.0f} DAC conversions, {per_token['digital_macs']:,.0f} "
+        "digital MACs",
+        "  energy     total " + (f"{total / 1e3:,.1f} nJ/token" if total is not None else "unknown")
+        + (f", analog {analog / 1e3:,.1f} nJ/token" if analog is not None else ", analog unknown"),
+    ]
 
 
 @cli.command("inspect", context_settings=CONTEXT)

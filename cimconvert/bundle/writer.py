@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from cimconvert import __version__
+from cimconvert.bundle.costs import deployment_figures
 from cimconvert.bundle.integrity import LOCK_NAME, write_manifest_and_lock
 from cimconvert.bundle.manifest import (
     MANIFEST_NAME,
@@ -619,7 +620,8 @@ def _assemble(
     )
     if recorded.finalize is not None:
         manifest.extra = {**manifest.extra, **recorded.finalize(folder, manifest)}
-    (folder / REPORT_NAME).write_text(render_report(manifest), encoding="utf-8")
+    report = render_report(manifest, deployment_figures(manifest, source.config))
+    (folder / REPORT_NAME).write_text(report, encoding="utf-8")
     manifest.files = _file_entries(folder, written.files)
     write_manifest_and_lock(folder, manifest.model_dump_json(indent=2) + "\n", recorded.key)
     return manifest

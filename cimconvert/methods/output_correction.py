@@ -252,6 +252,9 @@ class OutputCorrectionMethod:
                   "calibration_ppl_noisy_after": after, "check_seed": check,
                   "summary": f"calibration text, clean PPL {clean_ppl:.2f}: noisy {noisy:.2f} before the "
                              f"correction ({draws} fitting draws), {after:.2f} after (draw {check})"}
+        if after >= noisy:
+            report["warnings"] = [f"the correction did not lower the calibration PPL on an unseen chip draw "
+                                  f"({noisy:.2f} before, {after:.2f} after)"]  # fmt: skip
         return MethodResult(transforms=[entry], seeds={"output_correction": [*seeds, check]}, report=report)
 
 
