@@ -17,7 +17,6 @@ import datetime as dt
 import hashlib
 import json
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +63,7 @@ from cimconvert.checkpoint import (
 )
 from cimconvert.errors import BundleError, CimError, ModelInputError, failure_detail
 from cimconvert.profiles import ChipProfile
+from cimconvert.progress import progress_bar
 from cimconvert.simulator.program import clean_scales
 from cimconvert.simulator.tiles import tile_grid
 
@@ -452,9 +452,7 @@ def _infos(placement: Any, metas: list[TensorMeta]) -> dict[str, Any]:
 def _progress_bar(total: int, enabled: bool) -> tuple[Callable[[int], None], Callable[[], None]]:
     if not enabled:
         return (lambda n: None), (lambda: None)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", file=sys.stderr, leave=False)
+    bar = progress_bar(total=total, unit="B", unit_scale=True, desc="converting")
     return bar.update, bar.close
 
 
@@ -603,7 +601,7 @@ def _assemble(
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         source=SourceInfo(
             model=origin.model_id,
-            path=str(origin.origin_path),
+            path=origin.recorded_path or str(origin.origin_path),
             revision=origin.revision,
             model_type=origin.model_type,
             files=[FileEntry(name=f.name, sha256=f.sha256, bytes=f.bytes) for f in origin.files()],
