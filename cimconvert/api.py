@@ -1,5 +1,8 @@
 """The public Python API: convert(), evaluate(), load_bundle(), inspect(), profiles().
 
+``import cimconvert`` exposes these together with ``validate``, ``analyze`` and ``finetune`` (their own
+modules, at this layer) as ``cimconvert.convert`` etc.
+
 Every function returns plain, JSON-serialisable dicts with stable keys (docs/JSON.md) and raises
 ``CimError`` (one line) on bad input. The CLI only formats what these return.
 
@@ -10,11 +13,12 @@ keeps working.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,7 @@ from cimconvert.evaluation.loading import load_for_eval
 from cimconvert.evaluation.monte_carlo import evaluate_model
 from cimconvert.layerwise import LayerwiseModel, evaluate_layerwise
 from cimconvert.layerwise.memory import check_onnx_fits, use_layerwise
+from cimconvert.methods import all_options
 from cimconvert.methods.defaults import calibration_free
 from cimconvert.onnx.export import export_bundle_onnx
 from cimconvert.placement import Placement, plan_model, plan_tensors, replan_tensors
@@ -233,12 +238,44 @@ def _without_calibration(recipe: Recipe, model: str) -> tuple[Recipe, list[str]]
     kept, dropped = calibration_free([step.model_dump(exclude_none=True) for step in recipe.steps])
     if dropped:
         warnings.warn(f"{model} has no tokenizer: --method auto skips {', '.join(dropped)} (they fit on "
-                      "calibration text)", stacklevel=3)  # fmt: skip
+                      "calibration text)", stacklevel=4)  # fmt: skip
     return Recipe.model_validate({"steps": kept}), dropped
 
 
+def _check_method_options(method_options: dict[str, Any] | None) -> None:
+    """Every given method option must be declared by some registered method (one-line CimError naming it)."""
+    known = {opt.name for opt in all_options()}
+    unknown = sorted(set(method_options or {}) - known)
+    if unknown:
+        flags = ", ".join(f"'{name}'" for name in unknown)
+        raise CimError(f"unknown method option {flags} (options: {', '.join(sorted(known))})")
+
+
+def _in_memory_label(net: torch.nn.Module) -> str:
+    """How the manifest names an in-memory model: ``in-memory:<its name_or_path or class>``."""
+    name = getattr(net, "name_or_path", "") or getattr(getattr(net, "config", None), "_name_or_path", "")
+    return f"in-memory:{name or type(net).__name__}"
+
+
+@contextlib.contextmanager
+def _saved_in_memory(net: torch.nn.Module, tokenizer: Any) -> Iterator[Path]:
+    """An in-memory Hugging Face model (and its tokenizer) saved to a temporary checkpoint folder."""
+    if not hasattr(net, "save_pretrained") or getattr(net, "config", None) is None:
+        kind = type(net).__name__
+        raise CimError(f"an in-memory model must be a Hugging Face PreTrainedModel (got {kind})")
+    with tempfile.TemporaryDirectory(prefix="cimconvert-in-memory-") as tmp:
+        folder = Path(tmp)
+        try:
+            net.save_pretrained(folder, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+        except (OSError, SafetensorError, RuntimeError) as exc:
+            raise CimError(f"saving the in-memory model failed: {failure_detail(exc)}") from None
+        yield folder
+
+
 def convert(
-    model: str,
+    model: str | Path | torch.nn.Module,
     profile: str | ChipProfile,
     out: str | Path | None = None,
     method: str = "auto",
@@ -253,9 +290,15 @@ def convert(
     dtype: str | None = None,
     key: bytes | str | None = None,
     recipe: str | Path | Recipe | None = None,
+    tokenizer: Any = None,
     layerwise: bool | str = "auto",
 ) -> dict[str, Any]:
     """Convert a checkpoint into a bundle for ``profile`` (or only plan it with ``dry_run``).
+
+    ``model`` is a checkpoint folder, a ``.gguf`` file, a cached hub id, or an in-memory Hugging Face
+    model (``nn.Module`` with ``save_pretrained``; pass its ``tokenizer`` too, which calibrating methods
+    and ``evaluate`` need): that one is saved to a temporary checkpoint first and the manifest names it
+    ``in-memory:<name_or_path>``. ``method_options`` unknown to every method are a one-line CimError.
 
     A conversion runs a recipe (docs/RECIPES.md): ``recipe`` (a YAML/JSON file or a :class:`Recipe`), or
     ``method`` as one (a method name with its ``method_options`` → one step; ``none`` → no step; ``auto``
@@ -272,24 +315,60 @@ def convert(
     checkpoint into the bundle with their transforms. ``onnx`` on a model whose export would not fit in
     memory is refused before anything is written (use ``onnx=False``).
     """
+    options = dict(
+        out=out, method=method, analog=analog, digital=digital, dry_run=dry_run, force=force, seed=seed,
+        progress=progress, method_options=method_options, onnx=onnx, dtype=dtype, key=key, recipe=recipe,
+        layerwise=layerwise,
+    )
+    _check_method_options(method_options)
+    if isinstance(model, torch.nn.Module):
+        label = _in_memory_label(model)
+        with _saved_in_memory(model, tokenizer) as folder:
+            return _convert(str(folder), profile, label=label, **options)
+    return _convert(str(model), profile, label=str(model), **options)
+
+
+def _convert(
+    model: str,
+    profile: str | ChipProfile,
+    label: str,
+    out: str | Path | None,
+    method: str,
+    analog: Sequence[str],
+    digital: Sequence[str],
+    dry_run: bool,
+    force: bool,
+    seed: int,
+    progress: bool,
+    method_options: dict[str, Any] | None,
+    onnx: bool,
+    dtype: str | None,
+    key: bytes | str | None,
+    recipe: str | Path | Recipe | None,
+    layerwise: bool | str,
+) -> dict[str, Any]:
+    """:func:`convert` of a checkpoint on disk; ``label`` is what the manifest and result call the model."""
     chip = load_profile(profile)
     given = _given_recipe(recipe, method, method_options)
     source = resolve_model(model, dtype=dtype, progress=progress)
+    source.model_id = label
+    if label != model:  # an in-memory model: its temporary folder is not worth recording
+        source.recorded_path = label
     adapter = get_adapter(source.model_type)
     chosen = given or method_recipe(method, dict(method_options or {}), adapter.family)
     skipped: list[str] = []
     if given is None and method == "auto" and not has_tokenizer(source.dir):
-        chosen, skipped = _without_calibration(chosen, model)
+        chosen, skipped = _without_calibration(chosen, label)
     resolved = resolve_recipe(chosen, source.model_type, adapter.family, seed)
     placement = _plan(source, adapter, chip, analog, digital)
     if dry_run:  # plan only: the steps (and any tensors they add) run at conversion time
-        return _dry_run_result(model, chip, resolved, placement)
+        return _dry_run_result(label, chip, resolved, placement)
     if onnx:
-        check_onnx_fits(source, model)
+        check_onnx_fits(source, label)
     by_layer = bool(resolved.steps) and use_layerwise(layerwise, source)
     if by_layer:
         check_layerwise(resolved)
-    out_dir = Path(out) if out is not None else default_out_dir(model, chip)
+    out_dir = Path(out) if out is not None else default_out_dir(label.removeprefix("in-memory:"), chip)
     # The steps get the placement itself (e.g. ROMER calibrates with an analog router noisy), not the
     # patterns: they are recorded once, in placement_config.overrides.
     extra: dict[str, Any] = {"method": recipe_label(resolved)}
@@ -320,7 +399,7 @@ def convert(
             )
     return {
         "dry_run": False,
-        "model": model,
+        "model": label,
         "out": str(out_dir),
         "profile": chip.name,
         "profile_hash": chip.content_hash(),
@@ -381,57 +460,79 @@ def load_bundle(out: str | Path, dtype: torch.dtype = torch.float32, verify: boo
 
 def inspect(out: str | Path, key: bytes | str | None = None) -> dict[str, Any]:
     """Summary of a bundle plus ``verified`` (all checksums match) and ``problems``; with a signing
-    ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) its bundle.lock signature must match too."""
+    ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) its bundle.lock signature must match too. Also the deployment
+    report's figures: ``deployment`` (arrays, per-token counts, cost estimates), ``steps``, ``warnings``
+    (docs/JSON.md)."""
     return inspect_bundle(Path(out), key=key)
 
 
+def _in_memory_for_eval(
+    net: torch.nn.Module, tokenizer: Any, profile: str | ChipProfile | None
+) -> tuple[torch.nn.Module, Any, list[Any], ChipProfile]:
+    """(model, tokenizer, analog targets, profile) of an in-memory model: planned under ``profile``."""
+    if tokenizer is None:
+        raise CimError("evaluating an in-memory model needs its tokenizer (tokenizer=...)")
+    if profile is None:
+        raise CimError("evaluating an in-memory model needs a profile")
+    chip = load_profile(profile)
+    check_weights_finite(net)
+    return net.eval(), tokenizer, plan_model(net, chip).analog(), chip
+
+
 def evaluate(
-    model: str,
-    profile: str | None,
+    model: str | Path | torch.nn.Module,
+    profile: str | ChipProfile | None,
     seeds: int = 5,
     seed: int = 1000,
     dataset: str = "heldout",
-    max_tokens: int = 16384,
+    max_tokens: int = 4096,
     seq_len: int = 256,
     stride: int | None = None,
     batch_size: int = 8,
     threads: int | None = None,
     progress: bool = True,
+    tokenizer: Any = None,
     layerwise: bool | str = "auto",
 ) -> dict[str, Any]:
     """Clean perplexity and perplexity under ``seeds`` chip-noise draws (seed, seed+1, ...).
 
+    ``model``: a checkpoint folder, hub id or bundle, or an in-memory Hugging Face model with its
+    ``tokenizer`` (its analog tensors planned under ``profile``; each draw is undone bit-exactly).
     ``layerwise`` (True, False or ``"auto"``: when the float32 checkpoint exceeds half the available
-    memory) evaluates a source checkpoint one decoder layer at a time (:mod:`cimconvert.layerwise`),
-    with the same numbers; bundles are evaluated whole.
+    memory) evaluates a checkpoint one decoder layer at a time (:mod:`cimconvert.layerwise`), with the
+    same numbers; bundles and in-memory models are evaluated whole.
     """
     _set_threads(threads)
     text = load_text(dataset)
-    source, by_layer = _eval_source(model, profile, layerwise)
-    if by_layer:
-        chip = load_profile(str(profile))
-        lw = LayerwiseModel.open(source)
-        net, targets = lw.model, plan_model(lw.model, chip).analog()
-        tokenizer = _tokenizer(source.dir)
+    lw = None
+    if isinstance(model, torch.nn.Module):
+        net, tokenizer, targets, chip = _in_memory_for_eval(model, tokenizer, profile)
+        label = _in_memory_label(model)
     else:
-        net, tokenizer, targets, chip = load_for_eval(model, profile, source=source)
+        label = str(model)
+        source, by_layer = _eval_source(label, profile, layerwise)
+        if by_layer:
+            lw, chip = LayerwiseModel.open(source), load_profile(str(profile))
+            net, targets, tokenizer = lw.model, plan_model(lw.model, chip).analog(), _tokenizer(source.dir)
+        else:
+            net, tokenizer, targets, chip = load_for_eval(label, profile, source=source)
     tokens = tokenize(tokenizer, text, max_tokens)
     max_pos = getattr(net.config, "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:
         raise CimError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings {max_pos}")
     run = dict(seeds=range(seed, seed + seeds), seq_len=seq_len, stride=stride, batch_size=batch_size,
                progress=progress)  # fmt: skip
-    if by_layer:
+    if lw is not None:
         result = evaluate_layerwise(lw, tokens, targets, chip, **run).check_finite()
     else:
         result = evaluate_model(net, tokens, targets, chip, **run).check_finite()
     return {
-        "model": model,
+        "model": label,
         "dataset": dataset,
         "tokens": int(tokens.numel()),
         "seq_len": seq_len,
         "stride": stride or seq_len,
-        "layer_by_layer": by_layer,
+        "layer_by_layer": lw is not None,
         **result.to_dict(),
     }
 

@@ -28,6 +28,7 @@ scored one window at a time.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -48,10 +49,13 @@ from cimconvert.onnx import analog_op
 from cimconvert.placement import model_placement
 from cimconvert.plausibility import fail_implausible
 from cimconvert.profiles import ChipProfile, load_profile
+from cimconvert.progress import progress_bar
 from cimconvert.runtime import OrtCausalLM, OrtNoiseRunner, analog_tensors, load_model
 from cimconvert.runtime.session import make_session
 from cimconvert.simulator import analog_matmul
 from cimconvert.simulator.rng import CounterClock, CounterNoise, node_key, stable_seed
+
+LOGGER = logging.getLogger(__name__)
 
 ONNX_MODEL = "onnx/model.onnx"
 #: Clean ONNX vs torch logits (fp32).
@@ -173,7 +177,7 @@ def node_check(handle: Any, runner: Any, seed: int, rows: int = NODE_ROWS) -> di
 
 def _noisy_draws(
     net: torch.nn.Module, targets: Sequence[Any], chip: ChipProfile, seeds: Sequence[int],
-    ppl: Callable[[Any], float], runner: Any, mvm_noise: str,
+    ppl: Callable[[Any], float], runner: Any, mvm_noise: str, progress: bool = False,
 ) -> dict[str, Any]:
     """Per seed: torch and ORT PPL, ORT times, programmed weights bit-identical, node checks.
 
@@ -184,7 +188,8 @@ def _noisy_draws(
     out: dict[str, Any] = {"torch": [], "ort": [], "ort_seconds": [], "identical": True, "nodes": []}
     ort_model = OrtCausalLM(runner)
     check_nodes = mvm_noise == "counter" and bool(runner.mvm_nodes)
-    for seed in seeds:
+    desc = f"validate: noise draws ({chip.name}, onnxruntime + torch)"
+    for seed in progress_bar(list(seeds), desc=desc, enabled=progress, unit="draw"):
         with apply_chip_noise(net, targets, chip, seed, mvm_noise=mvm_noise) as handle:
             out["identical"] &= runner.program_matches(seed, handle.programmed_weights(net))
             if check_nodes:
@@ -253,9 +258,9 @@ def validate(
     seed: int = 1000,
     dataset: str = "heldout",
     max_tokens: int = 4096,
-    seq_len: int = 128,
+    seq_len: int = 256,
     batch_size: int = 2,
-    threads: int = 1,
+    threads: int | None = None,
     profile_mismatch_ok: bool = False,
     atol: float = ATOL,
     ppl_rtol: float = PPL_RTOL,
@@ -264,7 +269,11 @@ def validate(
     alpha: float = ALPHA,
     margin: float = MARGIN,
 ) -> dict[str, Any]:
-    """Validate bundle ``out``'s ONNX graph in onnxruntime against the torch simulator (see module doc)."""
+    """Validate bundle ``out``'s ONNX graph in onnxruntime against the torch simulator (see module doc).
+
+    ``threads``: torch's and onnxruntime's CPU threads (None: torch's current setting for both).
+    ``progress``: a status line per phase and progress over the noise draws on stderr.
+    """
     from transformers import AutoTokenizer
 
     _check_options(mvm_noise, alpha, margin)
@@ -273,6 +282,7 @@ def validate(
     onnx_path = check_onnx_files(folder, manifest)
     chip = resolve_profile(manifest, profile, profile_mismatch_ok)
     text = load_text(dataset)
+    threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     net = load_bundle(folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -288,11 +298,13 @@ def validate(
     def ppl(model: Any) -> float:
         return perplexity(model, tokens, seq_len=seq_len, batch_size=batch_size)
 
+    if progress:
+        LOGGER.info("validate: clean pass, onnxruntime and torch (%d tokens)", int(tokens.numel()))
     clean = _clean_check(net, onnx_path, tokens, seq_len, ppl, threads)
     runner = OrtNoiseRunner(graph, chip, tensors, threads=threads, noise_seed=seed, mvm_noise=mvm_noise,
                             external_dir=onnx_path.parent, copy=False, arena=False)  # fmt: skip
     del graph
-    noisy = _noisy_draws(net, placed, chip, draws, ppl, runner, mvm_noise)
+    noisy = _noisy_draws(net, placed, chip, draws, ppl, runner, mvm_noise, progress)
     del runner
     torch_noisy, ort_noisy, identical = noisy["torch"], noisy["ort"], noisy["identical"]
     nodes = _node_summary(noisy["nodes"])

@@ -6,7 +6,8 @@ import math
 from collections.abc import Iterator
 
 import torch
-from tqdm.auto import tqdm
+
+from cimconvert.progress import progress_bar
 
 
 def windows(n_tokens: int, seq_len: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -83,8 +84,8 @@ def perplexity(
     batches = window_batches(tokens, seq_len, stride, batch_size)
     running = (0.0, 0)
     model.eval()
-    bar = tqdm(total=sum(len(spans) for _, spans in batches), desc=desc, disable=not progress, leave=False,
-               unit="win")  # fmt: skip
+    bar = progress_bar(total=sum(len(spans) for _, spans in batches), desc=desc, enabled=progress, inner=True,
+                       unit="win")  # fmt: skip
     for batch, spans in batches:
         logits = model(input_ids=batch, use_cache=False).logits
         running = add_batch_nll(running, logits, batch, spans)

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
 from cimconvert.arch import get_adapter
@@ -31,6 +30,7 @@ from cimconvert.errors import CimError
 from cimconvert.evaluation.monte_carlo import noisy_perplexities
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.profiles import ChipProfile
+from cimconvert.progress import progress_bar
 from cimconvert.transforms.hpd_split import splittable
 
 GRANULARITIES = ("layer", "block")
@@ -98,7 +98,7 @@ def sensitivity_scan(
     clean = ppl_fn(model, tokens)
     groups = group_targets(model, targets, granularity)
     rows = []
-    for group in tqdm(groups, desc=f"sensitivity ({profile.name})", disable=not progress, unit="group"):
+    for group in progress_bar(groups, desc=f"sensitivity ({profile.name})", enabled=progress, unit="group"):
         values = noisy_perplexities(model, tokens, group["targets"], profile, seeds, ppl_fn)
         rows.append({
             "name": group["name"], "block": group["block"], "kind": group["kind"],

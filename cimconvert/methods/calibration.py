@@ -1,7 +1,8 @@
 """Calibration text → token batches, shared by every method that fits something on unlabelled text.
 
 Options (declared once here so the CLI shows each flag once, whichever methods use it):
-``--calib-data`` (a shipped corpus name such as ``calib`` or a UTF-8 text file), ``--calib-samples``
+``calib_data`` (a shipped corpus name such as ``calib`` or a UTF-8 text file; the convert command's
+``--dataset``, formerly ``--calib-data``), ``--calib-samples``
 (number of sequences) and ``--calib-seq-len`` (tokens per sequence). The sequences are consecutive,
 non-overlapping windows from the start of the text, so a calibration set is reproducible and never
 overlaps the held-out evaluation text when the two corpora are disjoint (``calib`` / ``heldout``).
@@ -35,7 +36,7 @@ DEFAULT_CALIB_SEQ_LEN = 256
 
 
 def calibration_options() -> tuple[MethodOption, ...]:
-    """The shared ``--calib-data/--calib-samples/--calib-seq-len`` options (imported lazily: no cycle)."""
+    """The shared ``calib_data`` (``--dataset``) / ``--calib-samples`` / ``--calib-seq-len`` options."""
     return (
         MethodOption(
             "calib_data", str, DEFAULT_CALIB_DATA,

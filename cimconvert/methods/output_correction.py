@@ -16,6 +16,7 @@ digital afterwards would carry a gain it no longer needs.
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections.abc import Sequence
@@ -39,6 +40,8 @@ from cimconvert.methods.calibration import (
 from cimconvert.placement import Placement, TensorInfo, current_placement
 from cimconvert.profiles import ChipProfile
 from cimconvert.transforms.folded import FOLDED_TYPES
+
+LOGGER = logging.getLogger(__name__)
 
 NAME = "output_correction"
 TRANSFORM_TYPE = FOLDED_TYPES[0]
@@ -224,8 +227,8 @@ class OutputCorrectionMethod:
         tokens = calibration_tokens(model, options)
         seeds = [first + i for i in range(draws)]
         if progress:
-            print(f"output_correction: fitting {len(layers)} layers and {len(experts)} fused experts tensors "
-                  f"over {draws} chip draws, {tokens.numel()} calibration tokens")  # fmt: skip
+            LOGGER.info("output_correction: fitting %d layers and %d fused experts tensors over %d chip "
+                        "draws, %d calibration tokens", len(layers), len(experts), draws, tokens.numel())
         clean_ppl = calibration_ppl(model, tokens)
         before: list[float] = []
         gains = fit_output_gains(model, layers, placed.analog(), profile, tokens, seeds, ppl_out=before,
@@ -249,6 +252,9 @@ class OutputCorrectionMethod:
                   "calibration_ppl_noisy_after": after, "check_seed": check,
                   "summary": f"calibration text, clean PPL {clean_ppl:.2f}: noisy {noisy:.2f} before the "
                              f"correction ({draws} fitting draws), {after:.2f} after (draw {check})"}
+        if after >= noisy:
+            report["warnings"] = [f"the correction did not lower the calibration PPL on an unseen chip draw "
+                                  f"({noisy:.2f} before, {after:.2f} after)"]  # fmt: skip
         return MethodResult(transforms=[entry], seeds={"output_correction": [*seeds, check]}, report=report)
 
 

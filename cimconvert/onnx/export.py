@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import sys
+import logging
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -51,6 +51,8 @@ from cimconvert.onnx.metadata import build_metadata, set_metadata
 from cimconvert.placement import model_placement
 from cimconvert.profiles.schema import ChipProfile
 from cimconvert.simulator.program import clean_scales
+
+LOGGER = logging.getLogger(__name__)
 
 OPSET = 18
 ONNX_DIR = "onnx"
@@ -470,7 +472,7 @@ def export_bundle_onnx(
     chip = manifest_profile(manifest)
     targets = model_placement(model, placement_from_manifest(manifest), chip).analog()
     if progress:
-        print(f"exporting ONNX ({len(targets)} analog tensors) ...", file=sys.stderr, flush=True)
+        LOGGER.info("exporting ONNX (%d analog tensors) ...", len(targets))
     folder = Path(bundle_dir)
     result = export_model(model, targets, chip, folder / ONNX_DIR, manifest=manifest, base=folder)
     return {"files": result.files, "onnx": result.to_dict()}

@@ -8,6 +8,7 @@ noise and the ADC step. Running those channels digitally lets the crossbar see a
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +37,8 @@ from cimconvert.transforms.outlier_split import (
     OutlierSplitLinear,
     layer_params,
 )
+
+LOGGER = logging.getLogger(__name__)
 
 DEFAULT_PERCENT = 3.0
 #: Largest share of a layer's input channels the method moves (beyond it, keep the layer digital).
@@ -164,8 +167,8 @@ class OutlierChannelsMethod:
             raise CimError("outlier_channels: the model has no analog linear layer or fused experts to split")
         tokens = calibration_tokens(model, options)
         if progress:
-            print(f"outlier_channels: calibration maxima of {len(layers)} layers and {len(experts)} fused "
-                  f"experts tensors on {tokens.numel()} tokens")  # fmt: skip
+            LOGGER.info("outlier_channels: calibration maxima of %d layers and %d fused experts tensors "
+                        "on %d tokens", len(layers), len(experts), tokens.numel())
         observing, expert_maxima = observe_expert_maxima(model, experts)
         with observing:
             maxima = channel_maxima(model, layers, tokens)

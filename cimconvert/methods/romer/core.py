@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.errors import CimError
 from cimconvert.methods.romer import calibrate
 from cimconvert.methods.romer.stats import RouterStats, collect, load_router_logits
+from cimconvert.progress import progress_bar
 from cimconvert.transforms.romer import replacement
 from cimconvert.transforms.romer.hook import LayerRouting, install_hook, remove_hook
 from cimconvert.transforms.romer.moe import MoeRouting
@@ -158,7 +158,8 @@ def calibration_stats(
         return CalibrationStats(tokens, clean, measured, [measured], [], "measured", seconds)
     seeds = fit_seeds(cfg)
     runs = []
-    for seed in tqdm(seeds, desc="ROMER noise draws", disable=not progress or len(seeds) < 2, leave=False):
+    draws = progress_bar(seeds, desc="ROMER noise draws", enabled=progress and len(seeds) > 1, unit="draw")
+    for seed in draws:
         stats, programmed = _noisy_run(model, moe, tokens, cfg, (targets, profile, seed), progress)
         seconds["programming"] += programmed
         runs.append(stats)

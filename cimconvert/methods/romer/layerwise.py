@@ -59,7 +59,8 @@ def apply_layerwise(lw: LayerwiseModel, profile: ChipProfile, options: dict[str,
     targets = noise_targets(lw.model, profile, options, placement)
     if not targets or profile.is_ideal:
         note = f"profile {profile.name} adds no analog noise: ROMER left the model unchanged"
-        return MethodResult(report={"config": dict(cfg.__dict__), "skipped": note})
+        return MethodResult(report={"config": dict(cfg.__dict__), "skipped": note, "summary": note,
+                                    "warnings": [note]})  # fmt: skip
     stats = layerwise_stats(lw, moe, tokens, targets, profile, cfg, progress)
     plan = build_plan(stats, moe, cfg)
     result = romer_result(cfg, stats, plan, moe, lw.adapter, (targets, time.perf_counter() - start))

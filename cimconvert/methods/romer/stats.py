@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from cimconvert.errors import CimError
 from cimconvert.methods.calibration import iter_batches
+from cimconvert.progress import progress_bar
 
 
 @dataclass
@@ -117,7 +117,7 @@ def collect(
     model.eval()
     start = time.perf_counter()
     with RouterRecorder(routers, num_experts, keep_logits) as recorder:
-        for batch in tqdm(iter_batches(tokens, batch_size), desc=desc, disable=not progress, leave=False):
+        for batch in progress_bar(iter_batches(tokens, batch_size), desc=desc, enabled=progress, inner=True):
             model(input_ids=batch, use_cache=False)
     return recorder.stats(int(tokens.numel()), time.perf_counter() - start)
 
