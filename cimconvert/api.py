@@ -28,6 +28,8 @@ from cimconvert.bundle.reader import load_bundle as read_bundle
 from cimconvert.bundle.writer import check_out_dir, write_bundle
 from cimconvert.checkpoint import DTYPES, check_weights_finite, has_tokenizer, resolve_model
 from cimconvert.datasets import load_text, tokenize
+from cimconvert.devices import describe, place_model, resolve_device, resolve_dtype
+from cimconvert.distributed import require_single_process
 from cimconvert.errors import BundleError, CimError, failure_detail
 from cimconvert.evaluation.loading import load_for_eval
 from cimconvert.evaluation.monte_carlo import evaluate_model
@@ -247,6 +249,7 @@ def convert(
     dtype: str | None = None,
     key: bytes | str | None = None,
     recipe: str | Path | Recipe | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Convert a checkpoint into a bundle for ``profile`` (or only plan it with ``dry_run``).
 
@@ -258,9 +261,14 @@ def convert(
     the steps' transforms and seeds. Without steps the checkpoint is streamed, never materialised.
     ``onnx`` also writes ``onnx/model.onnx`` (analog matmuls as ``ai.cimconvert.AnalogMatMul`` nodes).
     ``model`` may be a GGUF file, dequantised to ``dtype`` first (see :mod:`cimconvert.gguf`).
+    ``device`` / ``dtype``: where and in what the recipe's steps (calibration) run (default: the CPU,
+    float32); the bundle stores the source's dtype whatever ``dtype`` is.
     OUT is locked against other writers for the whole run; leftovers of killed runs on OUT are removed
     first and listed under ``recovered``. ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) signs ``bundle.lock``.
     """
+    require_single_process("convert")
+    where = resolve_device(device)
+    calib_dtype = resolve_dtype(dtype, where)
     chip = load_profile(profile)
     given = _given_recipe(recipe, method, method_options)
     source = resolve_model(model, dtype=dtype, progress=progress)
@@ -290,7 +298,9 @@ def convert(
             transform_types: list[str] = []
         else:
             net = check_weights_finite(source.load_model(dtype=torch.float32))
+            place_model(net, where, calib_dtype)
             result, stepped = run_recipe(net, adapter, chip, resolved, placement, progress)
+            place_model(net, torch.device("cpu"), None)  # saved and exported from the CPU
             report = result.report
             transform_types = [t["type"] for t in result.transforms]
             summary, placement = _bundle_transformed(
@@ -350,11 +360,21 @@ def evaluate(
     batch_size: int = 8,
     threads: int | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """Clean perplexity and perplexity under ``seeds`` chip-noise draws (seed, seed+1, ...)."""
+    """Clean perplexity and perplexity under ``seeds`` chip-noise draws (seed, seed+1, ...).
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``) and ``dtype`` (``float32``, ``bfloat16``,
+    ``float16``): where and in what the model runs (the simulator computes in float32 on that device).
+    Under a ``torchrun`` launch the draws are shared out over the ranks (README, "Large models and
+    clusters"); every rank returns the same result.
+    """
     _set_threads(threads)
+    where = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, where)
     text = load_text(dataset)
-    net, tokenizer, targets, chip = load_for_eval(model, profile)
+    net, tokenizer, targets, chip = load_for_eval(model, profile, where, torch_dtype)
     tokens = tokenize(tokenizer, text, max_tokens)
     max_pos = getattr(net.config, "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:
@@ -376,5 +396,6 @@ def evaluate(
         "tokens": int(tokens.numel()),
         "seq_len": seq_len,
         "stride": stride or seq_len,
+        **describe(where, torch_dtype),
         **result.to_dict(),
     }

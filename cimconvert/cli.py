@@ -15,6 +15,8 @@ import click
 from cimconvert import __version__, api
 from cimconvert.analysis import analyze, format_table
 from cimconvert.bundle.integrity import read_key_file
+from cimconvert.devices import DTYPES
+from cimconvert.distributed import is_main_rank
 from cimconvert.errors import CimError
 from cimconvert.finetune import finetune
 from cimconvert.finite import dumps, nulls_for_non_finite
@@ -30,7 +32,10 @@ def emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
     """Print ``result`` as indented strict JSON (stable keys) or through its human formatter.
 
     JSON is always valid JSON: a NaN or infinite figure in it is an error (exit 2), never a literal.
+    Under a ``torchrun`` launch only rank 0 prints (every rank holds the same gathered result).
     """
+    if not is_main_rank():
+        return
     if as_json:
         click.echo(dumps(result, indent=2, sort_keys=False))
     else:
@@ -56,6 +61,26 @@ def noisy_run_options(max_tokens: int, seq_len: int) -> Callable[[Callable], Cal
                      help="token budget"),
         click.option("--seq-len", default=seq_len, show_default=True, type=click.IntRange(2)),
     ]
+
+    def decorate(func: Callable) -> Callable:
+        for option in reversed(options):
+            func = option(func)
+        return func
+
+    return decorate
+
+
+def device_options(
+    dtype_help: str = "dtype the model runs in", dtype_default: str = "float32"
+) -> Callable[[Callable], Callable]:
+    """``--device`` and ``--dtype``, the same on every command that runs a model (checked by
+    ``cimconvert.devices``: a device that is not there, or a dtype it does not support, is one line)."""
+    options = [
+        click.option("--device", default="cpu", show_default=True,
+                     help="where torch runs: cpu, cuda (this rank's GPU), cuda:N, auto (a GPU if visible)"),
+        click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
+                     help=f"{dtype_help} [{dtype_default}]"),
+    ]  # fmt: skip
 
     def decorate(func: Callable) -> Callable:
         for option in reversed(options):
@@ -186,22 +211,22 @@ def _method_line(res: dict) -> str:
 @click.option("--force", is_flag=True, help="replace a non-empty OUT")
 @click.option("--onnx/--no-onnx", default=True, show_default=True, help="also export onnx/model.onnx")
 @click.option("--seed", default=0, show_default=True, help="seed for every random draw (recorded)")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="GGUF input: dtype the weights are dequantised to [the GGUF's float type; float32 "
-              "for quantised files]")
+@device_options("dtype the recipe's steps (calibration) run in and GGUF input is dequantised to (the bundle "
+                "keeps the source's dtype)", "float32; GGUF: its float type, float32 if quantised")
 @KEY_OPTION
 @click.option("--json", "as_json", is_flag=True, help="machine-readable summary on stdout")
 @method_options
 @click.pass_context
 def convert_cmd(ctx: click.Context, model: str, profile: str, out: Path | None, method: str,
                 recipe_file: Path | None, analog: tuple[str, ...], digital: tuple[str, ...], dry_run: bool,
-                force: bool, onnx: bool, seed: int, dtype: str | None, key_file: Path | None, as_json: bool,
-                **method_opts: Any) -> None:
+                force: bool, onnx: bool, seed: int, device: str, dtype: str | None, key_file: Path | None,
+                as_json: bool, **method_opts: Any) -> None:
     """Convert MODEL (local HF folder, .gguf file or cached hub id) into a bundle for the chip PROFILE."""
     res = api.convert(
         model, profile, out=out, method=method, analog=analog, digital=digital, dry_run=dry_run,
         force=force, seed=seed, progress=not as_json, recipe=recipe_file,
         method_options=_given_method_options(ctx, method_opts), onnx=onnx, dtype=dtype, key=_key(key_file),
+        device=device,
     )
     emit(res, as_json, _format_convert)
 
@@ -243,13 +268,19 @@ def _format_eval(res: dict) -> str:
 @click.option("--stride", default=None, type=click.IntRange(1), help="window stride [seq-len]")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads")
+@device_options()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable result on stdout")
 def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: str, max_tokens: int,
-             seq_len: int, stride: int | None, batch_size: int, threads: int | None, as_json: bool) -> None:
-    """Perplexity of MODEL (HF folder, hub id or bundle), clean and under chip noise."""
+             seq_len: int, stride: int | None, batch_size: int, threads: int | None, device: str,
+             dtype: str | None, as_json: bool) -> None:
+    """Perplexity of MODEL (HF folder, hub id or bundle), clean and under chip noise.
+
+    Under `torchrun --nproc_per_node N -m cimconvert eval ...` the draws are shared out over the ranks.
+    """
     res = api.evaluate(
         model, profile, seeds=seeds, seed=seed, dataset=dataset, max_tokens=max_tokens, seq_len=seq_len,
-        stride=stride, batch_size=batch_size, threads=threads, progress=not as_json,
+        stride=stride, batch_size=batch_size, threads=threads, progress=not as_json, device=device,
+        dtype=dtype,
     )
     emit(res, as_json, _format_eval)
 
@@ -268,14 +299,15 @@ def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: st
               help="native mode: false-failure rate of the test (and level of the equivalence test)")
 @click.option("--margin", default=0.01, show_default=True, type=float,
               help="native mode: equivalence margin on the per-seed PPL ratio")
+@device_options("dtype of the torch side (only float32: the comparison with the ONNX graph is exact)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable result on stdout")
 def validate_cmd(out: Path, profile: str | None, seeds: int, seed: int, dataset: str, max_tokens: int,
                  seq_len: int, threads: int, profile_mismatch_ok: bool, mvm_noise: str, alpha: float,
-                 margin: float, as_json: bool) -> None:
+                 margin: float, device: str, dtype: str | None, as_json: bool) -> None:
     """Run bundle OUT's ONNX graph in onnxruntime under chip noise and compare with the torch simulator."""
     res = validate(out, profile, seeds=seeds, seed=seed, dataset=dataset, max_tokens=max_tokens,
                    seq_len=seq_len, threads=threads, profile_mismatch_ok=profile_mismatch_ok,
-                   mvm_noise=mvm_noise, alpha=alpha, margin=margin)
+                   mvm_noise=mvm_noise, alpha=alpha, margin=margin, device=device, dtype=dtype)
     emit(nulls_for_non_finite(res) if as_json else res, as_json, format_validate)  # a FAIL may hold NaN
     if not res["summary"]["passed"]:
         sys.exit(1)
@@ -337,10 +369,12 @@ def _format_analyze(res: dict) -> str:
 @click.option("--analog", multiple=True, help="force tensors analog: exact name or regex (repeatable)")
 @click.option("--digital", multiple=True, help="keep tensors digital: exact name or regex (repeatable)")
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads")
+@device_options()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable result on stdout")
 def analyze_cmd(model: str, profile: str | None, seeds: int, seed: int, granularity: str, out: Path | None,
                 dataset: str, max_tokens: int, seq_len: int, analog: tuple[str, ...],
-                digital: tuple[str, ...], threads: int | None, as_json: bool) -> None:
+                digital: tuple[str, ...], threads: int | None, device: str, dtype: str | None,
+                as_json: bool) -> None:
     """Noise sensitivity of MODEL: chip noise in one layer (or block) at a time, PPL change over seeds.
 
     The JSON it writes feeds `--method hpd --hpd-layers auto --hpd-scan OUT/sensitivity.json`.
@@ -351,7 +385,7 @@ def analyze_cmd(model: str, profile: str | None, seeds: int, seed: int, granular
         torch.set_num_threads(threads)
     res = analyze(model, profile, seeds=seeds, seed=seed, granularity=granularity, out=out, dataset=dataset,
                   max_tokens=max_tokens, seq_len=seq_len, analog=analog, digital=digital,
-                  progress=not as_json)
+                  progress=not as_json, device=device, dtype=dtype)
     emit(res, as_json, _format_analyze)
 
 
@@ -426,18 +460,19 @@ def _format_finetune(res: dict) -> str:
 @click.option("--resume", is_flag=True, help="continue the run whose state is in OUT")
 @click.option("--force", is_flag=True, help="write into a non-empty OUT")
 @click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads")
+@device_options("dtype the model trains in (the written checkpoint keeps it)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable summary on stdout")
 def finetune_cmd(model: str, profile: str, method: str, out: Path, data: str, steps: int, lr: float,
                  batch_size: int, seq_len: int, seed: int, grad_clip: float, distill: bool,
                  temperature: float, nat_noise: str, nat_sigma: float | None, save_every: int,
-                 max_tokens: int | None, resume: bool, force: bool, threads: int | None,
-                 as_json: bool) -> None:
+                 max_tokens: int | None, resume: bool, force: bool, threads: int | None, device: str,
+                 dtype: str | None, as_json: bool) -> None:
     """Noise-aware fine-tuning of MODEL for the chip PROFILE; writes a HF checkpoint to OUT."""
     res = finetune(
         model, profile, method=method, out=out, data=data, steps=steps, lr=lr, batch_size=batch_size,
         seq_len=seq_len, seed=seed, grad_clip=grad_clip, distill=distill, temperature=temperature,
         resume=resume, nat_noise=nat_noise, nat_sigma=nat_sigma, save_every=save_every,
-        max_tokens=max_tokens, threads=threads, force=force, progress=not as_json,
+        max_tokens=max_tokens, threads=threads, force=force, progress=not as_json, device=device, dtype=dtype,
     )
     res = {k: v for k, v in res.items() if k != "losses"} if not as_json else res
     emit(res, as_json, _format_finetune)

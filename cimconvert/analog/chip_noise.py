@@ -210,10 +210,12 @@ def apply_chip_noise(
     """Program the analog ``targets`` of ``model`` in place under ``profile``; returns the handle.
 
     ``targets``: objects with ``.name`` (a name in ``model.named_parameters()``) and ``.layout``
-    (``out_in`` or ``in_out``), e.g. ``Placement.analog()``. Each tensor draws from its own generator
-    seeded from sha256(seed, name). Per-MVM noise (``mvm_noise``): ``native`` — one generator seeded
-    once from the seed; ``counter`` — ``simulator.rng.counter_normal`` keyed by (seed, index of the
-    ``model`` forward, tensor, expert), the draws onnxruntime's counter-mode bodies make too.
+    (``out_in`` or ``in_out``), e.g. ``Placement.analog()``. Each tensor draws from its own CPU generator
+    seeded from sha256(seed, name), whatever the weights' device (the same draws on CPU and GPU). Per-MVM
+    noise (``mvm_noise``): ``native`` — one generator on the weights' device seeded once from the seed
+    (a GPU draws other numbers than the CPU: same distribution); ``counter`` —
+    ``simulator.rng.counter_normal`` keyed by (seed, index of the ``model`` forward, tensor, expert), computed
+    on the weights' device: the draws onnxruntime's counter-mode bodies make too.
     """
     if mvm_noise not in MVM_NOISE_MODES:
         raise ValueError(f"mvm_noise must be one of {MVM_NOISE_MODES}, not {mvm_noise!r}")
@@ -225,7 +227,7 @@ def apply_chip_noise(
     if profile.is_ideal or not checked:
         handle.active = False
         return handle
-    device = checked[0][2].device
+    device = checked[0][2].device  # per-MVM draws are made where the activations are (fast on a GPU)
     mvm_generator = tensor_generator(seed, "<per-mvm>", device)
     clock = CounterClock(seed) if mvm_noise == "counter" and profile.mvm.active else None
     handle.clock = clock
@@ -239,7 +241,7 @@ def apply_chip_noise(
             handle._params[name] = param
             handle._clean[name] = clean
             noisy = program_weight(
-                param.detach(), profile, tensor_generator(seed, name, param.device), layout
+                param.detach(), profile, tensor_generator(seed, name), layout
             )
             param.copy_(noisy)
             handle.perturbed.append(name)

@@ -16,16 +16,23 @@ from cimconvert.bundle.reader import (
     read_manifest,
 )
 from cimconvert.checkpoint import check_weights_finite, resolve_model
+from cimconvert.devices import place_model
 from cimconvert.errors import CimError
 from cimconvert.placement import model_placement, plan_model
 from cimconvert.profiles import ChipProfile, load_profile
 
 
-def load_for_eval(model: str, profile: str | None) -> tuple[torch.nn.Module, Any, list[Any], ChipProfile]:
+def load_for_eval(
+    model: str,
+    profile: str | None,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.nn.Module, Any, list[Any], ChipProfile]:
     """(model, tokenizer, analog targets, profile) for a source checkpoint or a bundle.
 
     A bundle's analog targets are its manifest's placement (read back, whatever ``profile`` says); a
-    checkpoint's are planned here, once, under ``profile`` with the default rules.
+    checkpoint's are planned here, once, under ``profile`` with the default rules. The model is loaded in
+    float32 on the CPU, then moved to ``device`` (default: the CPU) and cast to ``dtype``.
     """
     if is_bundle(model):
         manifest = read_manifest(Path(model))
@@ -42,6 +49,7 @@ def load_for_eval(model: str, profile: str | None) -> tuple[torch.nn.Module, Any
         net = check_weights_finite(source.load_model(dtype=torch.float32))
         targets = plan_model(net, chip).analog()
         folder = source.dir
+    place_model(net, device or torch.device("cpu"), dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:

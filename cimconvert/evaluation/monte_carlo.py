@@ -11,6 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from cimconvert.analog.chip_noise import apply_chip_noise
+from cimconvert.devices import model_device
+from cimconvert.distributed import fingerprint, model_fingerprint, spread, tensor_fingerprint
 from cimconvert.errors import CimError
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.profiles import ChipProfile
@@ -61,6 +63,19 @@ class NoisyEvalResult:
         return out
 
 
+def noisy_perplexity(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    targets: Sequence,
+    profile: ChipProfile,
+    seed: int,
+    ppl_fn: Callable[[torch.nn.Module, torch.Tensor], float],
+) -> float:
+    """Perplexity under one seed's programmed chip; the clean weights are restored afterwards."""
+    with apply_chip_noise(model, targets, profile, seed):
+        return ppl_fn(model, tokens)
+
+
 def noisy_perplexities(
     model: torch.nn.Module,
     tokens: torch.Tensor,
@@ -74,9 +89,22 @@ def noisy_perplexities(
     ppl_fn = ppl_fn or (lambda m, t: perplexity(m, t))
     results = []
     for seed in tqdm(list(seeds), desc=f"noise draws ({profile.name})", disable=not progress, unit="draw"):
-        with apply_chip_noise(model, targets, profile, seed):
-            results.append(ppl_fn(model, tokens))
+        results.append(noisy_perplexity(model, tokens, targets, profile, seed, ppl_fn))
     return results
+
+
+def run_fingerprint(
+    model: torch.nn.Module, tokens: torch.Tensor, targets: Sequence, profile: ChipProfile, *options: object
+) -> Callable[[], str]:
+    """What the ranks of a launch must agree on before a Monte-Carlo run: model, tokens, profile, analog
+    targets and ``options`` (seeds, window settings, ...); computed only under a launch."""
+
+    def digest() -> str:
+        names = sorted(str(t.name) for t in targets)
+        return fingerprint(model_fingerprint(model), tensor_fingerprint(tokens), profile.content_hash(),
+                           names, options)  # fmt: skip
+
+    return digest
 
 
 def evaluate_model(
@@ -90,13 +118,23 @@ def evaluate_model(
     batch_size: int = 8,
     progress: bool = False,
 ) -> NoisyEvalResult:
-    """Clean perplexity plus one perplexity per noise seed, on the same tokens and windows."""
+    """Clean perplexity plus one perplexity per noise seed, on the same tokens and windows.
+
+    Under a ``torchrun`` launch the clean pass and the draws are shared out over the ranks
+    (:func:`cimconvert.distributed.spread`); every rank returns the full, identical result.
+    """
 
     def ppl_fn(m: torch.nn.Module, t: torch.Tensor) -> float:
         return perplexity(m, t, seq_len=seq_len, stride=stride, batch_size=batch_size)
 
-    clean = ppl_fn(model, tokens)
-    noisy = noisy_perplexities(model, tokens, targets, profile, seeds, ppl_fn, progress)
+    def run(seed: int | None) -> float:
+        if seed is None:
+            return ppl_fn(model, tokens)
+        return noisy_perplexity(model, tokens, targets, profile, seed, ppl_fn)
+
+    agree = run_fingerprint(model, tokens, targets, profile, list(seeds), seq_len, stride, batch_size)
+    desc = f"clean + noise draws ({profile.name})" if progress else None
+    clean, *noisy = spread([None, *seeds], run, model_device(model), agree, progress=desc)
     return NoisyEvalResult(
         profile=profile.name,
         profile_hash=profile.content_hash(),

@@ -8,6 +8,8 @@ from collections.abc import Iterator
 import torch
 from tqdm.auto import tqdm
 
+from cimconvert.devices import to_model_device
+
 
 def windows(n_tokens: int, seq_len: int, stride: int) -> Iterator[tuple[int, int, int]]:
     """Yield (begin, end, n_scored) windows; each token after the first is scored exactly once.
@@ -57,7 +59,7 @@ def perplexity(
         group = spans[start : start + batch_size]
         for length in sorted({e - b for b, e, _ in group}):
             same = [s for s in group if s[1] - s[0] == length]
-            batch = torch.stack([tokens[b:e] for b, e, _ in same])
+            batch = to_model_device(torch.stack([tokens[b:e] for b, e, _ in same]), model)
             logits = model(input_ids=batch, use_cache=False).logits
             for row, (_, _, scored) in enumerate(same):
                 total_nll += float(_row_nll(logits[row], batch[row])[-scored:].sum())
