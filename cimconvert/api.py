@@ -29,7 +29,7 @@ from cimconvert.bundle.writer import check_out_dir, write_bundle
 from cimconvert.checkpoint import DTYPES, check_weights_finite, has_tokenizer, resolve_model
 from cimconvert.datasets import load_text, tokenize
 from cimconvert.devices import describe, place_model, resolve_device, resolve_dtype
-from cimconvert.distributed import require_single_process
+from cimconvert.distributed import is_main_rank
 from cimconvert.errors import BundleError, CimError, failure_detail
 from cimconvert.evaluation.loading import load_for_eval
 from cimconvert.evaluation.monte_carlo import evaluate_model
@@ -233,6 +233,19 @@ def _without_calibration(recipe: Recipe, model: str) -> tuple[Recipe, list[str]]
     return Recipe.model_validate({"steps": kept}), dropped
 
 
+def _run_steps(
+    source: Any, compute: tuple[torch.device, torch.dtype], adapter: Any, chip: ChipProfile, resolved: Recipe,
+    placement: Placement, progress: bool,
+) -> tuple[torch.nn.Module, Any, Placement]:
+    """Load the source model, run the recipe's steps on ``compute`` (device, dtype); the model comes back
+    on the CPU. Under a torchrun launch every rank runs this (the steps share their noise draws)."""
+    net = check_weights_finite(source.load_model(dtype=torch.float32))
+    place_model(net, *compute)
+    result, stepped = run_recipe(net, adapter, chip, resolved, placement, progress)
+    place_model(net, torch.device("cpu"), None)  # saved and exported from the CPU
+    return net, result, stepped
+
+
 def convert(
     model: str,
     profile: str | ChipProfile,
@@ -262,11 +275,12 @@ def convert(
     ``onnx`` also writes ``onnx/model.onnx`` (analog matmuls as ``ai.cimconvert.AnalogMatMul`` nodes).
     ``model`` may be a GGUF file, dequantised to ``dtype`` first (see :mod:`cimconvert.gguf`).
     ``device`` / ``dtype``: where and in what the recipe's steps (calibration) run (default: the CPU,
-    float32); the bundle stores the source's dtype whatever ``dtype`` is.
+    float32); the bundle stores the source's dtype whatever ``dtype`` is. Under a ``torchrun`` launch
+    every rank runs the steps (ROMER shares its calibration draws out over the ranks) and rank 0 alone
+    locks and writes OUT.
     OUT is locked against other writers for the whole run; leftovers of killed runs on OUT are removed
     first and listed under ``recovered``. ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) signs ``bundle.lock``.
     """
-    require_single_process("convert")
     where = resolve_device(device)
     calib_dtype = resolve_dtype(dtype, where)
     chip = load_profile(profile)
@@ -288,6 +302,10 @@ def convert(
     if skipped:
         extra["auto_skipped"] = skipped
     recorded = resolved.model_dump(mode="json")
+    if not is_main_rank():  # another rank of a torchrun launch: its share of the steps' draws, no writing
+        if resolved.steps:
+            _run_steps(source, (where, calib_dtype), adapter, chip, resolved, placement, progress=False)
+        return {"dry_run": False, "model": model, "out": str(out_dir), "written": False}
     with out_lock(out_dir) as lock:  # one writer per OUT, from here to the final rename
         check_out_dir(out_dir, force)  # fail before any expensive work
         if not resolved.steps:
@@ -297,10 +315,8 @@ def convert(
             report: dict[str, Any] = {}
             transform_types: list[str] = []
         else:
-            net = check_weights_finite(source.load_model(dtype=torch.float32))
-            place_model(net, where, calib_dtype)
-            result, stepped = run_recipe(net, adapter, chip, resolved, placement, progress)
-            place_model(net, torch.device("cpu"), None)  # saved and exported from the CPU
+            compute = (where, calib_dtype)
+            net, result, stepped = _run_steps(source, compute, adapter, chip, resolved, placement, progress)
             report = result.report
             transform_types = [t["type"] for t in result.transforms]
             summary, placement = _bundle_transformed(

@@ -53,8 +53,8 @@ def launched() -> bool:
 def require_single_process(command: str) -> None:
     """CimError when ``command`` (which writes one output) is run by several ranks of a launch."""
     if launched():
-        raise CimError(f"{command} runs in one process: launch it without torchrun (eval, validate and "
-                       "analyze share their noise draws over the ranks of a launch)")  # fmt: skip
+        raise CimError(f"{command} runs in one process: launch it without torchrun (eval, validate, "
+                       "analyze and convert share their noise draws over the ranks of a launch)")  # fmt: skip
 
 
 def backend_for(device: torch.device) -> str:

@@ -15,6 +15,7 @@ from reliability_helpers import DEMO_OLMOE, REPO, run_cli_subprocess, subprocess
 from cimconvert import api
 from cimconvert.distributed import _raise_failures, fingerprint, spread
 from cimconvert.errors import CimError
+from cimconvert.finetune import finetune
 
 EVAL = ["-p", "chipA", "--seeds", "3", "--max-tokens", "256", "--seq-len", "64", "--threads", "1", "--json"]
 ANALYZE = ["-p", "chipA", "--seeds", "2", "--max-tokens", "128", "--seq-len", "64", "--granularity", "block",
@@ -82,11 +83,26 @@ def test_fingerprint_sees_every_part() -> None:
     assert fingerprint("m", [1, 2]) != fingerprint("m", [1, 3])
 
 
-def test_writers_refuse_a_launch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_finetune_refuses_a_launch(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
-    with pytest.raises(CimError, match="convert runs in one process: launch it without torchrun"):
-        api.convert(str(DEMO_OLMOE), "chipA", out=tmp_path / "b", progress=False)
+    with pytest.raises(CimError, match="finetune runs in one process: launch it without torchrun"):
+        finetune(str(DEMO_OLMOE), "chipA", out=tmp_path / "f", steps=1, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_writes_only_on_rank_0(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    res = api.convert(str(DEMO_OLMOE), "chipA", out=tmp_path / "b", method="none", progress=False)
+    assert res["written"] is False
+    assert list(tmp_path.iterdir()) == []
+
+
+def _tensors_and_transforms(bundle: Path) -> tuple[dict[str, str], list[dict]]:
+    """The sha256 of every safetensors file and the recorded transforms (ROMER's fitted routing)."""
+    manifest = json.loads((bundle / "manifest.json").read_text(encoding="utf-8"))
+    digests = {f["name"]: f["sha256"] for f in manifest["files"] if f["name"].endswith(".safetensors")}
+    return digests, manifest["transforms"]
 
 
 @pytest.mark.slow
@@ -126,6 +142,20 @@ def test_torchrun_validate_matches_one_process(tmp_path: Path) -> None:
     for res in (one, two):  # timings differ from run to run; every figure of the comparison must not
         res["onnxruntime"].pop("seconds"), res["torch"].pop("seconds")
     assert one == two and two["summary"]["passed"]
+
+
+@pytest.mark.slow
+def test_torchrun_romer_calibration_matches_one_process(tmp_path: Path) -> None:
+    """ROMER's cross-instance draws shared over 2 ranks: the same tensors and fitted routing as one process."""
+    args = ["-p", "chipA", "--method", "romer", "--calib-seeds", "2", "--calib-samples", "4",
+            "--replace-bottom", "2", "--router-deadband", "0", "--no-onnx", "--json"]  # fmt: skip
+    code, _, err = run_cli_subprocess(str(DEMO_OLMOE), *args, "-o", str(tmp_path / "one"))
+    assert code == 0, err
+    code, out, err = torchrun(str(DEMO_OLMOE), *args, "-o", str(tmp_path / "two"))
+    assert code == 0, err
+    assert json.loads(out)["transforms"]  # the calibration moved something (draws-dependent)
+    one, two = _tensors_and_transforms(tmp_path / "one"), _tensors_and_transforms(tmp_path / "two")
+    assert one[0] and one == two
 
 
 @pytest.mark.slow

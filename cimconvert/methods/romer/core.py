@@ -15,10 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from cimconvert.analog.chip_noise import apply_chip_noise
+from cimconvert.devices import model_device
+from cimconvert.distributed import spread
 from cimconvert.errors import CimError
+from cimconvert.evaluation.monte_carlo import run_fingerprint
 from cimconvert.methods.romer import calibrate
 from cimconvert.methods.romer.stats import RouterStats, collect, load_router_logits
 from cimconvert.transforms.romer import replacement
@@ -152,11 +154,15 @@ def calibration_stats(
         seeds = [cfg.insitu_seed]
     else:
         seeds = [cfg.calib_seed + i for i in range(cfg.calib_seeds)]
-    runs = []
-    for seed in tqdm(seeds, desc="ROMER noise draws", disable=not progress or len(seeds) < 2, leave=False):
-        stats, programmed = _noisy_run(model, moe, tokens, cfg, (targets, profile, seed), progress)
-        seconds["programming"] += programmed
-        runs.append(stats)
+    def run(seed: int) -> tuple[RouterStats, float]:
+        return _noisy_run(model, moe, tokens, cfg, (targets, profile, seed), progress and len(seeds) < 2)
+
+    # Under a torchrun launch the instances are shared out over the ranks (cimconvert.distributed).
+    agree = run_fingerprint(model, tokens, targets, profile, seeds, repr(cfg))
+    desc = "ROMER noise draws" if progress and len(seeds) > 1 else None
+    done = spread(seeds, run, model_device(model), agree, progress=desc)
+    runs = [stats for stats, _ in done]
+    seconds["programming"] = sum(programmed for _, programmed in done)
     seconds["noisy_passes"] = sum(r.seconds for r in runs)
     return CalibrationStats(tokens, clean, RouterStats.merge(runs), runs, seeds, "simulated", seconds)
 
