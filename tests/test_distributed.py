@@ -146,7 +146,7 @@ def test_torchrun_validate_matches_one_process(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_torchrun_romer_calibration_matches_one_process(tmp_path: Path) -> None:
-    """ROMER's cross-instance draws shared over 2 ranks: the same tensors and fitted routing as one process."""
+    """ROMER's cross-instance draws shared over 2 ranks: the same tensors and routing as one process."""
     args = ["-p", "chipA", "--method", "romer", "--calib-seeds", "2", "--calib-samples", "4",
             "--replace-bottom", "2", "--router-deadband", "0", "--no-onnx", "--json"]  # fmt: skip
     code, _, err = run_cli_subprocess(str(DEMO_OLMOE), *args, "-o", str(tmp_path / "one"))
