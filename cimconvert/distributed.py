@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import io
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -78,11 +79,31 @@ def _close() -> None:
         dist.destroy_process_group()
 
 
+def _encode(value: Any) -> torch.Tensor:
+    """``value`` (tensors and plain containers of numbers, strings, None) as bytes in a uint8 tensor."""
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def _decode(data: torch.Tensor) -> Any:
+    """Inverse of :func:`_encode`; a weights-only load: nothing but tensors and plain containers is built."""
+    return torch.load(io.BytesIO(data.cpu().numpy().tobytes()), weights_only=True)
+
+
 def _gather(value: Any) -> list[Any]:
-    """Every rank's ``value``, in rank order, on every rank."""
-    values: list[Any] = [None] * world_size()
-    dist.all_gather_object(values, value)
-    return values
+    """Every rank's ``value``, in rank order, on every rank (no pickle: see :func:`_decode`)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    data = _encode(value).to(device)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: data.numel()] = data
+    parts = [torch.empty_like(padded) for _ in range(world_size())]
+    dist.all_gather(parts, padded)
+    return [_decode(part[: int(s.item())]) for part, s in zip(parts, sizes, strict=True)]
 
 
 def fingerprint(*parts: Any) -> str:
@@ -128,9 +149,11 @@ def spread(
     """``[run(t) for t in tasks]``, its tasks shared out over the ranks of a launch.
 
     Rank r runs tasks r, r + W, r + 2W, ... (W ranks); the results are gathered in task order on every
-    rank. ``agree`` returns a digest (:func:`fingerprint`) of everything the results depend on (called only
-    under a launch); ranks whose digests differ all raise the same CimError before any task runs. Without
-    a launch: a plain loop. ``progress``: the description of a progress bar (rank 0 only), None for none.
+    rank; a result holds tensors and plain containers of numbers and strings only (sent without pickle).
+    ``agree`` returns a digest (:func:`fingerprint`) of everything the results depend on (called only
+    under a launch); ranks whose digests differ all raise the same CimError (``what`` they disagree on)
+    before any task runs. Without a launch: a plain loop. ``progress``: the description of a progress bar
+    (rank 0 only), None for none.
     """
     if not launched():
         return [run(tasks[index]) for index in _bar(range(len(tasks)), progress)]
@@ -143,7 +166,7 @@ def spread(
             mine[index] = run(tasks[index])
     except Exception as exc:  # every rank must reach the gather, or the others wait forever
         failure = exc
-    parts = _gather((mine, None if failure is None else str(exc_line(failure))))
+    parts = _gather((mine, None if failure is None else exc_line(failure)))
     _raise_failures(parts, failure)
     merged: dict[int, R] = {}
     for part, _ in parts:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -154,14 +154,16 @@ def calibration_stats(
         seeds = [cfg.insitu_seed]
     else:
         seeds = [cfg.calib_seed + i for i in range(cfg.calib_seeds)]
-    def run(seed: int) -> tuple[RouterStats, float]:
-        return _noisy_run(model, moe, tokens, cfg, (targets, profile, seed), progress and len(seeds) < 2)
+    def run(seed: int) -> tuple[dict[str, Any], float]:  # plain data: it may travel between ranks
+        stats, programmed = _noisy_run(model, moe, tokens, cfg, (targets, profile, seed),
+                                       progress and len(seeds) < 2)  # fmt: skip
+        return asdict(stats), programmed
 
     # Under a torchrun launch the instances are shared out over the ranks (cimconvert.distributed).
     agree = run_fingerprint(model, tokens, targets, profile, seeds, repr(cfg))
     desc = "ROMER noise draws" if progress and len(seeds) > 1 else None
     done = spread(seeds, run, model_device(model), agree, progress=desc)
-    runs = [stats for stats, _ in done]
+    runs = [RouterStats(**stats) for stats, _ in done]
     seconds["programming"] = sum(programmed for _, programmed in done)
     seconds["noisy_passes"] = sum(r.seconds for r in runs)
     return CalibrationStats(tokens, clean, RouterStats.merge(runs), runs, seeds, "simulated", seconds)
