@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -119,6 +120,11 @@ def summarise(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]]) -
     }
 
 
+def ideal_passes(res: dict[str, Any]) -> int:
+    """Model passes of the busiest rank: the clean pass and the draws shared out over ``nproc`` ranks."""
+    return math.ceil((res["seeds"] + 1) / res["nproc"])
+
+
 def markdown(res: dict[str, Any]) -> str:
     """The results table."""
     loads = [v for pairs in res["load_average"].values() for pair in pairs for v in pair]
@@ -142,6 +148,13 @@ def markdown(res: dict[str, Any]) -> str:
         "",
         f"Machine: {res['cpus']} CPUs, 1-minute load average during the runs {min(loads):.1f} to "
         f"{max(loads):.1f} (a shared machine: other jobs ran at the same time, so the ratio is noisy).",
+        "",
+        f"The passes (the clean one and {res['seeds']} draws) are shared out task by task, so the busiest "
+        f"rank runs {ideal_passes(res)} of {res['seeds'] + 1}: on an idle machine the ratio cannot go below "
+        f"{ideal_passes(res) / (res['seeds'] + 1):.2f} plus the launcher's start-up. A ratio below that "
+        "means "
+        "the other jobs left the two ranks together more CPU time than the single process got (the kernel "
+        "shares the cores per process), not a faster program.",
     ]  # fmt: skip
     return "\n".join(lines) + "\n"
 
