@@ -2,15 +2,19 @@
 
 One run evaluates each demo model in examples/models/ on the held-out text (never trained on) and on
 WikiText-2 test, clean and under >= 5 noise draws per profile (mean +- std). Results go to
-benchmarks/results/demo_eval.json and .md (the table in README.md).
+benchmarks/results/demo_eval.json and .md; ``--write-readme`` puts the held-out table into README.md and
+``--check-readme`` (run by tests/test_readme_tables.py) fails when README's table differs from the results.
 
-    .venv/bin/python benchmarks/demo_eval.py --seeds 5 --threads 2
+    .venv/bin/python benchmarks/demo_eval.py --seeds 5 --threads 1 --max-tokens 8192 --write-readme
+    .venv/bin/python benchmarks/demo_eval.py --seeds 5 --threads 1 --max-tokens 8192 \
+        --models tiny-deepseek tiny-mamba2 --write-readme      # rerun some rows, keep the others
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +24,10 @@ from cimconvert import api
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
+README = REPO / "README.md"
+#: The README paragraph the held-out table follows.
+README_ANCHOR = "**Perplexity under each shipped profile**"
+README_DATASET = "heldout"
 PROFILES = ["chipA", "chipB", "hermes", "gaussian:sigma=0.05", "gaussian:sigma=0.1"]
 
 
@@ -94,6 +102,40 @@ def write_results(rows: list[dict]) -> str:
     return text
 
 
+def _table_span(text: str) -> tuple[int, int]:
+    """Character span of the first markdown table after README_ANCHOR in ``text``."""
+    anchor = text.index(README_ANCHOR)
+    start = text.index("\n|", anchor) + 1
+    end = start
+    while end < len(text) and text.startswith("|", end):
+        end = text.index("\n", end) + 1
+    return start, end
+
+
+def readme_table(text: str) -> str:
+    """The demo-model table of README.md (its text, lines ending in newlines)."""
+    start, end = _table_span(text)
+    return text[start:end]
+
+
+def readme_mismatches(rows: list[dict], readme: str) -> list[str]:
+    """Lines of README's demo table that differ from the table the results give (empty: they match)."""
+    expected = to_pivot(rows, README_DATASET).splitlines()
+    printed = readme_table(readme).splitlines()
+    pairs = zip(printed, expected, strict=False)
+    diffs = [f"README: {got}\nresults: {want}" for got, want in pairs if got != want]
+    if len(printed) != len(expected):
+        diffs.append(f"README has {len(printed)} table lines, the results {len(expected)}")
+    return diffs
+
+
+def write_readme(rows: list[dict]) -> None:
+    """Replace README's demo table with the one the results give."""
+    text = README.read_text(encoding="utf-8")
+    start, end = _table_span(text)
+    README.write_text(text[:start] + to_pivot(rows, README_DATASET) + text[end:], encoding="utf-8")
+
+
 def main() -> None:
     """Parse options, evaluate, write results."""
     parser = argparse.ArgumentParser(
@@ -106,8 +148,17 @@ def main() -> None:
     parser.add_argument("--profiles", nargs="+", default=PROFILES)
     parser.add_argument("--models", nargs="+", default=None, help="only these demo models (rows replaced)")
     parser.add_argument("--from-json", action="store_true", help="only re-render the markdown")
+    parser.add_argument("--write-readme", action="store_true",
+                        help="also put the held-out table into README.md")
+    parser.add_argument("--check-readme", action="store_true",
+                        help="only compare README's table with the results (exit 1 when they differ)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.check_readme:
+        rows = json.loads((RESULTS / "demo_eval.json").read_text(encoding="utf-8"))
+        diffs = readme_mismatches(rows, README.read_text(encoding="utf-8"))
+        print("\n".join(diffs) or "README demo table matches benchmarks/results/demo_eval.json")
+        sys.exit(1 if diffs else 0)
     if args.from_json:
         rows = json.loads((RESULTS / "demo_eval.json").read_text(encoding="utf-8"))
     else:
@@ -117,6 +168,8 @@ def main() -> None:
             rows = sorted([r for r in kept if r["model"] not in args.models] + rows,
                           key=lambda r: r["model"])  # fmt: skip
     print(write_results(rows))
+    if args.write_readme:
+        write_readme(rows)
 
 
 if __name__ == "__main__":

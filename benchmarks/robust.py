@@ -45,6 +45,7 @@ import torch
 from real_models import MODELS, fmt, load_model
 from torch import nn
 
+from cimconvert.analog.experts import DIGITAL_INPUTS_ATTR
 from cimconvert.arch import get_adapter
 from cimconvert.datasets import load_text, tokenize
 from cimconvert.evaluation.monte_carlo import noisy_perplexities
@@ -119,12 +120,24 @@ def matmul_macs(shape: Sequence[int], top_k: int) -> int:
     return int(shape[0] * shape[1]) if len(shape) == 2 else 0
 
 
-def digital_share(baseline: Placement, after: Placement, top_k: int) -> float:
-    """% of the baseline's analog MACs per token that ``after`` runs digitally (split parts included)."""
+def experts_digital_macs(model: nn.Module, top_k: int) -> int:
+    """MACs per token of the fused experts' digital input channels (``outlier_channels`` on experts)."""
+    total = 0
+    for module in model.modules():
+        for pname, index in getattr(module, DIGITAL_INPUTS_ATTR, {}).items():
+            out_features = getattr(module, pname).shape[1]  # fused [experts, out, in]
+            total += int(index.shape[1]) * out_features * top_k
+    return total
+
+
+def digital_share(baseline: Placement, after: Placement, top_k: int, model: nn.Module) -> float:
+    """% of the baseline's analog MACs per token that ``after`` runs digitally (split parts and the
+    experts' digital input channels included)."""
     base_digital = {info.name for info in baseline.digital()}
     analog_macs = sum(matmul_macs(info.shape, top_k) for info in baseline.analog())
     moved = sum(matmul_macs(info.shape, top_k) for info in after.digital()
                 if info.name not in base_digital and info.kind != "embedding")  # fmt: skip
+    moved += experts_digital_macs(model, top_k)
     return 100.0 * moved / analog_macs if analog_macs else 0.0
 
 
@@ -194,9 +207,9 @@ def command(phase: str, args: argparse.Namespace) -> str:
             f"--seeds {args.seeds} --max-tokens {args.max_tokens} --threads {args.threads}{extra}")
 
 
-#: How outlier_channels rounds a layer's channel count (``ceil``; one chipB row was measured while the code
-#: rounded down and records ``floor``); rows measured before this field existed rounded up too.
-OUTLIER_ROUNDING = "ceil"
+#: How outlier_channels rounds a layer's channel count (``floor`` since the default was fixed at <= 5 %; rows
+#: recording ``ceil`` and rows without the field were measured rounding up).
+OUTLIER_ROUNDING = "floor"
 
 
 def row_key(row: dict[str, Any]) -> tuple:
@@ -251,7 +264,7 @@ class Runner:
                "command": command(self.args.phase, self.args), "eval_seeds": self.seeds,
                "outlier_rounding": OUTLIER_ROUNDING,
                "max_tokens": self.args.max_tokens, "seeds": self.args.seeds, **(extra or {}),
-               "digital_macs_pct": digital_share(baseline, placement, top_k), "reports": reports,
+               "digital_macs_pct": digital_share(baseline, placement, top_k, model), "reports": reports,
                "analog_tensors": len(placement.analog())}  # fmt: skip
         row["datasets"] = evaluate(model, placement, profile, self.tokens(model_name, tokenizer), self.seeds)
         row["seconds"] = round(time.perf_counter() - start, 1)

@@ -108,7 +108,7 @@ def write_scan(scan: dict[str, Any], out: str | Path) -> dict[str, str]:
 def analyze(
     model: str,
     profile: str | None,
-    seeds: int = 3,
+    seeds: int = 5,
     seed: int = FIRST_SEED,
     granularity: str = "layer",
     out: str | Path | None = None,

@@ -1,5 +1,8 @@
 """The public Python API: convert(), evaluate(), load_bundle(), inspect(), profiles().
 
+``import cimconvert`` exposes these together with ``validate``, ``analyze`` and ``finetune`` (their own
+modules, at this layer) as ``cimconvert.convert`` etc.
+
 Every function returns plain, JSON-serialisable dicts with stable keys (docs/JSON.md) and raises
 ``CimError`` (one line) on bad input. The CLI only formats what these return.
 
@@ -10,11 +13,12 @@ keeps working.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +32,15 @@ from cimconvert.bundle.reader import load_bundle as read_bundle
 from cimconvert.bundle.writer import check_out_dir, write_bundle
 from cimconvert.checkpoint import DTYPES, check_weights_finite, has_tokenizer, resolve_model
 from cimconvert.datasets import load_text, tokenize
-from cimconvert.devices import describe, place_model, resolve_device, resolve_dtype
+from cimconvert.devices import describe, model_device, place_model, resolve_device, resolve_dtype
 from cimconvert.distributed import is_main_rank
 from cimconvert.errors import BundleError, CimError, failure_detail
 from cimconvert.evaluation.loading import load_for_eval
 from cimconvert.evaluation.monte_carlo import evaluate_model
+from cimconvert.methods import all_options
 from cimconvert.methods.defaults import calibration_free
 from cimconvert.onnx.export import export_bundle_onnx
-from cimconvert.placement import Placement, plan_tensors, replan_tensors
+from cimconvert.placement import Placement, plan_model, plan_tensors, replan_tensors
 from cimconvert.profiles import ChipProfile, list_profiles, load_profile
 from cimconvert.recipe import (
     Recipe,
@@ -229,8 +234,40 @@ def _without_calibration(recipe: Recipe, model: str) -> tuple[Recipe, list[str]]
     kept, dropped = calibration_free([step.model_dump(exclude_none=True) for step in recipe.steps])
     if dropped:
         warnings.warn(f"{model} has no tokenizer: --method auto skips {', '.join(dropped)} (they fit on "
-                      "calibration text)", stacklevel=3)  # fmt: skip
+                      "calibration text)", stacklevel=4)  # fmt: skip
     return Recipe.model_validate({"steps": kept}), dropped
+
+
+def _check_method_options(method_options: dict[str, Any] | None) -> None:
+    """Every given method option must be declared by some registered method (one-line CimError naming it)."""
+    known = {opt.name for opt in all_options()}
+    unknown = sorted(set(method_options or {}) - known)
+    if unknown:
+        flags = ", ".join(f"'{name}'" for name in unknown)
+        raise CimError(f"unknown method option {flags} (options: {', '.join(sorted(known))})")
+
+
+def _in_memory_label(net: torch.nn.Module) -> str:
+    """How the manifest names an in-memory model: ``in-memory:<its name_or_path or class>``."""
+    name = getattr(net, "name_or_path", "") or getattr(getattr(net, "config", None), "_name_or_path", "")
+    return f"in-memory:{name or type(net).__name__}"
+
+
+@contextlib.contextmanager
+def _saved_in_memory(net: torch.nn.Module, tokenizer: Any) -> Iterator[Path]:
+    """An in-memory Hugging Face model (and its tokenizer) saved to a temporary checkpoint folder."""
+    if not hasattr(net, "save_pretrained") or getattr(net, "config", None) is None:
+        kind = type(net).__name__
+        raise CimError(f"an in-memory model must be a Hugging Face PreTrainedModel (got {kind})")
+    with tempfile.TemporaryDirectory(prefix="cimconvert-in-memory-") as tmp:
+        folder = Path(tmp)
+        try:
+            net.save_pretrained(folder, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+        except (OSError, SafetensorError, RuntimeError) as exc:
+            raise CimError(f"saving the in-memory model failed: {failure_detail(exc)}") from None
+        yield folder
 
 
 def _run_steps(
@@ -247,7 +284,7 @@ def _run_steps(
 
 
 def convert(
-    model: str,
+    model: str | Path | torch.nn.Module,
     profile: str | ChipProfile,
     out: str | Path | None = None,
     method: str = "auto",
@@ -262,9 +299,15 @@ def convert(
     dtype: str | None = None,
     key: bytes | str | None = None,
     recipe: str | Path | Recipe | None = None,
+    tokenizer: Any = None,
     device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Convert a checkpoint into a bundle for ``profile`` (or only plan it with ``dry_run``).
+
+    ``model`` is a checkpoint folder, a ``.gguf`` file, a cached hub id, or an in-memory Hugging Face
+    model (``nn.Module`` with ``save_pretrained``; pass its ``tokenizer`` too, which calibrating methods
+    and ``evaluate`` need): that one is saved to a temporary checkpoint first and the manifest names it
+    ``in-memory:<name_or_path>``. ``method_options`` unknown to every method are a one-line CimError.
 
     A conversion runs a recipe (docs/RECIPES.md): ``recipe`` (a YAML/JSON file or a :class:`Recipe`), or
     ``method`` as one (a method name with its ``method_options`` → one step; ``none`` → no step; ``auto``
@@ -282,20 +325,57 @@ def convert(
     first and listed under ``recovered``. ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) signs ``bundle.lock``.
     """
     where = resolve_device(device)
-    calib_dtype = resolve_dtype(dtype, where)
+    compute = (where, resolve_dtype(dtype, where))
+    options = dict(
+        out=out, method=method, analog=analog, digital=digital, dry_run=dry_run, force=force, seed=seed,
+        progress=progress, method_options=method_options, onnx=onnx, dtype=dtype, key=key, recipe=recipe,
+        compute=compute,
+    )
+    _check_method_options(method_options)
+    if isinstance(model, torch.nn.Module):
+        label = _in_memory_label(model)
+        with _saved_in_memory(model, tokenizer) as folder:
+            return _convert(str(folder), profile, label=label, **options)
+    return _convert(str(model), profile, label=str(model), **options)
+
+
+def _convert(
+    model: str,
+    profile: str | ChipProfile,
+    label: str,
+    out: str | Path | None,
+    method: str,
+    analog: Sequence[str],
+    digital: Sequence[str],
+    dry_run: bool,
+    force: bool,
+    seed: int,
+    progress: bool,
+    method_options: dict[str, Any] | None,
+    onnx: bool,
+    dtype: str | None,
+    key: bytes | str | None,
+    recipe: str | Path | Recipe | None,
+    compute: tuple[torch.device, torch.dtype],
+) -> dict[str, Any]:
+    """:func:`convert` of a checkpoint on disk; ``label`` is what the manifest and result call the model;
+    ``compute``: the (device, dtype) the recipe's steps run on."""
     chip = load_profile(profile)
     given = _given_recipe(recipe, method, method_options)
     source = resolve_model(model, dtype=dtype, progress=progress)
+    source.model_id = label
+    if label != model:  # an in-memory model: its temporary folder is not worth recording
+        source.recorded_path = label
     adapter = get_adapter(source.model_type)
     chosen = given or method_recipe(method, dict(method_options or {}), adapter.family)
     skipped: list[str] = []
     if given is None and method == "auto" and not has_tokenizer(source.dir):
-        chosen, skipped = _without_calibration(chosen, model)
+        chosen, skipped = _without_calibration(chosen, label)
     resolved = resolve_recipe(chosen, source.model_type, adapter.family, seed)
     placement = _plan(source, adapter, chip, analog, digital)
     if dry_run:  # plan only: the steps (and any tensors they add) run at conversion time
-        return _dry_run_result(model, chip, resolved, placement)
-    out_dir = Path(out) if out is not None else default_out_dir(model, chip)
+        return _dry_run_result(label, chip, resolved, placement)
+    out_dir = Path(out) if out is not None else default_out_dir(label.removeprefix("in-memory:"), chip)
     # The steps get the placement itself (e.g. ROMER calibrates with an analog router noisy), not the
     # patterns: they are recorded once, in placement_config.overrides.
     extra: dict[str, Any] = {"method": recipe_label(resolved)}
@@ -304,8 +384,8 @@ def convert(
     recorded = resolved.model_dump(mode="json")
     if not is_main_rank():  # another rank of a torchrun launch: its share of the steps' draws, no writing
         if resolved.steps:
-            _run_steps(source, (where, calib_dtype), adapter, chip, resolved, placement, progress=False)
-        return {"dry_run": False, "model": model, "out": str(out_dir), "written": False}
+            _run_steps(source, compute, adapter, chip, resolved, placement, progress=False)
+        return {"dry_run": False, "model": label, "out": str(out_dir), "written": False}
     with out_lock(out_dir) as lock:  # one writer per OUT, from here to the final rename
         check_out_dir(out_dir, force)  # fail before any expensive work
         if not resolved.steps:
@@ -315,7 +395,6 @@ def convert(
             report: dict[str, Any] = {}
             transform_types: list[str] = []
         else:
-            compute = (where, calib_dtype)
             net, result, stepped = _run_steps(source, compute, adapter, chip, resolved, placement, progress)
             report = result.report
             transform_types = [t["type"] for t in result.transforms]
@@ -325,7 +404,7 @@ def convert(
             )
     return {
         "dry_run": False,
-        "model": model,
+        "model": label,
         "out": str(out_dir),
         "profile": chip.name,
         "profile_hash": chip.content_hash(),
@@ -360,37 +439,62 @@ def load_bundle(out: str | Path, dtype: torch.dtype = torch.float32, verify: boo
 
 def inspect(out: str | Path, key: bytes | str | None = None) -> dict[str, Any]:
     """Summary of a bundle plus ``verified`` (all checksums match) and ``problems``; with a signing
-    ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) its bundle.lock signature must match too."""
+    ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) its bundle.lock signature must match too. Also the deployment
+    report's figures: ``deployment`` (arrays, per-token counts, cost estimates), ``steps``, ``warnings``
+    (docs/JSON.md)."""
     return inspect_bundle(Path(out), key=key)
 
 
+def _in_memory_for_eval(
+    net: torch.nn.Module, tokenizer: Any, profile: str | ChipProfile | None
+) -> tuple[torch.nn.Module, Any, list[Any], ChipProfile]:
+    """(model, tokenizer, analog targets, profile) of an in-memory model: planned under ``profile``."""
+    if tokenizer is None:
+        raise CimError("evaluating an in-memory model needs its tokenizer (tokenizer=...)")
+    if profile is None:
+        raise CimError("evaluating an in-memory model needs a profile")
+    chip = load_profile(profile)
+    check_weights_finite(net)
+    return net.eval(), tokenizer, plan_model(net, chip).analog(), chip
+
+
 def evaluate(
-    model: str,
-    profile: str | None,
+    model: str | Path | torch.nn.Module,
+    profile: str | ChipProfile | None,
     seeds: int = 5,
     seed: int = 1000,
     dataset: str = "heldout",
-    max_tokens: int = 16384,
+    max_tokens: int = 4096,
     seq_len: int = 256,
     stride: int | None = None,
     batch_size: int = 8,
     threads: int | None = None,
     progress: bool = True,
+    tokenizer: Any = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Clean perplexity and perplexity under ``seeds`` chip-noise draws (seed, seed+1, ...).
 
+    ``model``: a checkpoint folder, hub id or bundle, or an in-memory Hugging Face model with its
+    ``tokenizer`` (its analog tensors planned under ``profile``; each draw is undone bit-exactly).
     ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``) and ``dtype`` (``float32``, ``bfloat16``,
-    ``float16``): where and in what the model runs (the simulator computes in float32 on that device).
-    Under a ``torchrun`` launch the draws are shared out over the ranks (README, "Large models and
-    clusters"); every rank returns the same result.
+    ``float16``): where and in what the model runs (the simulator computes in float32 on that device);
+    an in-memory model stays where and as it is unless they are given. Under a ``torchrun`` launch the
+    draws are shared out over the ranks (README, "Large models and clusters"); every rank returns the same
+    result.
     """
     _set_threads(threads)
     where = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, where)
     text = load_text(dataset)
-    net, tokenizer, targets, chip = load_for_eval(model, profile, where, torch_dtype)
+    if isinstance(model, torch.nn.Module):
+        net, tokenizer, targets, chip = _in_memory_for_eval(model, tokenizer, profile)
+        place_model(net, where if device is not None else None, torch_dtype if dtype is not None else None)
+        label = _in_memory_label(model)
+    else:
+        net, tokenizer, targets, chip = load_for_eval(str(model), profile, where, torch_dtype)
+        label = str(model)
     tokens = tokenize(tokenizer, text, max_tokens)
     max_pos = getattr(net.config, "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:
@@ -407,11 +511,11 @@ def evaluate(
         progress=progress,
     ).check_finite()
     return {
-        "model": model,
+        "model": label,
         "dataset": dataset,
         "tokens": int(tokens.numel()),
         "seq_len": seq_len,
         "stride": stride or seq_len,
-        **describe(where, torch_dtype),
+        **describe(model_device(net), next(net.parameters()).dtype),
         **result.to_dict(),
     }

@@ -219,6 +219,9 @@ class SourceCheckpoint:
     gguf: dict[str, Any] | None = None
     #: The GGUF file the checkpoint was dequantised from, when it was given as MODEL.
     gguf_file: Path | None = None
+    #: What the manifest records as the source path instead of the folder (an in-memory model's label: the
+    #: temporary folder it was saved to is gone after the conversion).
+    recorded_path: str | None = None
     headers: dict[str, SafetensorsHeader] = field(default_factory=dict, repr=False)
     _sha: dict[str, str] = field(default_factory=dict, repr=False)
 

@@ -1,16 +1,26 @@
-"""Command-line interface: a thin click layer over cimconvert.api (parse, call, print human or --json)."""
+"""Command-line interface: a thin click layer over cimconvert.api (parse, call, print human or --json).
+
+One flag vocabulary across commands (docs/CLI.md): the options that mean the same thing are declared once
+below (``noisy_run_options``, ``THREADS_OPTION``, ``JSON_OPTION``, ...), so every command spells and
+defaults them alike. Results go to stdout; progress, status lines and warnings to stderr (``-q`` / ``-v``).
+"""
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import os
+import re
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import click
+import torch
 
 from cimconvert import __version__, api
 from cimconvert.analysis import analyze, format_table
@@ -22,6 +32,7 @@ from cimconvert.finetune import finetune
 from cimconvert.finite import dumps, nulls_for_non_finite
 from cimconvert.methods import MethodOption, all_options
 from cimconvert.profiles.schema import ChipProfile
+from cimconvert.progress import PACKAGE_LOGGER
 from cimconvert.recipe import Recipe, dump_recipe, recipe_text
 from cimconvert.validate import format_validate, validate
 
@@ -48,19 +59,26 @@ KEY_OPTION = click.option(
 )
 
 
-def noisy_run_options(max_tokens: int, seq_len: int) -> Callable[[Callable], Callable]:
-    """The options of a run under noise draws (eval, validate): --seeds, --seed, --dataset, --max-tokens,
-    --seq-len, with this command's token budget and window length as defaults."""
-    options = [
-        click.option("--seeds", default=5, show_default=True, type=click.IntRange(1),
-                     help="number of noise draws"),
-        click.option("--seed", default=1000, show_default=True,
-                     help="first noise seed (draws: seed, seed+1, ...)"),
-        click.option("--dataset", default="heldout", show_default=True, help="dataset name or text file"),
-        click.option("--max-tokens", default=max_tokens, show_default=True, type=click.IntRange(16),
-                     help="token budget"),
-        click.option("--seq-len", default=seq_len, show_default=True, type=click.IntRange(2)),
-    ]
+#: Defaults of the evaluation flags, the same in eval, validate and analyze (docs/CLI.md).
+EVAL_SEEDS = 5
+EVAL_FIRST_SEED = 1000
+EVAL_DATASET = "heldout"
+EVAL_MAX_TOKENS = 4096
+EVAL_SEQ_LEN = 256
+
+JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="machine-readable result on stdout")
+THREADS_OPTION = click.option("--threads", default=None, type=click.IntRange(1),
+                              help="CPU threads (torch, and onnxruntime in validate) [torch's default]")
+
+
+def dataset_option(default: str, what: str = "text") -> Callable[[Callable], Callable]:
+    """``--dataset``: a dataset name (``heldout``, ``calib``, ``wikitext2``, ...) or a UTF-8 text file."""
+    return click.option("--dataset", default=default, show_default=True,
+                        help=f"{what}: dataset name (heldout, calib, wikitext2, ...) or a UTF-8 text file")
+
+
+def _stacked(options: list[Callable[[Callable], Callable]]) -> Callable[[Callable], Callable]:
+    """One decorator applying ``options`` in order (the first is the first in ``--help``)."""
 
     def decorate(func: Callable) -> Callable:
         for option in reversed(options):
@@ -75,19 +93,28 @@ def device_options(
 ) -> Callable[[Callable], Callable]:
     """``--device`` and ``--dtype``, the same on every command that runs a model (checked by
     ``cimconvert.devices``: a device that is not there, or a dtype it does not support, is one line)."""
-    options = [
+    return _stacked([
         click.option("--device", default="cpu", show_default=True,
                      help="where torch runs: cpu, cuda (this rank's GPU), cuda:N, auto (a GPU if visible)"),
         click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
                      help=f"{dtype_help} [{dtype_default}]"),
-    ]  # fmt: skip
+    ])  # fmt: skip
 
-    def decorate(func: Callable) -> Callable:
-        for option in reversed(options):
-            func = option(func)
-        return func
 
-    return decorate
+def noisy_run_options(draws_help: str = "number of noise draws") -> Callable[[Callable], Callable]:
+    """The options of a run under noise draws (eval, validate, analyze), with the same defaults everywhere:
+    --seeds, --seed, --dataset, --max-tokens, --seq-len."""
+    return _stacked([
+        click.option("--seeds", default=EVAL_SEEDS, show_default=True, type=click.IntRange(1),
+                     help=draws_help),
+        click.option("--seed", default=EVAL_FIRST_SEED, show_default=True,
+                     help="first noise seed (draws: seed, seed+1, ...)"),
+        dataset_option(EVAL_DATASET, "evaluation text"),
+        click.option("--max-tokens", default=EVAL_MAX_TOKENS, show_default=True, type=click.IntRange(16),
+                     help="token budget (the first N tokens of the text)"),
+        click.option("--seq-len", default=EVAL_SEQ_LEN, show_default=True, type=click.IntRange(2),
+                     help="tokens per evaluation window"),
+    ])  # fmt: skip
 
 
 def _key(key_file: Path | None) -> bytes | None:
@@ -95,19 +122,67 @@ def _key(key_file: Path | None) -> bytes | None:
     return read_key_file(key_file) if key_file is not None else None
 
 
+#: Old flag spellings, still accepted (hidden) with a warning: command → {old: new}.
+DEPRECATED_FLAGS = {
+    "convert": {"--calib-data": "--dataset"},
+    "finetune": {"--data": "--dataset"},
+}
+#: Options of the group itself (given before the command).
+_GLOBAL_FLAG = re.compile(r"-q|--quiet|-v+|--verbose")
+_GROUP_ONLY = ("-h", "--help", "--version")
+
+
+def _renamed(command: str, args: list[str]) -> list[str]:
+    """``args`` of ``command`` with deprecated flag spellings replaced (a warning line on stderr for each)."""
+    renames = DEPRECATED_FLAGS.get(command, {})
+    out = []
+    for arg in args:
+        flag, eq, value = arg.partition("=")
+        if flag in renames:
+            click.echo(f"warning: {flag} is deprecated: use {renames[flag]}", err=True)
+            arg = renames[flag] + eq + value
+        out.append(arg)
+    return out
+
+
+def _refuse_typo(word: str, commands: list[str]) -> None:
+    """A first word that is no command and no existing path but close to a command (or ``help``) is a typo:
+    one usage error naming the command meant, instead of reading it as a model id."""
+    if Path(word).exists():
+        return
+    if word == "help":
+        raise click.UsageError("no command 'help': use 'cimconvert --help' or 'cimconvert COMMAND --help'")
+    close = difflib.get_close_matches(word, commands, n=1, cutoff=0.6)
+    if close:
+        raise click.UsageError(f"no command '{word}': did you mean 'cimconvert {close[0]}'?")
+
+
 class DefaultToConvert(click.Group):
-    """A group whose first argument, when it is not a subcommand, is a MODEL for ``convert``."""
+    """A group whose first argument, when it is not a subcommand, is a MODEL for ``convert``; options may
+    come before MODEL (``cimconvert --profile chipA MODEL``) and a mistyped command is refused."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        """Route ``cimconvert MODEL ...`` to ``cimconvert convert MODEL ...``."""
-        if args and args[0] not in self.commands and not args[0].startswith("-"):
-            args = ["convert", *args]
-        return super().parse_args(ctx, args)
+        """Route ``cimconvert [OPTIONS] MODEL ...`` to ``convert``, map deprecated flags, refuse typos."""
+        lead = 0
+        while lead < len(args) and _GLOBAL_FLAG.fullmatch(args[lead]):
+            lead += 1
+        rest = args[lead:]
+        if rest and rest[0] not in self.commands and rest[0] not in _GROUP_ONLY:
+            if not rest[0].startswith("-"):
+                _refuse_typo(rest[0], sorted(self.commands))
+            rest = ["convert", *rest]
+        if rest and rest[0] in self.commands:
+            rest = [rest[0], *_renamed(rest[0], rest[1:])]
+        return super().parse_args(ctx, [*args[:lead], *rest])
 
 
 @click.group(cls=DefaultToConvert, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="cimconvert")
-def cli() -> None:
+@click.option("-q", "--quiet", is_flag=True,
+              help="no progress or status lines on stderr (errors and warnings only)")
+@click.option("-v", "--verbose", count=True,
+              help="more detail on stderr (debug lines of cimconvert's loggers)")
+def cli(quiet: bool, verbose: int) -> None:
     """Convert Hugging Face LMs into bundles for analog compute-in-memory chips.
 
     \b
@@ -120,7 +195,11 @@ def cli() -> None:
     cimconvert analyze MODEL --profile chipA     per-layer noise sensitivity (for HPD)
     cimconvert finetune MODEL --profile chipA -o OUT_MODEL   noise-aware fine-tuning (STE / NAT)
     cimconvert profiles [show NAME]              list or print chip profiles
+
+    Options may come before MODEL (`cimconvert --profile chipA MODEL`); -q / -v go before the command.
+    Flags and defaults shared by the commands: docs/CLI.md.
     """
+    PACKAGE_LOGGER.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 # ----------------------------------------------------------------------------------------- convert
@@ -161,10 +240,15 @@ def _option_type(opt: MethodOption) -> Any:
     return opt.type
 
 
+#: Method options whose flag is the shared vocabulary's (calibration text is the convert's --dataset).
+METHOD_FLAGS = {"calib_data": "--dataset"}
+
+
 def method_options(func: Callable) -> Callable:
     """Add every registered method's options (declared as data in the method) to a command."""
     for opt in reversed(all_options()):
-        func = click.option(opt.flag, opt.name, type=_option_type(opt), default=opt.default,
+        flag = METHOD_FLAGS.get(opt.name, opt.flag)
+        func = click.option(flag, opt.name, type=_option_type(opt), default=opt.default,
                             multiple=opt.multiple, show_default=not opt.multiple, help=opt.help)(func)
     return func
 
@@ -189,7 +273,7 @@ def _method_line(res: dict) -> str:
         return "; ".join(summaries)
     if all(r.get("method", "").startswith("keep_") for r in reports):
         return "placement steps only"
-    return "nothing to apply for this profile (measurements in manifest.json extra.method_report)"
+    return "no step changed the model (each step's summary below; REPORT.md says why)"
 
 
 @cli.command("convert", context_settings=CONTEXT)
@@ -214,7 +298,7 @@ def _method_line(res: dict) -> str:
 @device_options("dtype the recipe's steps (calibration) run in and GGUF input is dequantised to (the bundle "
                 "keeps the source's dtype)", "float32; GGUF: its float type, float32 if quantised")
 @KEY_OPTION
-@click.option("--json", "as_json", is_flag=True, help="machine-readable summary on stdout")
+@JSON_OPTION
 @method_options
 @click.pass_context
 def convert_cmd(ctx: click.Context, model: str, profile: str, out: Path | None, method: str,
@@ -224,7 +308,7 @@ def convert_cmd(ctx: click.Context, model: str, profile: str, out: Path | None, 
     """Convert MODEL (local HF folder, .gguf file or cached hub id) into a bundle for the chip PROFILE."""
     res = api.convert(
         model, profile, out=out, method=method, analog=analog, digital=digital, dry_run=dry_run,
-        force=force, seed=seed, progress=not as_json, recipe=recipe_file,
+        force=force, seed=seed, progress=_progress(as_json), recipe=recipe_file,
         method_options=_given_method_options(ctx, method_opts), onnx=onnx, dtype=dtype, key=_key(key_file),
         device=device,
     )
@@ -253,6 +337,8 @@ def _format_eval(res: dict) -> str:
         f"model {res['model']}  profile {res['profile']}  dataset {res['dataset']} "
         f"({res['tokens']} tokens, seq_len {res['seq_len']}, stride {res['stride']})",
         f"  clean perplexity   {res['clean_ppl']:.3f}",
+        *([f"  noise-free, calibrated routing ({res['calibrated_routing_layers']} layers)  "
+           f"{res['noise_free_ppl']:.3f}"] if res.get("calibrated_routing_layers") else []),
         f"  noisy perplexity   {res['noisy_ppl_mean']:.3f} +- {res['noisy_ppl_std']:.3f} "
         f"over {len(res['seeds'])} draws (seeds {res['seeds'][0]}..{res['seeds'][-1]}), "
         f"{res['degradation_pct']:+.1f}%",
@@ -264,12 +350,12 @@ def _format_eval(res: dict) -> str:
 @cli.command("eval", context_settings=CONTEXT)
 @click.argument("model")
 @click.option("--profile", "-p", default=None, help="chip profile [a bundle's own profile, else required]")
-@noisy_run_options(max_tokens=16384, seq_len=256)
+@noisy_run_options()
 @click.option("--stride", default=None, type=click.IntRange(1), help="window stride [seq-len]")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads")
+@THREADS_OPTION
 @device_options()
-@click.option("--json", "as_json", is_flag=True, help="machine-readable result on stdout")
+@JSON_OPTION
 def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: str, max_tokens: int,
              seq_len: int, stride: int | None, batch_size: int, threads: int | None, device: str,
              dtype: str | None, as_json: bool) -> None:
@@ -279,7 +365,7 @@ def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: st
     """
     res = api.evaluate(
         model, profile, seeds=seeds, seed=seed, dataset=dataset, max_tokens=max_tokens, seq_len=seq_len,
-        stride=stride, batch_size=batch_size, threads=threads, progress=not as_json, device=device,
+        stride=stride, batch_size=batch_size, threads=threads, progress=_progress(as_json), device=device,
         dtype=dtype,
     )
     emit(res, as_json, _format_eval)
@@ -289,8 +375,8 @@ def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: st
 @cli.command("validate", context_settings=CONTEXT)
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--profile", "-p", default=None, help="chip profile [the bundle's own]")
-@noisy_run_options(max_tokens=4096, seq_len=128)
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="torch/ORT CPU threads")
+@noisy_run_options()
+@THREADS_OPTION
 @click.option("--profile-mismatch-ok", is_flag=True, help="allow a profile other than the bundle's")
 @click.option("--mvm-noise", default="counter", show_default=True,
               help="per-MVM noise draws: counter = the same draws in both runtimes, compared per seed "
@@ -300,14 +386,15 @@ def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: st
 @click.option("--margin", default=0.01, show_default=True, type=float,
               help="native mode: equivalence margin on the per-seed PPL ratio")
 @device_options("dtype of the torch side (only float32: the comparison with the ONNX graph is exact)")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable result on stdout")
+@JSON_OPTION
 def validate_cmd(out: Path, profile: str | None, seeds: int, seed: int, dataset: str, max_tokens: int,
-                 seq_len: int, threads: int, profile_mismatch_ok: bool, mvm_noise: str, alpha: float,
+                 seq_len: int, threads: int | None, profile_mismatch_ok: bool, mvm_noise: str, alpha: float,
                  margin: float, device: str, dtype: str | None, as_json: bool) -> None:
     """Run bundle OUT's ONNX graph in onnxruntime under chip noise and compare with the torch simulator."""
     res = validate(out, profile, seeds=seeds, seed=seed, dataset=dataset, max_tokens=max_tokens,
                    seq_len=seq_len, threads=threads, profile_mismatch_ok=profile_mismatch_ok,
-                   mvm_noise=mvm_noise, alpha=alpha, margin=margin, device=device, dtype=dtype)
+                   mvm_noise=mvm_noise, alpha=alpha, margin=margin, progress=_progress(as_json),
+                   device=device, dtype=dtype)
     emit(nulls_for_non_finite(res) if as_json else res, as_json, format_validate)  # a FAIL may hold NaN
     if not res["summary"]["passed"]:
         sys.exit(1)
@@ -334,13 +421,35 @@ def _format_inspect(res: dict) -> str:
     transforms = ", ".join(t.get("type", "?") for t in res["transforms"]) or "none"
     lines.append(f"  recipe     {steps}")
     lines.append(f"  transforms {transforms}")
+    lines += _deployment_lines(res.get("deployment"))
+    lines += [f"  warning    {w}" for w in res.get("warnings") or []]
     return "\n".join(lines)
+
+
+def _deployment_lines(figures: dict | None) -> list[str]:
+    """Arrays, per-token counts and the energy estimate of ``inspect`` (details: REPORT.md, --json)."""
+    if figures is None:
+        return ["  deployment unknown (config.json unreadable)"]
+    arrays, per_token = figures["arrays"], figures["per_token"]
+    used = arrays["utilisation"]
+    energy = figures["estimate"]["energy_per_token"]
+    total = energy["total_pj"]
+    analog = energy["components"]["analog"]["pj"]
+    return [
+        f"  arrays     {arrays['tiles']} of {arrays['tile_rows']}x{arrays['tile_cols']}, utilisation "
+        + (f"{100 * used:.1f} %" if used is not None else "n/a"),
+        f"  per token  {per_token['analog_macs']:,.0f} analog MACs, {per_token['adc_conversions']:,.0f} "
+        f"ADC / {per_token['dac_conversions']:,.0f} DAC conversions, {per_token['digital_macs']:,.0f} "
+        "digital MACs",
+        "  energy     total " + (f"{total / 1e3:,.1f} nJ/token" if total is not None else "unknown")
+        + (f", analog {analog / 1e3:,.1f} nJ/token" if analog is not None else ", analog unknown"),
+    ]
 
 
 @cli.command("inspect", context_settings=CONTEXT)
 @click.argument("out", type=click.Path(path_type=Path))
 @KEY_OPTION
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 def inspect_cmd(out: Path, key_file: Path | None, as_json: bool) -> None:
     """Verify every checksum of bundle OUT and print a summary (exit 2 when a file was altered)."""
     res = api.inspect(out, key=_key(key_file))
@@ -357,35 +466,28 @@ def _format_analyze(res: dict) -> str:
 @cli.command("analyze", context_settings=CONTEXT)
 @click.argument("model")
 @click.option("--profile", "-p", default=None, help="chip profile [a bundle's own profile, else required]")
-@click.option("--seeds", default=3, show_default=True, type=click.IntRange(1), help="noise draws per layer")
-@click.option("--seed", default=1000, show_default=True, help="first noise seed (then seed+1, ...)")
+@noisy_run_options("noise draws per layer (or block)")
 @click.option("--granularity", type=click.Choice(["layer", "block"]), default="layer", show_default=True,
               help="noise in one analog tensor (layer) or one decoder block at a time")
 @click.option("-o", "--out", type=click.Path(path_type=Path),
               help="folder for sensitivity.json/.md/.png [./<model>-sensitivity-<profile>/]")
-@click.option("--dataset", default="heldout", show_default=True, help="dataset name or text file")
-@click.option("--max-tokens", default=4096, show_default=True, type=click.IntRange(16), help="token budget")
-@click.option("--seq-len", default=256, show_default=True, type=click.IntRange(2))
 @click.option("--analog", multiple=True, help="force tensors analog: exact name or regex (repeatable)")
 @click.option("--digital", multiple=True, help="keep tensors digital: exact name or regex (repeatable)")
-@click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads")
+@THREADS_OPTION
 @device_options()
-@click.option("--json", "as_json", is_flag=True, help="machine-readable result on stdout")
-def analyze_cmd(model: str, profile: str | None, seeds: int, seed: int, granularity: str, out: Path | None,
-                dataset: str, max_tokens: int, seq_len: int, analog: tuple[str, ...],
+@JSON_OPTION
+def analyze_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: str, max_tokens: int,
+                seq_len: int, granularity: str, out: Path | None, analog: tuple[str, ...],
                 digital: tuple[str, ...], threads: int | None, device: str, dtype: str | None,
                 as_json: bool) -> None:
     """Noise sensitivity of MODEL: chip noise in one layer (or block) at a time, PPL change over seeds.
 
     The JSON it writes feeds `--method hpd --hpd-layers auto --hpd-scan OUT/sensitivity.json`.
     """
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     res = analyze(model, profile, seeds=seeds, seed=seed, granularity=granularity, out=out, dataset=dataset,
                   max_tokens=max_tokens, seq_len=seq_len, analog=analog, digital=digital,
-                  progress=not as_json, device=device, dtype=dtype)
+                  progress=_progress(as_json), device=device, dtype=dtype)
     emit(res, as_json, _format_analyze)
 
 
@@ -396,7 +498,7 @@ def _format_profiles(rows: list[dict]) -> str:
 
 
 @cli.group("profiles", invoke_without_command=True, context_settings=CONTEXT)
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 @click.pass_context
 def profiles_cmd(ctx: click.Context, as_json: bool) -> None:
     """List the shipped chip profiles."""
@@ -406,7 +508,7 @@ def profiles_cmd(ctx: click.Context, as_json: bool) -> None:
 
 @profiles_cmd.command("show", context_settings=CONTEXT)
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True)
+@JSON_OPTION
 def profiles_show_cmd(name: str, as_json: bool) -> None:
     """Print one profile (shipped name, NAME:key=value,... or a YAML path), fully resolved."""
     import yaml
@@ -442,11 +544,12 @@ def _format_finetune(res: dict) -> str:
               help="ste: full chip model forward, straight-through backward; nat: differentiable noise; "
                    "none: clean fine-tuning (control)")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="output model folder")
-@click.option("--data", default="gutenberg-train", show_default=True, help="dataset name or text file")
+@dataset_option("gutenberg-train", "training text")
 @click.option("--steps", default=100, show_default=True, type=click.IntRange(1), help="total optimizer steps")
 @click.option("--lr", default=3e-4, show_default=True, type=float, help="peak learning rate (AdamW)")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
-@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(2))
+@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(2),
+              help="tokens per training window")
 @click.option("--seed", default=0, show_default=True, help="seed of data order and every noise draw")
 @click.option("--grad-clip", default=1.0, show_default=True, type=float, help="max grad norm (0: off)")
 @click.option("--distill", is_flag=True, help="distil from the clean model (KL at --temperature)")
@@ -456,26 +559,68 @@ def _format_finetune(res: dict) -> str:
 @click.option("--nat-sigma", default=None, type=float, help="nat gaussian sigma [matched to the profile]")
 @click.option("--save-every", default=50, show_default=True, type=click.IntRange(0),
               help="write the resumable state every N steps (0: only at the end)")
-@click.option("--max-tokens", default=None, type=click.IntRange(16), help="use at most N training tokens")
+@click.option("--max-tokens", default=None, type=click.IntRange(16),
+              help="token budget: use at most the first N training tokens [all]")
 @click.option("--resume", is_flag=True, help="continue the run whose state is in OUT")
 @click.option("--force", is_flag=True, help="write into a non-empty OUT")
-@click.option("--threads", default=None, type=click.IntRange(1), help="torch CPU threads")
+@THREADS_OPTION
 @device_options("dtype the model trains in (the written checkpoint keeps it)")
-@click.option("--json", "as_json", is_flag=True, help="machine-readable summary on stdout")
-def finetune_cmd(model: str, profile: str, method: str, out: Path, data: str, steps: int, lr: float,
+@JSON_OPTION
+def finetune_cmd(model: str, profile: str, method: str, out: Path, dataset: str, steps: int, lr: float,
                  batch_size: int, seq_len: int, seed: int, grad_clip: float, distill: bool,
                  temperature: float, nat_noise: str, nat_sigma: float | None, save_every: int,
                  max_tokens: int | None, resume: bool, force: bool, threads: int | None, device: str,
                  dtype: str | None, as_json: bool) -> None:
     """Noise-aware fine-tuning of MODEL for the chip PROFILE; writes a HF checkpoint to OUT."""
     res = finetune(
-        model, profile, method=method, out=out, data=data, steps=steps, lr=lr, batch_size=batch_size,
+        model, profile, method=method, out=out, data=dataset, steps=steps, lr=lr, batch_size=batch_size,
         seq_len=seq_len, seed=seed, grad_clip=grad_clip, distill=distill, temperature=temperature,
         resume=resume, nat_noise=nat_noise, nat_sigma=nat_sigma, save_every=save_every,
-        max_tokens=max_tokens, threads=threads, force=force, progress=not as_json, device=device, dtype=dtype,
+        max_tokens=max_tokens, threads=threads, force=force, progress=_progress(as_json), device=device,
+        dtype=dtype,
     )
     res = {k: v for k, v in res.items() if k != "losses"} if not as_json else res
     emit(res, as_json, _format_finetune)
+
+
+def _progress(as_json: bool) -> bool:
+    """Whether a command shows progress on stderr: not with --json (its consumers read stdout only)."""
+    return not as_json
+
+
+def _set_threads(threads: int | None) -> None:
+    """torch's CPU threads, when given."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Log lines to whatever ``sys.stderr`` is at the time (pytest's capture swaps it per test)."""
+
+    @property
+    def stream(self) -> Any:  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+@contextmanager
+def _logging_to_stderr() -> Iterator[None]:
+    """Route the ``cimconvert`` loggers to stderr (plain ``message`` lines) for one CLI run, then undo it."""
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    level, propagate = PACKAGE_LOGGER.level, PACKAGE_LOGGER.propagate
+    PACKAGE_LOGGER.addHandler(handler)
+    PACKAGE_LOGGER.setLevel(logging.INFO)
+    PACKAGE_LOGGER.propagate = False
+    try:
+        yield
+    finally:
+        PACKAGE_LOGGER.removeHandler(handler)
+        PACKAGE_LOGGER.setLevel(level)
+        PACKAGE_LOGGER.propagate = propagate
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -486,7 +631,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if "transformers" in sys.modules:  # already imported (in-process use): switch its bars off directly
         sys.modules["transformers"].utils.logging.disable_progress_bar()
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _logging_to_stderr():
         code = _run(argv)
     if code != CimError.exit_code:  # a failed run says one line; a finished one shows its warnings too
         for w in caught:

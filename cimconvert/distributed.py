@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from cimconvert.errors import CimError
+from cimconvert.progress import progress_bar
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -175,9 +175,9 @@ def spread(
 
 
 def _bar(indices: range, progress: str | None) -> Iterator[int]:
-    """``indices``, under a progress bar on rank 0 when ``progress`` names one."""
+    """``indices``, under a progress display on rank 0 when ``progress`` names one."""
     shown = progress is not None and is_main_rank()
-    yield from tqdm(indices, desc=progress, disable=not shown, unit="task", leave=False)
+    yield from progress_bar(indices, desc=progress or "", enabled=shown, unit="pass")
 
 
 def exc_line(exc: BaseException) -> str:

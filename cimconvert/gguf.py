@@ -19,8 +19,8 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import logging
 import shutil
-import sys
 import tempfile
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -31,6 +31,8 @@ import torch
 
 from cimconvert.arch import build_model, get_adapter
 from cimconvert.errors import ModelInputError
+
+LOGGER = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
 GGUF_SUFFIX = ".gguf"
@@ -221,7 +223,7 @@ def dequantise_to_folder(
     info = info or read_gguf_info(path, dtype)
     torch_dtype = DEQUANT_DTYPES[info.dtype]
     if progress:
-        print(f"dequantising {path.name} ({info.file_type}) to {info.dtype} ...", file=sys.stderr, flush=True)
+        LOGGER.info("dequantising %s (%s) to %s ...", path.name, info.file_type, info.dtype)
     config, tokenizer, state = _load_dequantised(path, torch_dtype)
     model = _plain_model(config, state, torch_dtype)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,6 +28,7 @@ scored one window at a time.
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +56,8 @@ from cimconvert.runtime import OrtCausalLM, OrtNoiseRunner, analog_tensors, load
 from cimconvert.runtime.session import make_session
 from cimconvert.simulator import analog_matmul
 from cimconvert.simulator.rng import CounterClock, CounterNoise, node_key, stable_seed
+
+LOGGER = logging.getLogger(__name__)
 
 ONNX_MODEL = "onnx/model.onnx"
 #: Clean ONNX vs torch logits (fp32).
@@ -178,6 +181,7 @@ def node_check(handle: Any, runner: Any, seed: int, rows: int = NODE_ROWS) -> di
 def _noisy_draws(
     net: torch.nn.Module, targets: Sequence[Any], chip: ChipProfile, seeds: Sequence[int],
     ppl: Callable[[Any], float], runner: Any, mvm_noise: str, agree: Callable[[], str],
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Per seed: torch and ORT PPL, ORT times, programmed weights bit-identical, node checks.
 
@@ -192,13 +196,14 @@ def _noisy_draws(
 
     def draw(seed: int) -> dict[str, Any]:
         with apply_chip_noise(net, targets, chip, seed, mvm_noise=mvm_noise) as handle:
-            identical = runner.program_matches(seed, _cpu_params(net, targets))
+            identical = runner.program_matches(seed, _analog_on_cpu(handle.programmed_weights(net), targets))
             nodes = node_check(handle, runner, seed) if check_nodes else None
             value, seconds = _timed(lambda: ppl(ort_model))
             return {"identical": identical, "node": nodes, "ort": value, "ort_seconds": seconds,
                     "torch": ppl(net)}  # fmt: skip
 
-    draws = spread(list(seeds), draw, model_device(net), agree)
+    desc = f"validate: noise draws ({chip.name}, onnxruntime + torch)" if progress else None
+    draws = spread(list(seeds), draw, model_device(net), agree, progress=desc)
     return {
         "torch": [d["torch"] for d in draws], "ort": [d["ort"] for d in draws],
         "ort_seconds": [d["ort_seconds"] for d in draws], "identical": all(d["identical"] for d in draws),
@@ -206,13 +211,10 @@ def _noisy_draws(
     }  # fmt: skip
 
 
-def _cpu_params(net: torch.nn.Module, targets: Sequence[Any]) -> dict[str, torch.Tensor]:
-    """The model's parameters by name, the analog ones copied to the CPU when the model is elsewhere
-    (onnxruntime's programmed weights are compared with them)."""
-    params: dict[str, torch.Tensor] = dict(net.named_parameters())
-    if model_device(net).type == "cpu":
-        return params
-    return {**params, **{t.name: params[t.name].detach().cpu() for t in targets}}
+def _analog_on_cpu(weights: dict[str, torch.Tensor], targets: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """``weights`` (by name) with the analog ones on the CPU, where onnxruntime's programmed weights are
+    compared with them (a copy only when the model runs elsewhere)."""
+    return {**weights, **{t.name: weights[t.name].detach().cpu() for t in targets}}
 
 
 def _node_summary(checks: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -280,9 +282,9 @@ def validate(
     seed: int = 1000,
     dataset: str = "heldout",
     max_tokens: int = 4096,
-    seq_len: int = 128,
+    seq_len: int = 256,
     batch_size: int = 2,
-    threads: int = 1,
+    threads: int | None = None,
     profile_mismatch_ok: bool = False,
     atol: float = ATOL,
     ppl_rtol: float = PPL_RTOL,
@@ -297,6 +299,8 @@ def validate(
 
     ``device``: where the torch side runs (onnxruntime runs on the CPU); ``dtype`` must be float32, the
     graph's (the comparisons are exact). Under a ``torchrun`` launch the seeds are shared out over the ranks.
+    ``threads``: torch's and onnxruntime's CPU threads (None: torch's current setting for both).
+    ``progress``: a status line per phase and progress over the noise draws on stderr.
     """
     from transformers import AutoTokenizer
 
@@ -308,6 +312,7 @@ def validate(
     onnx_path = check_onnx_files(folder, manifest)
     chip = resolve_profile(manifest, profile, profile_mismatch_ok)
     text = load_text(dataset)
+    threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     net = place_model(load_bundle(folder), where, None)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -323,13 +328,15 @@ def validate(
     def ppl(model: Any) -> float:
         return perplexity(model, tokens, seq_len=seq_len, batch_size=batch_size)
 
+    if progress:
+        LOGGER.info("validate: clean pass, onnxruntime and torch (%d tokens)", int(tokens.numel()))
     clean = _clean_check(net, onnx_path, tokens, seq_len, ppl, threads)
     runner = OrtNoiseRunner(graph, chip, tensors, threads=threads, noise_seed=seed, mvm_noise=mvm_noise,
                             external_dir=onnx_path.parent, copy=False, arena=False)  # fmt: skip
     del graph
     graph_sha256 = next(f.sha256 for f in manifest.files if f.name == ONNX_MODEL)
     agree = run_fingerprint(net, tokens, placed, chip, draws, mvm_noise, seq_len, batch_size, graph_sha256)
-    noisy = _noisy_draws(net, placed, chip, draws, ppl, runner, mvm_noise, agree)
+    noisy = _noisy_draws(net, placed, chip, draws, ppl, runner, mvm_noise, agree, progress)
     del runner
     torch_noisy, ort_noisy, identical = noisy["torch"], noisy["ort"], noisy["identical"]
     nodes = _node_summary(noisy["nodes"])

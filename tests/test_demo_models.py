@@ -2,8 +2,8 @@
 
 The checkpoints are produced by ``examples/train_tiny.py`` (see
 ``examples/regenerate_models.sh``).  Tests for a model folder that is absent are
-skipped; the data-split checks need the shared Gutenberg books only for the
-train/held-out leakage check.
+skipped. The split itself is checked on a shipped excerpt (tests/data/gutenberg); only the leakage
+check against the demo models' real training text needs the full Gutenberg books (marked ``shared_data``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from cimconvert.gutenberg import gutenberg_books, split_book  # noqa: E402 (afte
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = REPO_ROOT / "examples" / "models"
 DATA_DIR = REPO_ROOT / "cimconvert" / "shipped_texts"
+EXCERPT = REPO_ROOT / "tests" / "data" / "gutenberg" / "sherlock_holmes_excerpt.txt"
 DEMO_MODELS = ("tiny-olmoe", "tiny-mamba", "tiny-qwen2-moe", "tiny-deepseek", "tiny-mamba2")
 EVAL_TOKENS = 4096
 WINDOW = 256
@@ -75,6 +76,20 @@ def test_heldout_and_calib_disjoint() -> None:
         assert snip not in heldout
 
 
+def test_split_book_on_shipped_excerpt_is_disjoint_and_complete() -> None:
+    """A book between Gutenberg marker lines splits into ~90 % train + held-out tail, together the body."""
+    body = _read(EXCERPT)
+    raw = ("Header text\r\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\r\n" + body.replace("\n", "\r\n")
+           + "\r\n*** END OF THIS PROJECT GUTENBERG EBOOK X ***\r\nLicence text\r\n")  # fmt: skip
+    split = split_book(raw)
+    assert split.train + split.heldout == body.strip() + "\n"
+    assert "Header" not in split.train and "Licence" not in split.heldout
+    assert 0.88 < len(split.train) / len(body) < 0.97 and split.train.endswith("\n\n")
+    for snip in _snippets(split.heldout, 5, seed=5):
+        assert snip not in split.train
+
+
+@pytest.mark.shared_data
 def test_heldout_not_in_training_split() -> None:
     """Sampled held-out / calibration snippets never occur in any book's TRAIN split."""
     books = gutenberg_books()

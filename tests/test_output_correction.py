@@ -13,6 +13,7 @@ from cimconvert.methods.output_correction import (
     GainFit,
     OutputCorrectionMethod,
     fit_output_gains,
+    fold_expert_gains,
     fold_gains,
 )
 from cimconvert.placement import plan_model
@@ -74,7 +75,7 @@ def test_bundle_stores_corrected_weights_and_loads(tmp_path: Path) -> None:
     )
     out = tmp_path / "out"
     res = api.convert(str(DEMO / "tiny-olmoe"), "chipA", out=out, recipe=str(recipe), progress=False)
-    assert res["transforms"] == ["outlier_split", "output_gain"]
+    assert res["transforms"] == ["outlier_split", "experts_digital_inputs", "output_gain"]
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["step"] for s in manifest["recipe"]["steps"]] == ["outlier_channels", "output_correction"]
     model = api.load_bundle(out)
@@ -82,3 +83,32 @@ def test_bundle_stores_corrected_weights_and_loads(tmp_path: Path) -> None:
         logits = model(input_ids=torch.arange(3, 30).view(1, -1)).logits
     assert torch.isfinite(logits).all()
     assert res["method_report"]["2:output_correction"]["layers"] > 0
+
+
+def test_experts_get_per_expert_gains_unit_on_an_ideal_chip_and_folded_per_row() -> None:
+    model = build_tiny("olmoe")
+    ideal = load_profile("ideal")
+    fused = [info for info in plan_model(model, ideal).analog() if info.name.endswith("experts.down_proj")]
+    gains = fit_output_gains(model, [], plan_model(model, ideal).analog(), ideal, TOKENS, seeds=[0],
+                             experts=fused)  # fmt: skip
+    for info in fused:
+        assert gains[info.name].shape == info.shape[:2]
+        assert torch.allclose(gains[info.name], torch.ones_like(gains[info.name]), atol=1e-5)
+    name = fused[0].name
+    param = dict(model.named_parameters())[name]
+    before = param.detach().clone()
+    planted = torch.linspace(0.5, 1.5, before.shape[0] * before.shape[1]).view(before.shape[:2])
+    fold_expert_gains(model, {name: planted}, {name: "out_in"})
+    assert torch.allclose(param, before * planted[:, :, None])
+
+
+def test_method_corrects_fused_experts_under_chipA() -> None:
+    model = build_tiny("olmoe")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = OutputCorrectionMethod().apply(
+        model, None, load_profile("chipA"), {"correction_draws": 1, "calib_tokens": TOKENS}, progress=False
+    )
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    fused = {n for n in before if n.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    assert fused and fused <= changed
+    assert fused <= set(result.transforms[0]["targets"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_models import VOCAB, build_tiny
@@ -52,12 +54,30 @@ def test_loglikelihood_comparison_on_a_crafted_example() -> None:
     assert choose([-6.0, -10.0], [2, 10]) == (0, 1)
 
 
-@pytest.mark.skipif(
-    shared_data_dir() is None or not (shared_data_dir() / "piqa").is_dir(),
-    reason="PIQA validation files not found (set CIMCONVERT_SHARED_DATA to the shared data folder)",
-)
+#: The first 50 PIQA validation items (tests/data/README.md: source and licence).
+FIXTURE = Path(__file__).resolve().parent / "data" / "piqa"
+
+
+def test_piqa_fixture_loads_50_labelled_items() -> None:
+    items = load_piqa(folder=FIXTURE)
+    assert len(items) == 50 and all(isinstance(i, PiqaItem) and i.label in (0, 1) for i in items)
+    assert {i.label for i in items} == {0, 1}
+    assert all(i.goal and all(i.solutions) for i in items)
+
+
 def test_piqa_on_tiny_model_counts_items() -> None:
-    items = load_piqa(limit=6)
-    assert len(items) == 6 and all(isinstance(i, PiqaItem) and i.label in (0, 1) for i in items)
+    items = load_piqa(limit=6, folder=FIXTURE)
+    assert len(items) == 6
     result = score_piqa(build_tiny("mamba"), prepare_piqa(CharTokenizer(), items), batch_size=4)
     assert result["n"] == 6 and 0.0 <= result["acc"] <= 1.0 and 0.0 <= result["acc_norm"] <= 1.0
+
+
+@pytest.mark.shared_data
+@pytest.mark.skipif(
+    shared_data_dir() is None or not (shared_data_dir() / "piqa").is_dir(),
+    reason="full PIQA split not found (set CIMCONVERT_SHARED_DATA to the shared data folder)",
+)
+def test_piqa_fixture_is_the_start_of_the_full_split() -> None:
+    full = load_piqa()
+    assert len(full) == 1838
+    assert full[:50] == load_piqa(folder=FIXTURE)

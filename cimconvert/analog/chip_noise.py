@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from cimconvert.analog.experts import EXPERTS_IMPLEMENTATION
+from cimconvert.analog.experts import EXPERTS_IMPLEMENTATION, analog_columns, column_mask, digital_inputs
 from cimconvert.analog.patch import AnalogPatch
-from cimconvert.analog.routes import EXPERT_PARAMS
+from cimconvert.analog.routes import EXPERT_PARAMS, owner_of
 from cimconvert.errors import ModelInputError
 from cimconvert.profiles.schema import ChipProfile
 from cimconvert.simulator import MvmWeights, analog_matmul, prepare_mvm, program_weight
@@ -93,8 +93,10 @@ class NoiseHandle:
     ``perturbed``: analog tensors written with programmed values; ``mvm_simulated``: tensors whose
     matmuls run the per-MVM simulation; ``weight_only``: analog tensors with weight-level noise only;
     ``mvm_calls``: simulated matmul calls per tensor since the handle was created; ``mvm_weights``:
-    the prepared per-MVM weights of each simulated tensor (what its kernel uses); ``clock``: the
-    forward counter in counter noise mode (None otherwise).
+    the prepared per-MVM weights of each simulated tensor (what its kernel uses); ``crossbar``: the
+    programmed values of fused tensors with digital input channels as the crossbar holds them (their
+    parameter keeps the exact digital columns); ``clock``: the forward counter in counter noise mode
+    (None otherwise).
     """
 
     seed: int
@@ -105,12 +107,17 @@ class NoiseHandle:
     weight_only: list[str] = field(default_factory=list)
     mvm_calls: Counter[str] = field(default_factory=Counter)
     mvm_weights: dict[str, MvmWeights] = field(default_factory=dict, repr=False)
+    crossbar: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     clock: CounterClock | None = None
     _params: dict[str, nn.Parameter] = field(default_factory=dict, repr=False)
     _clean: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _hooks: list[RemovableHandle] = field(default_factory=list, repr=False)
     _patch: AnalogPatch | None = field(default=None, repr=False)
     active: bool = True
+
+    def programmed_weights(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Every parameter of ``model`` as programmed: analog tensors as the crossbar holds them."""
+        return {**dict(model.named_parameters()), **self.crossbar}
 
     def drop_mvm(self) -> None:
         """Stop the per-MVM simulation (matmuls run digitally on the programmed weights again)."""
@@ -131,6 +138,7 @@ class NoiseHandle:
         self.drop_mvm()
         self._clean.clear()
         self.mvm_weights.clear()
+        self.crossbar.clear()
         self.active = False
 
     def summary(self) -> dict[str, Any]:
@@ -184,6 +192,12 @@ def _unique_targets(targets: Iterable[AnalogTarget]) -> list[tuple[str, str]]:
     for target in targets:
         seen.setdefault(str(target.name), str(target.layout))
     return list(seen.items())
+
+
+def _digital_inputs(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The digital input channels of the fused experts tensor ``name`` (None for every other tensor)."""
+    owner, _, attr = owner_of(model, name)
+    return digital_inputs(owner, attr) if attr in EXPERT_PARAMS else None
 
 
 def _tick_hook(clock: CounterClock) -> Callable[..., None]:
@@ -240,13 +254,17 @@ def apply_chip_noise(
             clean = param.detach().to("cpu", copy=True)
             handle._params[name] = param
             handle._clean[name] = clean
-            noisy = program_weight(
-                param.detach(), profile, tensor_generator(seed, name), layout
-            )
-            param.copy_(noisy)
+            digital = _digital_inputs(model, name)
+            stored = param.detach() if digital is None else analog_columns(param.detach(), digital, layout)
+            noisy = program_weight(stored, profile, tensor_generator(seed, name), layout)
+            scales = clean_scales(stored, layout, profile) if profile.mvm.active else None  # type: ignore[arg-type]
+            if digital is None:
+                param.copy_(noisy)
+            else:  # digital input channels keep their exact values
+                param.copy_(torch.where(column_mask(param, digital, layout), param.detach(), noisy))
+                handle.crossbar[name] = noisy
             handle.perturbed.append(name)
             if profile.mvm.active:
-                scales = clean_scales(clean.to(param.device), layout, profile)  # type: ignore[arg-type]
                 mw = prepare_mvm(noisy, profile, layout, scales)  # type: ignore[arg-type]
                 _attach_mvm(handle, handle._patch, kernel, name, mw)
             else:

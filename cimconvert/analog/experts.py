@@ -11,6 +11,14 @@ Dispatch (which tokens meet which expert) is chosen here and nowhere else: ``spa
 routed tokens by expert (:func:`cimconvert.arch.experts.dispatch_experts`, as transformers' eager
 function); ``static`` loops over every expert with ``NonZero``-selected tokens (what the ONNX exporter
 traces, so the graph holds every expert whatever the trace input routes).
+
+Digital input channels (the ``outlier_channels`` method on fused experts): an experts module may carry,
+per fused tensor, the input channels of each expert that run digitally (:func:`set_digital_inputs`,
+``[experts, k]``). The fused parameter keeps the full matrix, so a clean forward is unchanged; an analog
+projection then runs the kernel on the input with those channels zeroed and adds the exact matmul of
+those channels (:meth:`ExpertsBinding.project`), and programming sees only the analog columns
+(:func:`analog_columns`). Observers (:func:`observe`) see each routed projection's input and output
+(calibration statistics, output-correction fits).
 """
 
 from __future__ import annotations
@@ -26,6 +34,11 @@ from torch import Tensor, nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from cimconvert.arch.experts import Projection, dispatch_experts
+
+#: Attribute of an experts module holding {fused tensor attribute: digital input channels ``[experts, k]``}.
+DIGITAL_INPUTS_ATTR = "cim_digital_inputs"
+#: Suffix of the buffer holding a fused tensor's digital columns ``[experts, out, k]`` during ONNX export.
+DIGITAL_COLUMNS_SUFFIX = "::cim_digital_columns"
 
 #: Name of the experts implementation registered in ``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS``.
 EXPERTS_IMPLEMENTATION = "cimconvert_analog"
@@ -84,17 +97,100 @@ class ExpertsBinding:
     analog: set[str] = field(default_factory=set)
 
     def project(self, module: nn.Module, pname: str, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """One expert's projection ``pname``: through the kernel if analog, exact otherwise (+ bias)."""
+        """One expert's projection ``pname``: through the kernel if analog, exact otherwise (+ bias).
+
+        With digital input channels, the kernel sees the input with those channels zeroed and their
+        exact matmul is added (the split is exact without noise).
+        """
         if pname in self.analog and self.kernel is not None:
             name = self.prefix + pname
             self.calls[name] += 1
-            y = self.kernel.expert(name, module, expert, x)
+            digital = digital_inputs(module, pname)
+            if digital is None:
+                y = self.kernel.expert(name, module, expert, x)
+            else:
+                index = digital[expert]
+                y = self.kernel.expert(name, module, expert, x.index_fill(-1, index, 0.0))
+                y = y + _digital_part(module, pname, expert, x.index_select(-1, index), index)
         else:
-            w = getattr(module, pname)[expert]
-            y = x @ w if getattr(module, "is_transposed", False) else nn.functional.linear(x, w)
+            y = _exact(module, getattr(module, pname)[expert], x)
+        for observer in _OBSERVERS.get(module, ()):
+            observer(pname, expert, x, y)
         if getattr(module, "has_bias", False):
             y = y + getattr(module, f"{pname}_bias")[expert]
         return y
+
+
+def _exact(module: nn.Module, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``x`` times one expert's matrix ``w`` in the module's storage layout."""
+    return x @ w if getattr(module, "is_transposed", False) else nn.functional.linear(x, w)
+
+
+def _digital_part(module: nn.Module, pname: str, expert: int, x: torch.Tensor, index: Tensor) -> Tensor:
+    """Exact matmul of the digital input channels ``x`` (their matrix columns, or the export buffer)."""
+    columns = getattr(module, pname + DIGITAL_COLUMNS_SUFFIX, None)
+    if columns is not None:
+        return nn.functional.linear(x, columns[expert])
+    w = getattr(module, pname)[expert]
+    transposed = getattr(module, "is_transposed", False)
+    return x @ w.index_select(0, index) if transposed else nn.functional.linear(x, w.index_select(1, index))
+
+
+def digital_inputs(module: nn.Module, pname: str) -> Tensor | None:
+    """The digital input channels ``[experts, k]`` of the fused tensor ``pname`` (None: all analog)."""
+    return getattr(module, DIGITAL_INPUTS_ATTR, {}).get(pname)
+
+
+def set_digital_inputs(module: nn.Module, pname: str, index: Tensor) -> None:
+    """Run input channels ``index`` (``[experts, k]``, sorted per expert) of ``pname`` digitally."""
+    param = getattr(module, pname)
+    if index.dim() != 2 or index.shape[0] != param.shape[0]:
+        raise ValueError(f"digital inputs of '{pname}' must be [experts={param.shape[0]}, k]")
+    table = dict(getattr(module, DIGITAL_INPUTS_ATTR, {}))
+    table[pname] = index.to(device=param.device, dtype=torch.long)
+    setattr(module, DIGITAL_INPUTS_ATTR, table)
+
+
+def input_dim(layout: str) -> int:
+    """The dimension of a fused ``[experts, ., .]`` tensor that indexes inputs (``out_in``: 2, else 1)."""
+    return 2 if layout == "out_in" else 1
+
+
+def column_mask(weight: Tensor, index: Tensor, layout: str) -> Tensor:
+    """Boolean mask of ``weight``'s shape, True on the digital input channels ``index`` of each expert."""
+    experts, inputs = weight.shape[0], weight.shape[input_dim(layout)]
+    mask = torch.zeros(experts, inputs, dtype=torch.bool, device=weight.device)
+    mask.scatter_(1, index.to(weight.device), True)
+    return mask[:, None, :] if layout == "out_in" else mask[:, :, None]
+
+
+def analog_columns(weight: Tensor, index: Tensor, layout: str) -> Tensor:
+    """A copy of the fused ``weight`` with the digital input channels zeroed (what the crossbar stores)."""
+    return weight.masked_fill(column_mask(weight, index, layout), 0.0)
+
+
+def digital_columns(weight: Tensor, index: Tensor, layout: str) -> Tensor:
+    """The digital columns of each expert as ``[experts, out, k]`` (``x_digital @ columnsᵀ``)."""
+    w = weight if layout == "out_in" else weight.transpose(1, 2)
+    return torch.gather(w, 2, index[:, None, :].expand(-1, w.shape[1], -1).to(w.device))
+
+
+Observer = Callable[[str, int, Tensor, Tensor], None]
+#: experts module → callbacks ``(pname, expert, x, y)`` run after each routed projection.
+_OBSERVERS: weakref.WeakKeyDictionary[nn.Module, list[Observer]] = weakref.WeakKeyDictionary()
+
+
+def observe(module: nn.Module, observer: Observer) -> Callable[[], None]:
+    """Call ``observer(pname, expert, x, y)`` after each routed projection of ``module``; returns the
+    function that removes it."""
+    _OBSERVERS.setdefault(module, []).append(observer)
+
+    def remove() -> None:
+        observers = _OBSERVERS.get(module, [])
+        if observer in observers:
+            observers.remove(observer)
+
+    return remove
 
 
 #: experts module → its binding, while a patch is open.

@@ -16,6 +16,14 @@ from typing import TYPE_CHECKING, Any
 from cimconvert.arch.registry import get_adapter
 from cimconvert.errors import ModelInputError
 
+#: ``quant_method`` of the ``quantization_config`` a cimconvert bundle's config.json carries (written by
+#: :mod:`cimconvert.bundle.quantization` for transformers' loaders; cimconvert itself reads the manifest).
+BUNDLE_QUANT_METHOD = "cimconvert"
+#: ``transformers_weights`` of a bundle's config.json: a weights file that does not exist, so a stock
+#: ``from_pretrained`` (cimconvert's quantizer not registered) fails naming it instead of loading a
+#: model without the bundle's transforms; the registered quantizer removes it before files are resolved.
+BUNDLE_WEIGHTS_GUARD = "REQUIRES-cimconvert--import-cimconvert-before-from_pretrained.safetensors"
+
 if TYPE_CHECKING:
     import torch
     from transformers import PretrainedConfig, PreTrainedModel
@@ -40,7 +48,7 @@ def load_config(source: str | Path | dict[str, Any]) -> PretrainedConfig:
     """The transformers config of a model folder or config dict; unsupported model types are errors."""
     from transformers import CONFIG_MAPPING, PretrainedConfig
 
-    data = read_config_dict(source) if not isinstance(source, dict) else dict(source)
+    data = without_bundle_loading_keys(read_config_dict(source) if not isinstance(source, dict) else source)
     model_type = data.get("model_type")
     builder = get_adapter(model_type or "").config_builder_ref()
     data = PretrainedConfig._decode_special_floats(data)  # {"__float__": "Infinity"} → inf, as HF does
@@ -55,6 +63,19 @@ def load_config(source: str | Path | dict[str, Any]) -> PretrainedConfig:
     if not isinstance(source, dict):
         config._name_or_path = str(source)
     return config
+
+
+def without_bundle_loading_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config dict without the keys a bundle writes for transformers' loaders only (its
+    ``cimconvert`` quantization_config and the weights guard): cimconvert loads a bundle through its
+    manifest, so a model built here is the plain architecture and no quantizer runs."""
+    data = dict(data)
+    quantization = data.get("quantization_config")
+    if isinstance(quantization, dict) and quantization.get("quant_method") == BUNDLE_QUANT_METHOD:
+        del data["quantization_config"]
+    if data.get("transformers_weights") == BUNDLE_WEIGHTS_GUARD:
+        del data["transformers_weights"]
+    return data
 
 
 def _first_line(exc: BaseException) -> str:

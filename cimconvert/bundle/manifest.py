@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cimconvert.placement import TensorInfo
+
 MANIFEST_SCHEMA_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "manifest.schema.json"
@@ -149,6 +151,15 @@ class TensorEntry(Entry):
     nbytes: int = Field(ge=0)
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the stored tensor bytes")
     transform: str | None = Field(default=None, description="id of the transform that produced it")
+
+    def placement_info(self, memory_name: str = "") -> TensorInfo:
+        """The :class:`~cimconvert.placement.TensorInfo` of this entry (``memory_name``: the in-memory
+        parameter it loads into, when known)."""
+        grid = (len(self.tile_grid.in_sizes), len(self.tile_grid.out_sizes)) if self.tile_grid else (0, 0)
+        return TensorInfo(name=self.name, kind=self.kind, shape=tuple(self.shape),  # type: ignore[arg-type]
+                          layout=self.layout, unit=self.unit, module=self.name.rpartition(".")[0],
+                          nbytes=self.nbytes, dtype=self.dtype, tiles=self.tiles, tile_grid=grid,
+                          memory_name=memory_name, reason="manifest")  # fmt: skip
 
 
 class TransformEntry(Entry):

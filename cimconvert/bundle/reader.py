@@ -17,11 +17,14 @@ import torch
 from pydantic import ValidationError
 
 from cimconvert.arch import get_adapter
+from cimconvert.bundle.costs import TENSOR_COUNT, deployment_figures
 from cimconvert.bundle.integrity import LOCK_NAME, member_path, signing_key, verified_manifest_bytes
-from cimconvert.bundle.manifest import MANIFEST_NAME, Manifest, TensorEntry, TransformEntry
-from cimconvert.checkpoint import load_hf_model, sha256_file
-from cimconvert.errors import BundleError, failure_detail
-from cimconvert.placement import Placement, TensorInfo
+from cimconvert.bundle.manifest import MANIFEST_NAME, Manifest, TransformEntry
+from cimconvert.bundle.quantization import check_format_version
+from cimconvert.bundle.report import step_outcomes
+from cimconvert.checkpoint import CONFIG_NAME, load_hf_model, sha256_file
+from cimconvert.errors import BundleError, CimError, failure_detail
+from cimconvert.placement import Placement
 from cimconvert.profiles import ChipProfile, profile_from_dict
 from cimconvert.transforms import TRANSFORM_KEY_CHANGES, TRANSFORM_LOADERS
 
@@ -62,9 +65,13 @@ def _read_locked(folder: Path, key: bytes | str | None) -> tuple[Manifest, dict[
         raise BundleError(f"{folder} is not a cimconvert bundle (no {MANIFEST_NAME})")
     data, lock = verified_manifest_bytes(folder, key)
     try:
-        manifest = Manifest.model_validate(json.loads(data.decode("utf-8")))
+        raw = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise BundleError(f"{path} is not valid JSON") from None
+    if isinstance(raw, dict) and "schema_version" in raw:
+        check_format_version(raw["schema_version"], str(path))
+    try:
+        manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -104,19 +111,10 @@ def placement_from_manifest(manifest: Manifest) -> Placement:
     ``placement.model_placement`` maps the result onto a loaded model.
     """
     adapter = get_adapter(manifest.source.model_type)
-    infos = [_tensor_info(entry, adapter.memory_name(entry.name)) for entry in manifest.tensors]
+    infos = [entry.placement_info(adapter.memory_name(entry.name)) for entry in manifest.tensors]
     patterns = manifest.placement_config.overrides
     overrides = {"analog": patterns.analog, "digital": patterns.digital}
     return Placement.of(infos, manifest_profile(manifest), overrides)
-
-
-def _tensor_info(entry: TensorEntry, memory_name: str) -> TensorInfo:
-    """The :class:`~cimconvert.placement.TensorInfo` of one manifest tensor entry."""
-    grid = (len(entry.tile_grid.in_sizes), len(entry.tile_grid.out_sizes)) if entry.tile_grid else (0, 0)
-    return TensorInfo(name=entry.name, kind=entry.kind, shape=tuple(entry.shape),  # type: ignore[arg-type]
-                      layout=entry.layout, unit=entry.unit, module=entry.name.rpartition(".")[0],
-                      nbytes=entry.nbytes, dtype=entry.dtype, tiles=entry.tiles, tile_grid=grid,
-                      memory_name=memory_name, reason="manifest")  # fmt: skip
 
 
 def verify_bundle(out: str | Path, manifest: Manifest | None = None) -> list[str]:
@@ -172,6 +170,16 @@ def _run_transform(entry: TransformEntry, fn: Callable[..., Any], *args: Any) ->
         ) from None
 
 
+def read_verified_manifest(out: str | Path, verify: bool = True, key: bytes | str | None = None) -> Manifest:
+    """:func:`read_manifest`, then (with ``verify``) every file checked against it: BundleError on the first
+    problem. What every loader of a bundle reads first."""
+    folder = Path(out)
+    manifest = read_manifest(folder, key)
+    if verify:
+        _raise_problems(folder, verify_bundle(folder, manifest))
+    return manifest
+
+
 def load_bundle(
     out: str | Path, dtype: torch.dtype = torch.float32, verify: bool = True, key: bytes | str | None = None
 ) -> torch.nn.Module:
@@ -181,9 +189,7 @@ def load_bundle(
     ``verify`` every file's sha256 is checked too and a mismatch raises BundleError.
     """
     folder = Path(out)
-    manifest = read_manifest(folder, key)
-    if verify:
-        _raise_problems(folder, verify_bundle(folder, manifest))
+    manifest = read_verified_manifest(folder, verify, key)
     model = load_hf_model(
         folder, manifest.source.model_type, dtype, expected_key_changes=expected_key_changes(manifest)
     )
@@ -201,8 +207,20 @@ def _unit_summary(manifest: Manifest, unit: str) -> dict[str, Any]:
     }
 
 
+def _deployment(folder: Path, manifest: Manifest) -> dict[str, Any] | None:
+    """The deployment figures of a bundle (None when its config.json is missing or unreadable: the
+    verification then names the file)."""
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        return deployment_figures(manifest, config) if isinstance(config, dict) else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, CimError):
+        return None
+
+
 def inspect_bundle(out: str | Path, verify: bool = True, key: bytes | str | None = None) -> dict[str, Any]:
-    """Summary of a bundle (model, profile, per-unit counts/bytes, transforms) and its verification.
+    """Summary of a bundle (model, profile, per-unit counts/bytes, transforms, what each recipe step did,
+    its warnings and the deployment figures of :func:`cimconvert.bundle.costs.deployment_figures`) and
+    its verification.
 
     ``verified`` is True when every checksum matches (None when ``verify`` is False); ``problems``
     lists what failed; ``signed`` says whether ``bundle.lock`` carries an HMAC and
@@ -212,6 +230,7 @@ def inspect_bundle(out: str | Path, verify: bool = True, key: bytes | str | None
     folder = Path(out)
     manifest, lock = _read_locked(folder, key)
     problems = verify_bundle(folder, manifest) if verify else []
+    steps = step_outcomes(manifest)
     return {
         "bundle": str(folder),
         "model": manifest.source.model,
@@ -221,10 +240,14 @@ def inspect_bundle(out: str | Path, verify: bool = True, key: bytes | str | None
         "profile_hash": manifest.profile.content_hash,
         "producer": f"{manifest.producer.name} {manifest.producer.version}",
         "created": manifest.created,
+        "tensor_count": TENSOR_COUNT,
         "units": {unit: _unit_summary(manifest, unit) for unit in ("analog", "digital")},
         "totals": manifest.totals.model_dump(exclude={"placement"}),
         "recipe": None if manifest.recipe is None else manifest.recipe.model_dump(mode="json"),
         "transforms": [t.model_dump() for t in manifest.transforms],
+        "steps": steps,
+        "warnings": [f"step {s['index']} {s['step']}: {w}" for s in steps for w in s["warnings"]],
+        "deployment": _deployment(folder, manifest),
         "seeds": dict(manifest.seeds),
         "files": len(manifest.files),
         "verified": (not problems) if verify else None,

@@ -17,7 +17,6 @@ import datetime as dt
 import hashlib
 import json
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from cimconvert import __version__
+from cimconvert.bundle.costs import deployment_figures
 from cimconvert.bundle.integrity import LOCK_NAME, write_manifest_and_lock
 from cimconvert.bundle.manifest import (
     MANIFEST_NAME,
@@ -50,6 +50,7 @@ from cimconvert.bundle.manifest import (
     match_target,
 )
 from cimconvert.bundle.outdir import move_into_place, out_lock, tmp_path
+from cimconvert.bundle.quantization import write_hf_config
 from cimconvert.bundle.report import render_report
 from cimconvert.checkpoint import (
     CONFIG_NAME,
@@ -62,6 +63,7 @@ from cimconvert.checkpoint import (
 )
 from cimconvert.errors import BundleError, CimError, ModelInputError, failure_detail
 from cimconvert.profiles import ChipProfile
+from cimconvert.progress import progress_bar
 from cimconvert.simulator.program import clean_scales
 from cimconvert.simulator.tiles import tile_grid
 
@@ -450,9 +452,7 @@ def _infos(placement: Any, metas: list[TensorMeta]) -> dict[str, Any]:
 def _progress_bar(total: int, enabled: bool) -> tuple[Callable[[int], None], Callable[[], None]]:
     if not enabled:
         return (lambda n: None), (lambda: None)
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="converting", file=sys.stderr, leave=False)
+    bar = progress_bar(total=total, unit="B", unit_scale=True, desc="converting")
     return bar.update, bar.close
 
 
@@ -476,12 +476,13 @@ def write_bundle(
     """Write the bundle for ``source`` placed by ``placement`` into ``out`` (atomically).
 
     Every on-disk tensor keeps its name and dtype and goes to an ``analog-*`` or ``digital-*`` shard
-    (rolled over at ``max_shard_size`` bytes); ``model.safetensors.index.json`` covers all of them so
-    transformers loads the folder as a normal model. Analog tensors get abs-max mapping scales in
-    ``cim_scales.safetensors``. Also writes ``manifest.json`` and ``REPORT.md`` and copies config,
-    generation config and tokenizer files. Refuses a non-empty ``out`` unless ``force`` (the old folder
-    is replaced only once the new bundle is complete). ``origin`` is the checkpoint the manifest names as
-    the source when ``source`` is a transformed temporary copy of it (methods such as ROMER/HPD).
+    (rolled over at ``max_shard_size`` bytes); ``model.safetensors.index.json`` covers all of them.
+    Analog tensors get abs-max mapping scales in ``cim_scales.safetensors``. Also writes ``manifest.json``
+    and ``REPORT.md``, copies generation config and tokenizer files, and copies config.json with the
+    manifest's ``quantization_config`` added, so transformers loads the folder through cimconvert's
+    quantizer (:mod:`cimconvert.bundle.quantization`). Refuses a non-empty ``out`` unless ``force`` (the
+    old folder is replaced only once the new bundle is complete). ``origin`` is the checkpoint the
+    manifest names as the source when ``source`` is a transformed temporary copy of it (ROMER, HPD, ...).
     ``finalize(tmp_folder, manifest)`` runs before the manifest is written (e.g. the ONNX export): files it
     adds to the folder are hashed into ``manifest.files`` and the dict it returns is merged into
     ``manifest.extra``, so the bundle appears complete or not at all. ``bundle.lock`` (the manifest's
@@ -600,7 +601,7 @@ def _assemble(
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
         source=SourceInfo(
             model=origin.model_id,
-            path=str(origin.origin_path),
+            path=origin.recorded_path or str(origin.origin_path),
             revision=origin.revision,
             model_type=origin.model_type,
             files=[FileEntry(name=f.name, sha256=f.sha256, bytes=f.bytes) for f in origin.files()],
@@ -619,9 +620,11 @@ def _assemble(
         files=[],
         totals=totals,
     )
+    write_hf_config(folder, manifest)  # config.json is hashed into manifest.files below
     if recorded.finalize is not None:
         manifest.extra = {**manifest.extra, **recorded.finalize(folder, manifest)}
-    (folder / REPORT_NAME).write_text(render_report(manifest), encoding="utf-8")
+    report = render_report(manifest, deployment_figures(manifest, source.config))
+    (folder / REPORT_NAME).write_text(report, encoding="utf-8")
     manifest.files = _file_entries(folder, written.files)
     write_manifest_and_lock(folder, manifest.model_dump_json(indent=2) + "\n", recorded.key)
     return manifest

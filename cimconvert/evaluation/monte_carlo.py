@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
 from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.devices import model_device
@@ -16,11 +15,18 @@ from cimconvert.distributed import fingerprint, model_fingerprint, spread, tenso
 from cimconvert.errors import CimError
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.profiles import ChipProfile
+from cimconvert.progress import progress_bar
+from cimconvert.transforms.romer.hook import routing_calibration_off
 
 
 @dataclass
 class NoisyEvalResult:
-    """Clean and noisy perplexities; ``per_seed`` lists the draws in seed order."""
+    """Clean and noisy perplexities; ``per_seed`` lists the draws in seed order.
+
+    ``clean_ppl`` is the model without chip noise as a clean router routes it: a ROMER bundle's router
+    calibration (fitted for noisy logits) is off for it. ``noise_free_ppl`` is the model as deployed without
+    chip noise (calibration on); the two differ only when ``calibrated_routing_layers`` > 0.
+    """
 
     profile: str
     profile_hash: str
@@ -28,6 +34,8 @@ class NoisyEvalResult:
     clean_ppl: float
     per_seed: list[float] = field(default_factory=list)
     analog_tensors: int = 0
+    noise_free_ppl: float | None = None
+    calibrated_routing_layers: int = 0
 
     @property
     def noisy_mean(self) -> float:
@@ -46,6 +54,9 @@ class NoisyEvalResult:
                 f"clean perplexity is {self.clean_ppl}: the model's logits are not finite "
                 "(overflow in its weights or activations)"
             )
+        if self.noise_free_ppl is not None and not math.isfinite(self.noise_free_ppl):
+            raise CimError(f"noise-free perplexity (calibrated routing) is {self.noise_free_ppl}: the logits "
+                           "are not finite")  # fmt: skip
         for seed, value in zip(self.seeds, self.per_seed, strict=False):
             if not math.isfinite(value):
                 raise CimError(
@@ -57,6 +68,7 @@ class NoisyEvalResult:
     def to_dict(self) -> dict:
         """Stable JSON keys (documented in docs/JSON.md)."""
         out = asdict(self)
+        out["noise_free_ppl"] = self.clean_ppl if self.noise_free_ppl is None else self.noise_free_ppl
         out["noisy_ppl_mean"] = self.noisy_mean
         out["noisy_ppl_std"] = self.noisy_std
         out["degradation_pct"] = 100.0 * (self.noisy_mean / self.clean_ppl - 1.0)
@@ -88,7 +100,8 @@ def noisy_perplexities(
     """Perplexity under each seed's programmed chip; the clean weights are restored after each draw."""
     ppl_fn = ppl_fn or (lambda m, t: perplexity(m, t))
     results = []
-    for seed in tqdm(list(seeds), desc=f"noise draws ({profile.name})", disable=not progress, unit="draw"):
+    draws = progress_bar(list(seeds), desc=f"noise draws ({profile.name})", enabled=progress, unit="draw")
+    for seed in draws:
         results.append(noisy_perplexity(model, tokens, targets, profile, seed, ppl_fn))
     return results
 
@@ -118,23 +131,32 @@ def evaluate_model(
     batch_size: int = 8,
     progress: bool = False,
 ) -> NoisyEvalResult:
-    """Clean perplexity plus one perplexity per noise seed, on the same tokens and windows.
+    """Clean perplexity plus one perplexity per noise seed, on the same tokens and windows (and, for a model
+    with calibrated routing, its noise-free perplexity as deployed: see :class:`NoisyEvalResult`).
 
-    Under a ``torchrun`` launch the clean pass and the draws are shared out over the ranks
+    Under a ``torchrun`` launch these passes are shared out over the ranks
     (:func:`cimconvert.distributed.spread`); every rank returns the full, identical result.
     """
 
     def ppl_fn(m: torch.nn.Module, t: torch.Tensor) -> float:
         return perplexity(m, t, seq_len=seq_len, stride=stride, batch_size=batch_size)
 
-    def run(seed: int | None) -> float:
-        if seed is None:
-            return ppl_fn(model, tokens)
-        return noisy_perplexity(model, tokens, targets, profile, seed, ppl_fn)
+    with routing_calibration_off(model) as calibrated:  # counts the layers whose routing is calibrated
+        pass
 
+    def run(task: int | str) -> float:
+        if task == "clean":  # as a clean router routes it
+            with routing_calibration_off(model):
+                return ppl_fn(model, tokens)
+        if task == "noise_free":  # as deployed, without chip noise
+            return ppl_fn(model, tokens)
+        return noisy_perplexity(model, tokens, targets, profile, int(task), ppl_fn)
+
+    passes: list[int | str] = ["clean", *(["noise_free"] if calibrated else []), *seeds]
     agree = run_fingerprint(model, tokens, targets, profile, list(seeds), seq_len, stride, batch_size)
     desc = f"clean + noise draws ({profile.name})" if progress else None
-    clean, *noisy = spread([None, *seeds], run, model_device(model), agree, progress=desc)
+    clean, *rest = spread(passes, run, model_device(model), agree, progress=desc)
+    noise_free, noisy = (rest[0], rest[1:]) if calibrated else (clean, rest)
     return NoisyEvalResult(
         profile=profile.name,
         profile_hash=profile.content_hash(),
@@ -142,4 +164,6 @@ def evaluate_model(
         clean_ppl=clean,
         per_seed=noisy,
         analog_tensors=len(targets),
+        noise_free_ppl=noise_free,
+        calibrated_routing_layers=calibrated,
     )

@@ -6,9 +6,9 @@ import math
 from collections.abc import Iterator
 
 import torch
-from tqdm.auto import tqdm
 
 from cimconvert.devices import to_model_device
+from cimconvert.progress import progress_bar
 
 
 def windows(n_tokens: int, seq_len: int, stride: int) -> Iterator[tuple[int, int, int]]:
@@ -54,7 +54,7 @@ def perplexity(
     spans = list(windows(int(tokens.numel()), seq_len, stride))
     total_nll, total_count = 0.0, 0
     model.eval()
-    bar = tqdm(total=len(spans), desc=desc, disable=not progress, leave=False, unit="win")
+    bar = progress_bar(total=len(spans), desc=desc, enabled=progress, inner=True, unit="win")
     for start in range(0, len(spans), batch_size):
         group = spans[start : start + batch_size]
         for length in sorted({e - b for b, e, _ in group}):

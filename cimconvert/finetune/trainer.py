@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from tqdm.auto import tqdm
 
 from cimconvert.bundle.reader import is_bundle, placement_from_manifest, read_manifest
 from cimconvert.checkpoint import resolve_model
@@ -44,6 +43,7 @@ from cimconvert.finetune.training_data import check_tokens, sample_batch, traini
 from cimconvert.gutenberg import GUTENBERG_TRAIN
 from cimconvert.placement import Placement, model_placement, plan_model
 from cimconvert.profiles import ChipProfile, load_profile
+from cimconvert.progress import progress_bar
 
 METHODS = ("ste", "nat", "none")
 STATE_FILE = "finetune_state.pt"
@@ -200,13 +200,8 @@ class Trainer:
     def run(self, progress: bool = True, state_path: Path | None = None) -> list[StepStats]:
         """Train up to ``cfg.steps``; saves the state every ``cfg.save_every`` steps when given a path."""
         tokens_per_step = self.cfg.batch_size * self.cfg.seq_len
-        bar = tqdm(
-            total=self.cfg.steps,
-            initial=self.step,
-            desc=f"finetune {self.cfg.method}",
-            unit="step",
-            disable=not progress,
-        )
+        bar = progress_bar(total=self.cfg.steps, initial=self.step, desc=f"finetune {self.cfg.method}",
+                           unit="step", enabled=progress)
         done: list[StepStats] = []
         try:
             while self.step < self.cfg.steps:

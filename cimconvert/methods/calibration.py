@@ -1,7 +1,8 @@
 """Calibration text → token batches, shared by every method that fits something on unlabelled text.
 
 Options (declared once here so the CLI shows each flag once, whichever methods use it):
-``--calib-data`` (a shipped corpus name such as ``calib`` or a UTF-8 text file), ``--calib-samples``
+``calib_data`` (a shipped corpus name such as ``calib`` or a UTF-8 text file; the convert command's
+``--dataset``, formerly ``--calib-data``), ``--calib-samples``
 (number of sequences) and ``--calib-seq-len`` (tokens per sequence). The sequences are consecutive,
 non-overlapping windows from the start of the text, so a calibration set is reproducible and never
 overlaps the held-out evaluation text when the two corpora are disjoint (``calib`` / ``heldout``).
@@ -10,16 +11,20 @@ overlaps the held-out evaluation text when the two corpora are disjoint (``calib
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from cimconvert.analog.routes import route_of
+from cimconvert.analog.experts import observe
+from cimconvert.analog.patch import AnalogPatch, CleanKernel
+from cimconvert.analog.routes import owner_of, route_of
 from cimconvert.datasets import load_text, token_ids
 from cimconvert.errors import CimError
 from cimconvert.methods.base import MethodOption
-from cimconvert.placement import Placement, current_placement
+from cimconvert.placement import Placement, TensorInfo, current_placement
 from cimconvert.profiles import ChipProfile
 
 if TYPE_CHECKING:
@@ -31,7 +36,7 @@ DEFAULT_CALIB_SEQ_LEN = 256
 
 
 def calibration_options() -> tuple[MethodOption, ...]:
-    """The shared ``--calib-data/--calib-samples/--calib-seq-len`` options (imported lazily: no cycle)."""
+    """The shared ``calib_data`` (``--dataset``) / ``--calib-samples`` / ``--calib-seq-len`` options."""
     return (
         MethodOption(
             "calib_data", str, DEFAULT_CALIB_DATA,
@@ -128,3 +133,43 @@ def analog_linear_layers(model: nn.Module, profile: ChipProfile, placement: Plac
         if type(model.get_submodule(module_path)) is nn.Linear:
             names.append(module_path)
     return names
+
+
+def analog_expert_tensors(
+    model: nn.Module, profile: ChipProfile, placement: Placement | None
+) -> list[TensorInfo]:
+    """The analog fused experts tensors of ``model`` (in placement order)."""
+    placed = current_placement(model, profile, placement)
+    return [info for info in placed.analog() if route_of(model, info.name) == "experts"]
+
+
+ExpertObserver = Callable[[str, int, torch.Tensor, torch.Tensor], None]
+
+
+@contextmanager
+def observed_experts(model: nn.Module, names: Sequence[str], observer: ExpertObserver) -> Iterator[None]:
+    """While open, ``observer(tensor, expert, x, y)`` sees every projection of the fused tensors ``names``.
+
+    The tensors are routed through the exact kernel; a noise patch opened inside takes them over (its
+    binding is restored on close), so the observer then sees the simulated outputs.
+    """
+    wanted = set(names)
+    patch = AnalogPatch(model, CleanKernel())
+    removers: list[Callable[[], None]] = []
+    try:
+        owners: dict[str, nn.Module] = {}
+        for name in names:
+            patch.route(name)
+            owner, path, _ = owner_of(model, name)
+            owners[path] = owner
+        for path, owner in owners.items():
+            def relay(pname: str, expert: int, x: torch.Tensor, y: torch.Tensor, prefix: str = path) -> None:
+                if f"{prefix}.{pname}" in wanted:
+                    observer(f"{prefix}.{pname}", expert, x, y)
+
+            removers.append(observe(owner, relay))
+        yield
+    finally:
+        for remove in removers:
+            remove()
+        patch.close()

@@ -3,8 +3,8 @@
 Chosen from real-model measurements (benchmarks/robust.py, docs/ROBUSTNESS.md), never from the tiny
 demo models: on SmolLM2-135M under chipA, keeping each analog linear layer's 5 % largest-activation input
 channels digital and then folding per-channel output gains fitted across chip draws into the weights
-was the best recipe measured within a 5 % digital budget. ``moe`` runs the same two steps on the
-attention (and shared) linear layers, then ROMER. SSMs keep HPD on the last block's ``out_proj``: no
+was the best recipe measured within a 5 % digital budget. ``moe`` runs the same two steps (on the linear
+layers and, per expert, on the fused experts), then ROMER. SSMs keep HPD on the last block's ``out_proj``: no
 real SSM checkpoint was measured (see ROBUSTNESS.md).
 
 Steps that fit on calibration text need the model's tokenizer; ``auto`` skips them for a checkpoint

@@ -16,6 +16,7 @@ digital afterwards would carry a gain it no longer needs.
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 from collections.abc import Sequence
@@ -25,23 +26,30 @@ import torch
 from torch import nn
 
 from cimconvert.analog.chip_noise import apply_chip_noise
+from cimconvert.analog.routes import owner_of
 from cimconvert.devices import to_model_device
 from cimconvert.errors import CimError
 from cimconvert.methods.base import MethodOption, MethodResult, register_method
 from cimconvert.methods.calibration import (
+    analog_expert_tensors,
     analog_linear_layers,
     calibration_options,
     calibration_tokens,
     iter_batches,
+    observed_experts,
 )
-from cimconvert.placement import Placement, current_placement
+from cimconvert.placement import Placement, TensorInfo, current_placement
 from cimconvert.profiles import ChipProfile
 from cimconvert.transforms.folded import FOLDED_TYPES
+
+LOGGER = logging.getLogger(__name__)
 
 NAME = "output_correction"
 TRANSFORM_TYPE = FOLDED_TYPES[0]
 DEFAULT_DRAWS = 2
 DEFAULT_SEED = 200_000
+#: An expert's gains are fitted only from this many routed calibration tokens on (else they stay 1).
+MIN_EXPERT_TOKENS = 64
 
 
 class GainFit:
@@ -50,6 +58,7 @@ class GainFit:
     def __init__(self, out_features: int) -> None:
         self.cross = torch.zeros(out_features, dtype=torch.float64)
         self.analog_sq = torch.zeros(out_features, dtype=torch.float64)
+        self.rows = 0
 
     def add(self, analog: torch.Tensor, exact: torch.Tensor) -> None:
         """Accumulate one batch of analog and exact outputs ``[..., out]``."""
@@ -57,11 +66,60 @@ class GainFit:
         e = exact.reshape(-1, exact.shape[-1]).double()
         self.cross += (a * e).sum(0)
         self.analog_sq += (a * a).sum(0)
+        self.rows += a.shape[0]
 
     def gain(self) -> torch.Tensor:
         """``Σ exact·analog / Σ analog²`` per channel (1 where a channel never produced output)."""
         gain = self.cross / self.analog_sq.clamp_min(1e-30)
         return torch.where(self.analog_sq > 0, gain, torch.ones_like(gain))
+
+
+class ExpertGainFits:
+    """One :class:`GainFit` per expert of each fused experts tensor (an expert observer).
+
+    Compares each routed projection's (simulated) output with the exact matmul of the same input by
+    the clean matrix (``clean``, copied before any noise is applied).
+    """
+
+    def __init__(self, model: nn.Module, tensors: Sequence[TensorInfo]) -> None:
+        self.layouts = {info.name: info.layout for info in tensors}
+        params = dict(model.named_parameters())
+        self.clean = {info.name: params[info.name].detach().clone() for info in tensors}
+        self.fits = {
+            info.name: [GainFit(_fused_out_features(info)) for _ in range(info.shape[0])] for info in tensors
+        }
+
+    def __call__(self, name: str, expert: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Fold one projection into its expert's fit."""
+        w = self.clean[name][expert]
+        exact = nn.functional.linear(x, w) if self.layouts[name] == "out_in" else x @ w
+        self.fits[name][expert].add(y.detach(), exact)
+
+    def gains(self) -> dict[str, torch.Tensor]:
+        """``[experts, out]`` gains per tensor (1 for an expert fewer than ``MIN_EXPERT_TOKENS`` reached)."""
+        return {
+            name: torch.stack([fit.gain() if fit.rows >= MIN_EXPERT_TOKENS else torch.ones_like(fit.cross)
+                               for fit in fits])
+            for name, fits in self.fits.items()
+        }  # fmt: skip
+
+
+def _fused_out_features(info: TensorInfo) -> int:
+    """Outputs of one expert's matrix of a fused ``[experts, ., .]`` tensor."""
+    return info.shape[1] if info.layout == "out_in" else info.shape[2]
+
+
+def fold_expert_gains(model: nn.Module, gains: dict[str, torch.Tensor], layouts: dict[str, str]) -> None:
+    """Scale each expert's output rows of each fused tensor (and its bias) by its gains, in place."""
+    with torch.no_grad():
+        for name, gain in gains.items():
+            owner, _, attr = owner_of(model, name)
+            param = getattr(owner, attr)
+            g = gain.to(param.dtype)
+            param.mul_(g[:, :, None] if layouts[name] == "out_in" else g[:, None, :])
+            bias = getattr(owner, f"{attr}_bias", None) if getattr(owner, "has_bias", False) else None
+            if bias is not None:
+                bias.mul_(g.to(bias.dtype))
 
 
 def _exact_output_hook(fit: GainFit, clean_weight: torch.Tensor):
@@ -100,29 +158,33 @@ def calibration_ppl(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8)
 def fit_output_gains(
     model: nn.Module, layers: Sequence[str], targets: Sequence[Any], profile: ChipProfile,
     tokens: torch.Tensor, seeds: Sequence[int], batch_size: int = 8, ppl_out: list[float] | None = None,
+    experts: Sequence[TensorInfo] = (),
 ) -> dict[str, torch.Tensor]:  # fmt: skip
-    """Per-channel gain of each layer in ``layers``, pooled over chip instances ``seeds`` (noise in
-    ``targets``, the analog tensors of ``model``) on the calibration ``tokens``. ``ppl_out`` receives
-    the calibration perplexity of each instance (the fitting passes give it for free)."""
+    """Per-channel gain of each layer in ``layers`` (and ``[experts, out]`` gains of each fused tensor in
+    ``experts``), pooled over chip instances ``seeds`` (noise in ``targets``, the analog tensors of
+    ``model``) on the calibration ``tokens``. ``ppl_out`` receives the calibration perplexity of each
+    instance (the fitting passes give it for free)."""
     fits = {name: GainFit(model.get_submodule(name).out_features) for name in layers}
     clean = {name: model.get_submodule(name).weight.detach().clone() for name in layers}
+    expert_fits = ExpertGainFits(model, experts)
     handles = [model.get_submodule(name).register_forward_hook(_exact_output_hook(fits[name], clean[name]))
                for name in layers]  # fmt: skip
     try:
         model.eval()
-        for seed in seeds:
-            with apply_chip_noise(model, targets, profile, seed):
-                ppl = calibration_ppl(model, tokens, batch_size)
-            if ppl_out is not None:
-                ppl_out.append(ppl)
+        with observed_experts(model, [info.name for info in experts], expert_fits):
+            for seed in seeds:
+                with apply_chip_noise(model, targets, profile, seed):
+                    ppl = calibration_ppl(model, tokens, batch_size)
+                if ppl_out is not None:
+                    ppl_out.append(ppl)
     finally:
         for handle in handles:
             handle.remove()
-    return {name: fit.gain() for name, fit in fits.items()}
+    return {**{name: fit.gain() for name, fit in fits.items()}, **expert_fits.gains()}
 
 
 def fold_gains(model: nn.Module, gains: dict[str, torch.Tensor]) -> None:
-    """Scale each layer's weight rows (and bias) by its gains, in place."""
+    """Scale each linear layer's weight rows (and bias) by its gains, in place."""
     with torch.no_grad():
         for name, gain in gains.items():
             module = model.get_submodule(name)
@@ -132,7 +194,7 @@ def fold_gains(model: nn.Module, gains: dict[str, torch.Tensor]) -> None:
 
 
 def _summary(gains: dict[str, torch.Tensor]) -> dict[str, Any]:
-    every = torch.cat([g.float() for g in gains.values()]) if gains else torch.ones(1)
+    every = torch.cat([g.float().reshape(-1) for g in gains.values()]) if gains else torch.ones(1)
     return {"gain_mean": float(every.mean()), "gain_std": float(every.std()) if every.numel() > 1 else 0.0,
             "gain_min": float(every.min()), "gain_max": float(every.max())}  # fmt: skip
 
@@ -160,33 +222,41 @@ class OutputCorrectionMethod:
         if draws < 1:
             raise CimError(f"--correction-draws must be at least 1 (got {draws})")
         layers = analog_linear_layers(model, profile, placement)
-        if not layers:
-            raise CimError("output_correction: the model has no analog linear layer to correct")
+        experts = analog_expert_tensors(model, profile, placement)
+        if not layers and not experts:
+            raise CimError("output_correction: the model has no analog linear layer or fused experts")
         placed = current_placement(model, profile, placement)
         tokens = calibration_tokens(model, options)
         seeds = [first + i for i in range(draws)]
         if progress:
-            print(f"output_correction: fitting {len(layers)} layers over {draws} chip draws, "
-                  f"{tokens.numel()} calibration tokens")  # fmt: skip
+            LOGGER.info("output_correction: fitting %d layers and %d fused experts tensors over %d chip "
+                        "draws, %d calibration tokens", len(layers), len(experts), draws, tokens.numel())
         clean_ppl = calibration_ppl(model, tokens)
         before: list[float] = []
-        gains = fit_output_gains(model, layers, placed.analog(), profile, tokens, seeds, ppl_out=before)
-        fold_gains(model, gains)
+        gains = fit_output_gains(model, layers, placed.analog(), profile, tokens, seeds, ppl_out=before,
+                                 experts=experts)  # fmt: skip
+        fold_gains(model, {name: gains[name] for name in layers})
+        fold_expert_gains(model, {info.name: gains[info.name] for info in experts},
+                          {info.name: info.layout for info in experts})  # fmt: skip
         check = first + draws  # one more instance, not used by the fit
         with apply_chip_noise(model, placed.analog(), profile, check):
             after = calibration_ppl(model, tokens)
         summary = _summary(gains)
+        corrected = len(layers) + len(experts)
         entry = {"id": "output-correction", "type": TRANSFORM_TYPE,
-                 "params": {"folded_into": "weight rows", "layers": len(layers), "draws": draws,
-                            "seeds": seeds, **summary},
-                 "targets": [f"{name}.weight" for name in layers]}  # fmt: skip
+                 "params": {"folded_into": "weight rows (per expert for fused experts)", "layers": corrected,
+                            "draws": draws, "seeds": seeds, **summary},
+                 "targets": [f"{name}.weight" for name in layers] + [i.name for i in experts]}  # fmt: skip
         noisy = statistics.fmean(before)
-        report = {"method": NAME, "layers": len(layers), "draws": draws,
+        report = {"method": NAME, "layers": corrected, "draws": draws,
                   "calibration_tokens": int(tokens.numel()), **summary,
                   "calibration_ppl_clean": clean_ppl, "calibration_ppl_noisy_before": noisy,
                   "calibration_ppl_noisy_after": after, "check_seed": check,
                   "summary": f"calibration text, clean PPL {clean_ppl:.2f}: noisy {noisy:.2f} before the "
                              f"correction ({draws} fitting draws), {after:.2f} after (draw {check})"}
+        if after >= noisy:
+            report["warnings"] = [f"the correction did not lower the calibration PPL on an unseen chip draw "
+                                  f"({noisy:.2f} before, {after:.2f} after)"]  # fmt: skip
         return MethodResult(transforms=[entry], seeds={"output_correction": [*seeds, check]}, report=report)
 
 

@@ -43,7 +43,8 @@ class PlacementStep:
         patterns = [str(p) for p in options.get("patterns") or ()]
         if not patterns:
             raise CimError(f"{self.name}: option 'patterns' names no tensor")
-        report = {"method": self.name, "unit": self.unit, "patterns": patterns}
+        report = {"method": self.name, "unit": self.unit, "patterns": patterns,
+                  "summary": f"placed {', '.join(patterns)} on the {self.unit} unit (the model is unchanged)"}
         if self.unit == "digital":
             return MethodResult(report=report, digital=patterns)
         return MethodResult(report=report, analog=patterns)

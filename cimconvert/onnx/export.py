@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import sys
+import logging
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -38,8 +38,9 @@ from onnx import ModelProto
 from torch import nn
 
 from cimconvert import __version__
+from cimconvert.analog.experts import DIGITAL_COLUMNS_SUFFIX, analog_columns, digital_columns, digital_inputs
 from cimconvert.analog.patch import AnalogPatch
-from cimconvert.analog.routes import owner_of, route_of
+from cimconvert.analog.routes import EXPERT_PARAMS, owner_of, route_of
 from cimconvert.arch import get_adapter
 from cimconvert.bundle.manifest import Manifest
 from cimconvert.bundle.reader import manifest_profile, placement_from_manifest
@@ -50,6 +51,8 @@ from cimconvert.onnx.metadata import build_metadata, set_metadata
 from cimconvert.placement import model_placement
 from cimconvert.profiles.schema import ChipProfile
 from cimconvert.simulator.program import clean_scales
+
+LOGGER = logging.getLogger(__name__)
 
 OPSET = 18
 ONNX_DIR = "onnx"
@@ -189,6 +192,20 @@ class _Patches:
             self._undo.pop()()
 
 
+def _split_digital_columns(
+    patches: _Patches, owner: nn.Module, attr: str, index: torch.Tensor, layout: str
+) -> None:
+    """Export a fused tensor with digital input channels as its analog columns (the AnalogMatMul weight,
+    digital columns zeroed) plus a buffer of the digital columns (a plain initializer the runtime never
+    programs); the model is restored on undo."""
+    param = getattr(owner, attr)
+    patches.buffer(owner, attr + DIGITAL_COLUMNS_SUFFIX, digital_columns(param.detach(), index, layout))
+    saved = param.detach().clone()
+    with torch.no_grad():
+        param.copy_(analog_columns(param.detach(), index, layout))
+    patches.call(lambda: param.data.copy_(saved))
+
+
 @contextlib.contextmanager
 def export_patches(
     model: nn.Module, specs: dict[str, list[AnalogSpec]], profile: ChipProfile
@@ -210,6 +227,9 @@ def export_patches(
                 weight_only.append(name)
                 continue
             owner, _, attr = owner_of(model, name)
+            digital = digital_inputs(owner, attr) if attr in EXPERT_PARAMS else None
+            if digital is not None:
+                _split_digital_columns(patches, owner, attr, digital, node_specs[0].layout)
             scales = clean_scales(getattr(owner, attr), node_specs[0].layout, profile)  # type: ignore[arg-type]
             patches.buffer(owner, attr + SCALES_SUFFIX, scales)
             analog.route(name)
@@ -452,7 +472,7 @@ def export_bundle_onnx(
     chip = manifest_profile(manifest)
     targets = model_placement(model, placement_from_manifest(manifest), chip).analog()
     if progress:
-        print(f"exporting ONNX ({len(targets)} analog tensors) ...", file=sys.stderr, flush=True)
+        LOGGER.info("exporting ONNX (%d analog tensors) ...", len(targets))
     folder = Path(bundle_dir)
     result = export_model(model, targets, chip, folder / ONNX_DIR, manifest=manifest, base=folder)
     return {"files": result.files, "onnx": result.to_dict()}

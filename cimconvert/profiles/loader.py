@@ -122,7 +122,9 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any, origin: str) -> N
     node = data
     keys = dotted.split(".")
     for key in keys[:-1]:
-        child = node.setdefault(key, {})
+        if node.get(key) is None:  # absent, or null (an unknown cost figure): set its fields from scratch
+            node[key] = {}
+        child = node[key]
         if not isinstance(child, dict):
             raise ProfileError(f"profile {origin}: field '{dotted}' cannot be set")
         node = child

@@ -215,6 +215,53 @@ class PlacementDefaults(Strict):
     digital: list[TensorKind] = Field(default_factory=lambda: ["lm_head", "router", "shared_expert_gate"])
 
 
+class CostFigure(Strict):
+    """One published cost figure: its value, the publication it comes from and how it was derived."""
+
+    value: float = Field(ge=0, description="the figure, in the unit its field name ends with")
+    source: str = Field(min_length=1, description="the publication (citation string) the value comes from")
+    note: str = Field(default="", description="how the value was derived from the source, if not quoted")
+
+
+#: Cost fields of :class:`CostSpec` and what each one prices (docs/PROFILES.md, docs/BUNDLE.md).
+COST_FIELDS: dict[str, str] = {
+    "analog_mac_energy_pj": "energy per analog multiply-accumulate (pJ)",
+    "tile_read_energy_pj": "energy per read of one tile (one MVM on one crossbar array, pJ)",
+    "adc_energy_pj": "energy per ADC conversion (pJ)",
+    "dac_energy_pj": "energy per DAC conversion (pJ)",
+    "digital_mac_energy_pj": "energy per digital multiply-accumulate (pJ)",
+    "tile_read_latency_ns": "time of one tile read (one MVM on one crossbar array, ns)",
+    "tile_area_mm2": "area of one crossbar array with its periphery (mm²)",
+}
+
+
+class CostSpec(Strict):
+    """Published cost figures for the deployment report (energy, latency, area estimates per token).
+
+    Every figure is optional: null means no published source gives it, and the report says "unknown"
+    instead of estimating. ``converters_in_analog_energy``: the analog energy figure (per MAC or per tile
+    read) is a whole-chip efficiency that already contains the DAC/ADC conversions, so they are not
+    priced again. Costs only feed the report: they are left out of the profile's content hash.
+    """
+
+    analog_mac_energy_pj: CostFigure | None = None
+    tile_read_energy_pj: CostFigure | None = None
+    adc_energy_pj: CostFigure | None = None
+    dac_energy_pj: CostFigure | None = None
+    digital_mac_energy_pj: CostFigure | None = None
+    tile_read_latency_ns: CostFigure | None = None
+    tile_area_mm2: CostFigure | None = None
+    converters_in_analog_energy: bool = Field(
+        default=False, description="the analog energy figure already includes the DAC/ADC conversions"
+    )
+
+    @model_validator(mode="after")
+    def _one_analog_energy(self) -> CostSpec:
+        if self.analog_mac_energy_pj is not None and self.tile_read_energy_pj is not None:
+            raise ValueError("give either analog_mac_energy_pj or tile_read_energy_pj, not both")
+        return self
+
+
 class ChipProfile(Strict):
     """A chip profile: device noise model, mapping, periphery and default placement."""
 
@@ -230,6 +277,9 @@ class ChipProfile(Strict):
     mvm: MvmSpec = Field(default_factory=MvmSpec)
     faults: FaultSpec = Field(default_factory=FaultSpec)
     placement: PlacementDefaults = Field(default_factory=PlacementDefaults)
+    costs: CostSpec = Field(
+        default_factory=CostSpec, description="published cost figures for the report (null: unknown)"
+    )
     parameters: dict[str, str] = Field(
         default_factory=dict,
         description="short names for dotted fields, settable as NAME:key=value (e.g. sigma)",
@@ -258,8 +308,13 @@ class ChipProfile(Strict):
         )
 
     def canonical_json(self) -> str:
-        """The profile as canonical JSON (sorted keys, no whitespace): the input of the content hash."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """The profile as canonical JSON (sorted keys, no whitespace): the input of the content hash.
+
+        ``costs`` is left out: it changes no simulated number, only the report's estimates, so adding a
+        published figure to a profile keeps its bundles' hashes (and ``validate``'s profile check) valid.
+        """
+        data = self.model_dump(mode="json", exclude={"costs"})
+        return json.dumps(data, sort_keys=True, separators=(",", ":"))
 
     def content_hash(self) -> str:
         """sha256 of the canonical JSON, recorded in manifests so results name the exact profile."""

@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 
-from cimconvert.transforms import folded, hpd_split, outlier_split
+from cimconvert.transforms import experts_inputs, folded, hpd_split, outlier_split
 from cimconvert.transforms.romer import loader as romer_loader
 
 #: Transform type → fn(model, transform_entry, bundle_dir) that re-applies it on load (in place).
 TRANSFORM_LOADERS: dict[str, Callable[[torch.nn.Module, Any, Path], None]] = {
     hpd_split.TRANSFORM_TYPE: hpd_split.load_hpd_split,
     outlier_split.TRANSFORM_TYPE: outlier_split.load_outlier_split,
+    experts_inputs.TRANSFORM_TYPE: experts_inputs.load_experts_inputs,
     romer_loader.REPLACEMENT_TYPE: romer_loader.load_replacement,
     romer_loader.ROUTING_TYPE: romer_loader.load_routing,
     **dict.fromkeys(folded.FOLDED_TYPES, folded.already_folded),

@@ -116,6 +116,9 @@ def apply_hpd(
         "digital_extra_bytes": sum(r["digital_extra_bytes"] for r in rows),
         "analog_bytes_change": sum(r["analog_bytes_change"] for r in rows),
     }
+    names = ", ".join(r["layer"] for r in rows[:3]) + (", ..." if len(rows) > 3 else "")
+    report["summary"] = (f"split {len(rows)} layer(s) ({names}) into {FACTORS[factor]}: "
+                         f"+{report['digital_macs_per_token']:,} digital MACs/token")  # fmt: skip
     return MethodResult(
         transforms=transforms,
         seeds={},

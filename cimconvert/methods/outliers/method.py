@@ -8,6 +8,7 @@ noise and the ADC step. Running those channels digitally lets the crossbar see a
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -19,13 +20,16 @@ from cimconvert.devices import to_model_device
 from cimconvert.errors import CimError
 from cimconvert.methods.base import MethodOption, MethodResult
 from cimconvert.methods.calibration import (
+    analog_expert_tensors,
     analog_linear_layers,
     calibration_options,
     calibration_tokens,
     iter_batches,
 )
+from cimconvert.methods.outliers.experts import observe_expert_maxima, split_expert_outliers
 from cimconvert.placement import Placement
 from cimconvert.profiles import ChipProfile
+from cimconvert.transforms import experts_inputs
 from cimconvert.transforms.hpd_split import replace_module
 from cimconvert.transforms.outlier_split import (
     ANALOG,
@@ -35,9 +39,13 @@ from cimconvert.transforms.outlier_split import (
     layer_params,
 )
 
+LOGGER = logging.getLogger(__name__)
+
 DEFAULT_PERCENT = 3.0
 #: Largest share of a layer's input channels the method moves (beyond it, keep the layer digital).
 MAX_PERCENT = 50.0
+#: Which analog matmuls get digital outlier channels: ``all`` (linear layers and fused experts) or ``linear``.
+SCOPES = ("all", "linear")
 
 
 @torch.no_grad()
@@ -68,9 +76,10 @@ def channel_maxima(model: nn.Module, layers: Sequence[str], tokens: torch.Tensor
 
 
 def channels_for(in_features: int, percent: float) -> int:
-    """How many input channels ``percent`` % of ``in_features`` keeps digital: rounded up (at least one), so
-    a layer's digital share can exceed ``percent`` by less than one channel (5 % of 576 → 29, 5.03 %)."""
-    return max(1, math.ceil(percent / 100.0 * in_features - 1e-9))
+    """How many input channels ``percent`` % of ``in_features`` keeps digital: rounded down (at least one),
+    so the digital share stays within ``percent`` (5 % of 576 → 28, 4.86 %) except where one channel is
+    already more than ``percent`` of the layer."""
+    return max(1, math.floor(percent / 100.0 * in_features + 1e-9))
 
 
 def split_outliers(
@@ -136,33 +145,64 @@ class OutlierChannelsMethod:
             "outlier_channels: % of each analog linear layer's input channels kept digital (those with the "
             "largest calibration activations)",
         ),
+        MethodOption(
+            "outlier_scope", str, SCOPES[0],
+            "outlier_channels: which analog matmuls get digital outlier channels (all: linear layers and "
+            "fused experts, per expert; linear: linear layers only)", choices=SCOPES,
+        ),
         *calibration_options(),
     )  # fmt: skip
 
     def apply(self, model: nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],
               progress: bool = True, placement: Placement | None = None) -> MethodResult:  # fmt: skip
-        """Measure the calibration maxima of every analog linear layer and split off its outlier channels."""
+        """Measure the calibration maxima of every analog linear layer (and fused experts tensor) and split
+        off its outlier channels."""
         percent = float(options.get("outlier_percent", DEFAULT_PERCENT))
         if not 0.0 < percent <= MAX_PERCENT:
             raise CimError(f"--outlier-percent must be in (0, {MAX_PERCENT:g}] (got {percent:g})")
         layers = analog_linear_layers(model, profile, placement)
-        if not layers:
-            raise CimError("outlier_channels: the model has no analog linear layer to split")
+        experts = analog_expert_tensors(model, profile, placement)
+        if options.get("outlier_scope", SCOPES[0]) != "all":
+            experts = []
+        if not layers and not experts:
+            raise CimError("outlier_channels: the model has no analog linear layer or fused experts to split")
         tokens = calibration_tokens(model, options)
         if progress:
-            print(f"outlier_channels: calibration maxima of {len(layers)} layers on {tokens.numel()} tokens")
-        maxima = channel_maxima(model, layers, tokens)
+            LOGGER.info("outlier_channels: calibration maxima of %d layers and %d fused experts tensors "
+                        "on %d tokens", len(layers), len(experts), tokens.numel())
+        observing, expert_maxima = observe_expert_maxima(model, experts)
+        with observing:
+            maxima = channel_maxima(model, layers, tokens)
         params, rows = split_outliers(model, maxima, percent)
-        entry = {
+        top_k = adapter.top_k(model.config) if experts else 0
+        expert_params, expert_rows = split_expert_outliers(
+            model, experts, expert_maxima.result(), lambda n: channels_for(n, percent), top_k
+        )
+        return MethodResult(
+            transforms=_entries(params, expert_params, percent),
+            report=_report(rows + expert_rows, percent, tokens),
+            analog=[f"{p['module']}.{ANALOG}.weight" for p in params],
+            digital=[f"{p['module']}.{DIGITAL}.weight" for p in params],
+        )
+
+
+def _entries(params: list[dict[str, Any]], expert_params: list[dict[str, Any]], percent: float) -> list:
+    """The manifest transform entries: split linear layers, then fused experts' digital input channels."""
+    entries = []
+    if params:
+        entries.append({
             "id": "outlier-channels",
             "type": TRANSFORM_TYPE,
             "params": {"percent": percent, "order": "y = analog(x[analog]) + digital(x[digital])",
                        "layers": params},
             "targets": [f"{p['module']}.{part}.weight" for p in params for part in (ANALOG, DIGITAL)],
-        }  # fmt: skip
-        return MethodResult(
-            transforms=[entry],
-            report=_report(rows, percent, tokens),
-            analog=[f"{p['module']}.{ANALOG}.weight" for p in params],
-            digital=[f"{p['module']}.{DIGITAL}.weight" for p in params],
-        )
+        })  # fmt: skip
+    if expert_params:
+        entries.append({
+            "id": "outlier-channels-experts",
+            "type": experts_inputs.TRANSFORM_TYPE,
+            "params": {"percent": percent, "order": "y_e = analog(x with digital[e] zeroed) + "
+                       "digital(x[digital[e]])", "tensors": expert_params},
+            "targets": [p["tensor"] for p in expert_params],
+        })  # fmt: skip
+    return entries

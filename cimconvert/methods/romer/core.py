@@ -156,7 +156,7 @@ def calibration_stats(
         seeds = [cfg.calib_seed + i for i in range(cfg.calib_seeds)]
     def run(seed: int) -> tuple[dict[str, Any], float]:  # plain data: it may travel between ranks
         stats, programmed = _noisy_run(model, moe, tokens, cfg, (targets, profile, seed),
-                                       progress and len(seeds) < 2)  # fmt: skip
+                                       progress)  # fmt: skip
         return asdict(stats), programmed
 
     # Under a torchrun launch the instances are shared out over the ranks (cimconvert.distributed).

@@ -111,6 +111,26 @@ def plan_transforms(plan: RomerPlan, moe: MoeRouting, adapter: Any) -> list[dict
     return entries
 
 
+def plan_outcome(plan: RomerPlan, cfg: RomerConfig, router_analog: bool) -> dict[str, Any]:
+    """The report's ``summary`` (what ROMER changed) and ``warnings`` (e.g. router calibration inactive)."""
+    calibrated = sum(1 for spec in plan.routing.values() if spec.calibration != "none")
+    copies = sum(len(pairs) for pairs in plan.pairs.values())
+    layers = len(plan.routing)
+    replaced = "expert replacement off"
+    if cfg.replacement != "none":
+        replaced = f"{copies} cold expert(s) replaced ({cfg.replacement})"
+    summary = f"router calibration ({cfg.router_calibration}) active in {calibrated} of {layers} MoE layers; "
+    summary += replaced
+    warnings = []
+    if calibrated == 0 and cfg.router_calibration != "none":
+        why = "the routers are digital and " if not router_analog else ""
+        warnings.append(f"router calibration inactive under this profile: {why}every layer's noisy router "
+                        "logits stayed within router_deadband of the clean ones")  # fmt: skip
+    if copies == 0 and cfg.replacement != "none":
+        warnings.append("expert replacement inactive: no expert was cold under noise (replace_tau)")
+    return {"summary": summary, "warnings": warnings}
+
+
 class RomerMethod:
     """ROMER (arXiv 2605.11800): expert replacement and router calibration, post-training, no labels."""
 
@@ -132,7 +152,8 @@ class RomerMethod:
         targets = _noise_targets(model, profile, options, placement)
         if (not targets or profile.is_ideal) and not (cfg.calib_mode == "in-situ" and cfg.insitu_logits):
             note = f"profile {profile.name} adds no analog noise: ROMER left the model unchanged"
-            return MethodResult(report={"config": dict(cfg.__dict__), "skipped": note})
+            return MethodResult(report={"config": dict(cfg.__dict__), "skipped": note, "summary": note,
+                                        "warnings": [note]})  # fmt: skip
         with torch.no_grad():
             stats = calibration_stats(model, moe, tokens, targets, profile, cfg, progress)
             plan = build_plan(stats, moe, cfg)
@@ -151,6 +172,7 @@ class RomerMethod:
             "cost_vs_one_noisy_pass": round(total / max(one_pass, 1e-9), 2),
             **plan.report,
         }
+        report.update(plan_outcome(plan, cfg, report["router_analog"]))
         return MethodResult(
             transforms=plan_transforms(plan, moe, adapter),
             seeds={"romer_calibration": stats.seeds},

@@ -10,7 +10,9 @@ token to the replica). It returns ``(calibrated_logits, top_k_weights, top_k_ind
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -136,3 +138,26 @@ def remove_hook(router: nn.Module) -> None:
     if handle is not None:
         handle.remove()
         delattr(router, HOOK_ATTR)
+
+
+def _routing_hooks(model: nn.Module) -> Iterator[RoutingHook]:
+    """The routing hooks installed on ``model``'s routers."""
+    for module in model.modules():
+        handle = getattr(module, HOOK_ATTR, None)
+        hook = module._forward_hooks.get(handle.id) if handle is not None else None
+        if isinstance(hook, RoutingHook):
+            yield hook
+
+
+@contextmanager
+def routing_calibration_off(model: nn.Module) -> Iterator[int]:
+    """``model``'s routing hooks with their logit calibration switched off for the block (masks and replicas
+    kept): the noise-free model as a clean router routes it. Yields how many layers had a calibration."""
+    changed = [(hook, hook.spec) for hook in _routing_hooks(model) if hook.spec.calibration != "none"]
+    for hook, spec in changed:
+        hook.spec = replace(spec, calibration="none")
+    try:
+        yield len(changed)
+    finally:
+        for hook, spec in changed:
+            hook.spec = spec

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from cimconvert.analog.experts import DIGITAL_INPUTS_ATTR
 from cimconvert.errors import CimError
 
 Mode = Literal["none", "substitute", "replicate_split"]
@@ -67,20 +68,32 @@ def copy_experts(experts: nn.Module, pairs: list[list[int]]) -> list[str]:
         touched.append(name)
     if pairs and not touched:
         raise CimError(f"{type(experts).__name__} has no fused expert tensors to replace")
+    for index in getattr(experts, DIGITAL_INPUTS_ATTR, {}).values():  # the copy keeps its donor's split
+        for dst, src in pairs:
+            index[dst] = index[src]
     return touched
 
 
 def snapshot(experts: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the fused expert tensors (to undo a replacement)."""
-    return {
+    """Copies of the fused expert tensors and of their digital input channels (to undo a replacement)."""
+    saved = {
         name: getattr(experts, name).detach().clone()
         for name in EXPERT_TENSORS
         if isinstance(getattr(experts, name, None), torch.Tensor)
     }
+    digital = getattr(experts, DIGITAL_INPUTS_ATTR, {})
+    return {**saved, **{_digital_key(name): index.clone() for name, index in digital.items()}}
+
+
+def _digital_key(name: str) -> str:
+    return f"{DIGITAL_INPUTS_ATTR}:{name}"
 
 
 @torch.no_grad()
 def restore(experts: nn.Module, saved: dict[str, torch.Tensor]) -> None:
     """Put back the tensors saved by :func:`snapshot`."""
+    digital = getattr(experts, DIGITAL_INPUTS_ATTR, {})
     for name, tensor in saved.items():
-        getattr(experts, name).copy_(tensor)
+        pname = name.removeprefix(f"{DIGITAL_INPUTS_ATTR}:")
+        target = digital[pname] if pname != name else getattr(experts, name)
+        target.copy_(tensor)
