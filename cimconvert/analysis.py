@@ -13,8 +13,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cimconvert.bundle.reader import is_bundle
 from cimconvert.datasets import load_text, tokenize
+from cimconvert.devices import describe, resolve_device, resolve_dtype
+from cimconvert.distributed import is_main_rank
 from cimconvert.errors import CimError
 from cimconvert.evaluation.loading import load_for_eval
 from cimconvert.evaluation.sensitivity import FIRST_SEED, GRANULARITIES, group_targets, sensitivity_scan
@@ -84,12 +88,16 @@ def _short(name: str) -> str:
     return f"{parts[digits[0]]}.{parts[-1]}" if digits and digits[0] != len(parts) - 1 else parts[-1]
 
 
+def scan_paths(out: str | Path) -> dict[str, Path]:
+    """The files :func:`write_scan` writes into folder ``out``, by kind (json, md, png)."""
+    return {k: Path(out) / f"sensitivity.{k}" for k in ("json", "md", "png")}
+
+
 def write_scan(scan: dict[str, Any], out: str | Path) -> dict[str, str]:
     """Write ``sensitivity.json``, ``.md`` and ``.png`` into folder ``out``; returns their paths."""
     text = dumps(scan, indent=2)  # a NaN/Inf figure fails here, before anything is written
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = {k: folder / f"sensitivity.{k}" for k in ("json", "md", "png")}
+    paths = scan_paths(out)
+    paths["json"].parent.mkdir(parents=True, exist_ok=True)
     paths["json"].write_text(text, encoding="utf-8")
     paths["md"].write_text(format_table(scan) + "\n", encoding="utf-8")
     plot_scan(scan, paths["png"])
@@ -111,24 +119,33 @@ def analyze(
     analog: Sequence[str] = (),
     digital: Sequence[str] = (),
     progress: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Sensitivity scan of MODEL (HF folder, hub id or bundle) under ``profile``; writes JSON/MD/PNG.
 
     ``out`` defaults to ``./<model>-sensitivity-<profile>/``. Returns the scan plus the written paths.
+    ``device`` / ``dtype`` as in :func:`cimconvert.api.evaluate`. Under a ``torchrun`` launch the
+    (layer, seed) draws are shared out over the ranks and only rank 0 writes the files.
     """
     if seeds < 1:
         raise CimError("--seeds must be at least 1")
-    net, tokenizer, targets, chip = load_for_eval(model, profile)
+    where = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, where)
+    net, tokenizer, targets, chip = load_for_eval(model, profile, where, torch_dtype)
     if analog or digital or not is_bundle(model):  # a what-if placement (a bundle's own is read back)
         targets = hpd_placement(net, chip, analog, digital).analog()
     tokens = tokenize(tokenizer, load_text(dataset), max_tokens)
     scan = sensitivity_scan(net, tokens, targets, chip, [seed + i for i in range(seeds)], granularity,
                             seq_len=seq_len, batch_size=batch_size, progress=progress)  # fmt: skip
-    scan.update({"model": model, "dataset": dataset})
+    scan.update({"model": model, "dataset": dataset, **describe(where, torch_dtype)})
     folder = (
         Path(out)
         if out is not None
         else Path.cwd() / f"{Path(model.rstrip('/')).name}-sensitivity-{chip.name}"
     )
-    scan["files"] = write_scan(scan, folder)
+    if is_main_rank():  # the other ranks of a launch computed their share and write nothing
+        scan["files"] = write_scan(scan, folder)
+    else:
+        scan["files"] = {k: str(v) for k, v in scan_paths(folder).items()}
     return scan

@@ -33,11 +33,13 @@ from cimconvert.bundle.reader import load_bundle as read_bundle
 from cimconvert.bundle.writer import check_out_dir, write_bundle
 from cimconvert.checkpoint import DTYPES, check_weights_finite, has_tokenizer, resolve_model
 from cimconvert.datasets import load_text, tokenize
+from cimconvert.devices import describe, model_device, place_model, resolve_device, resolve_dtype
+from cimconvert.distributed import is_main_rank
 from cimconvert.errors import BundleError, CimError, failure_detail
 from cimconvert.evaluation.loading import load_for_eval
 from cimconvert.evaluation.monte_carlo import evaluate_model
 from cimconvert.layerwise import LayerwiseModel, evaluate_layerwise
-from cimconvert.layerwise.memory import check_onnx_fits, use_layerwise
+from cimconvert.layerwise.memory import check_onnx_fits, use_layerwise_here
 from cimconvert.methods import all_options
 from cimconvert.methods.defaults import calibration_free
 from cimconvert.onnx.export import export_bundle_onnx
@@ -274,6 +276,19 @@ def _saved_in_memory(net: torch.nn.Module, tokenizer: Any) -> Iterator[Path]:
         yield folder
 
 
+def _run_steps(
+    source: Any, compute: tuple[torch.device, torch.dtype], adapter: Any, chip: ChipProfile, resolved: Recipe,
+    placement: Placement, progress: bool,
+) -> tuple[torch.nn.Module, Any, Placement]:
+    """Load the source model, run the recipe's steps on ``compute`` (device, dtype); the model comes back
+    on the CPU. Under a torchrun launch every rank runs this (the steps share their noise draws)."""
+    net = check_weights_finite(source.load_model(dtype=torch.float32))
+    place_model(net, *compute)
+    result, stepped = run_recipe(net, adapter, chip, resolved, placement, progress)
+    place_model(net, torch.device("cpu"), None)  # saved and exported from the CPU
+    return net, result, stepped
+
+
 def convert(
     model: str | Path | torch.nn.Module,
     profile: str | ChipProfile,
@@ -291,6 +306,7 @@ def convert(
     key: bytes | str | None = None,
     recipe: str | Path | Recipe | None = None,
     tokenizer: Any = None,
+    device: str | torch.device | None = None,
     layerwise: bool | str = "auto",
 ) -> dict[str, Any]:
     """Convert a checkpoint into a bundle for ``profile`` (or only plan it with ``dry_run``).
@@ -308,17 +324,24 @@ def convert(
     the steps' transforms and seeds. Without steps the checkpoint is streamed, never materialised.
     ``onnx`` also writes ``onnx/model.onnx`` (analog matmuls as ``ai.cimconvert.AnalogMatMul`` nodes).
     ``model`` may be a GGUF file, dequantised to ``dtype`` first (see :mod:`cimconvert.gguf`).
+    ``device`` / ``dtype``: where and in what the recipe's steps (calibration) run (default: the CPU,
+    float32); the bundle stores the source's dtype whatever ``dtype`` is. Under a ``torchrun`` launch
+    every rank runs the steps (ROMER shares its calibration draws out over the ranks) and rank 0 alone
+    locks and writes OUT.
     OUT is locked against other writers for the whole run; leftovers of killed runs on OUT are removed
     first and listed under ``recovered``. ``key`` (or ``$CIMCONVERT_SIGNING_KEY``) signs ``bundle.lock``.
     ``layerwise`` (True, False or ``"auto"``: when the float32 model exceeds half the available memory)
-    runs the steps one decoder layer at a time (:mod:`cimconvert.layerwise`; ROMER) and streams the
+    runs the steps one decoder layer at a time in float32 on ``device`` (:mod:`cimconvert.layerwise`;
+    ROMER; one process, not under ``torchrun``) and streams the
     checkpoint into the bundle with their transforms. ``onnx`` on a model whose export would not fit in
     memory is refused before anything is written (use ``onnx=False``).
     """
+    where = resolve_device(device)
+    compute = (where, resolve_dtype(dtype, where))
     options = dict(
         out=out, method=method, analog=analog, digital=digital, dry_run=dry_run, force=force, seed=seed,
         progress=progress, method_options=method_options, onnx=onnx, dtype=dtype, key=key, recipe=recipe,
-        layerwise=layerwise,
+        compute=compute, layerwise=layerwise,
     )
     _check_method_options(method_options)
     if isinstance(model, torch.nn.Module):
@@ -345,9 +368,11 @@ def _convert(
     dtype: str | None,
     key: bytes | str | None,
     recipe: str | Path | Recipe | None,
+    compute: tuple[torch.device, torch.dtype],
     layerwise: bool | str,
 ) -> dict[str, Any]:
-    """:func:`convert` of a checkpoint on disk; ``label`` is what the manifest and result call the model."""
+    """:func:`convert` of a checkpoint on disk; ``label`` is what the manifest and result call the model;
+    ``compute``: the (device, dtype) the recipe's steps run on."""
     chip = load_profile(profile)
     given = _given_recipe(recipe, method, method_options)
     source = resolve_model(model, dtype=dtype, progress=progress)
@@ -365,7 +390,7 @@ def _convert(
         return _dry_run_result(label, chip, resolved, placement)
     if onnx:
         check_onnx_fits(source, label)
-    by_layer = bool(resolved.steps) and use_layerwise(layerwise, source)
+    by_layer = bool(resolved.steps) and use_layerwise_here(layerwise, source)
     if by_layer:
         check_layerwise(resolved)
     out_dir = Path(out) if out is not None else default_out_dir(label.removeprefix("in-memory:"), chip)
@@ -375,11 +400,15 @@ def _convert(
     if skipped:
         extra["auto_skipped"] = skipped
     recorded = resolved.model_dump(mode="json")
+    if not is_main_rank():  # another rank of a torchrun launch: its share of the steps' draws, no writing
+        if resolved.steps:
+            _run_steps(source, compute, adapter, chip, resolved, placement, progress=False)
+        return {"dry_run": False, "model": label, "out": str(out_dir), "written": False}
     with out_lock(out_dir) as lock:  # one writer per OUT, from here to the final rename
         check_out_dir(out_dir, force)  # fail before any expensive work
         if by_layer:
             summary, report, transform_types = _convert_layerwise(
-                source, chip, resolved, placement, out_dir, extra,
+                source, (chip, compute[0]), resolved, placement, out_dir, extra,
                 dict(seed=seed, force=force, progress=progress, onnx=onnx, key=key, recipe=recorded),
             )
         elif not resolved.steps:
@@ -389,8 +418,7 @@ def _convert(
             report: dict[str, Any] = {}
             transform_types: list[str] = []
         else:
-            net = check_weights_finite(source.load_model(dtype=torch.float32))
-            result, stepped = run_recipe(net, adapter, chip, resolved, placement, progress)
+            net, result, stepped = _run_steps(source, compute, adapter, chip, resolved, placement, progress)
             report = result.report
             transform_types = [t["type"] for t in result.transforms]
             summary, placement = _bundle_transformed(
@@ -426,12 +454,14 @@ def _with_transforms(source: Any, transforms: list[dict[str, Any]]) -> torch.nn.
 
 
 def _convert_layerwise(
-    source: Any, chip: ChipProfile, resolved: Recipe, placement: Placement, out_dir: Path,
-    extra: dict[str, Any], opts: dict[str, Any],
+    source: Any, target: tuple[ChipProfile, torch.device], resolved: Recipe, placement: Placement,
+    out_dir: Path, extra: dict[str, Any], opts: dict[str, Any],
 ) -> tuple[Any, dict[str, Any], list[str]]:  # fmt: skip
-    """Run the recipe layer by layer and stream the checkpoint into OUT with the steps' transforms;
-    returns (BundleSummary, method report, transform types)."""
-    result = run_recipe_layerwise(LayerwiseModel.open(source), chip, resolved, placement, opts["progress"])
+    """Run the recipe layer by layer (float32 on the device of ``target``) and stream the checkpoint into
+    OUT with the steps' transforms; returns (BundleSummary, method report, transform types)."""
+    chip, device = target
+    lw = LayerwiseModel.open(source, device)
+    result = run_recipe_layerwise(lw, chip, resolved, placement, opts["progress"])
     extra.update(method_report=result.report, layer_by_layer=True)
     hook = None
     if opts["onnx"]:
@@ -492,30 +522,39 @@ def evaluate(
     threads: int | None = None,
     progress: bool = True,
     tokenizer: Any = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
     layerwise: bool | str = "auto",
 ) -> dict[str, Any]:
     """Clean perplexity and perplexity under ``seeds`` chip-noise draws (seed, seed+1, ...).
 
     ``model``: a checkpoint folder, hub id or bundle, or an in-memory Hugging Face model with its
     ``tokenizer`` (its analog tensors planned under ``profile``; each draw is undone bit-exactly).
-    ``layerwise`` (True, False or ``"auto"``: when the float32 checkpoint exceeds half the available
-    memory) evaluates a checkpoint one decoder layer at a time (:mod:`cimconvert.layerwise`), with the
-    same numbers; bundles and in-memory models are evaluated whole.
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``) and ``dtype`` (``float32``, ``bfloat16``,
+    ``float16``): where and in what the model runs (the simulator computes in float32 on that device);
+    an in-memory model stays where and as it is unless they are given. Under a ``torchrun`` launch the
+    draws are shared out over the ranks (README, "Large models and clusters"); every rank returns the same
+    result. ``layerwise`` (True, False or ``"auto"``: when the float32 checkpoint exceeds half the
+    available memory) evaluates a checkpoint one decoder layer at a time on ``device``, in float32
+    (:mod:`cimconvert.layerwise`), with the same numbers; bundles and in-memory models are evaluated whole.
     """
     _set_threads(threads)
+    where = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, where)
     text = load_text(dataset)
     lw = None
     if isinstance(model, torch.nn.Module):
         net, tokenizer, targets, chip = _in_memory_for_eval(model, tokenizer, profile)
+        place_model(net, where if device is not None else None, torch_dtype if dtype is not None else None)
         label = _in_memory_label(model)
     else:
         label = str(model)
         source, by_layer = _eval_source(label, profile, layerwise)
         if by_layer:
-            lw, chip = LayerwiseModel.open(source), load_profile(str(profile))
+            lw, chip = LayerwiseModel.open(source, where), load_profile(str(profile))
             net, targets, tokenizer = lw.model, plan_model(lw.model, chip).analog(), _tokenizer(source.dir)
         else:
-            net, tokenizer, targets, chip = load_for_eval(label, profile, source=source)
+            net, tokenizer, targets, chip = load_for_eval(label, profile, where, torch_dtype, source=source)
     tokens = tokenize(tokenizer, text, max_tokens)
     max_pos = getattr(net.config, "max_position_embeddings", None)
     if max_pos and seq_len > max_pos:
@@ -533,6 +572,7 @@ def evaluate(
         "seq_len": seq_len,
         "stride": stride or seq_len,
         "layer_by_layer": lw is not None,
+        **describe(model_device(net), next(net.parameters()).dtype),
         **result.to_dict(),
     }
 
@@ -547,7 +587,7 @@ def _eval_source(model: str, profile: str | None, layerwise: bool | str) -> tupl
     if not profile:
         raise CimError("--profile is required unless MODEL is a bundle")
     source = resolve_model(model)
-    return source, use_layerwise(layerwise, source)
+    return source, use_layerwise_here(layerwise, source)
 
 
 def _tokenizer(folder: Path) -> Any:

@@ -25,6 +25,8 @@ import torch
 from cimconvert import __version__, api
 from cimconvert.analysis import analyze, format_table
 from cimconvert.bundle.integrity import read_key_file
+from cimconvert.devices import DTYPES
+from cimconvert.distributed import is_main_rank
 from cimconvert.errors import CimError
 from cimconvert.finetune import finetune
 from cimconvert.finite import dumps, nulls_for_non_finite
@@ -41,7 +43,10 @@ def emit(result: Any, as_json: bool, human: Callable[[Any], str]) -> None:
     """Print ``result`` as indented strict JSON (stable keys) or through its human formatter.
 
     JSON is always valid JSON: a NaN or infinite figure in it is an error (exit 2), never a literal.
+    Under a ``torchrun`` launch only rank 0 prints (every rank holds the same gathered result).
     """
+    if not is_main_rank():
+        return
     if as_json:
         click.echo(dumps(result, indent=2, sort_keys=False))
     else:
@@ -81,6 +86,19 @@ def _stacked(options: list[Callable[[Callable], Callable]]) -> Callable[[Callabl
         return func
 
     return decorate
+
+
+def device_options(
+    dtype_help: str = "dtype the model runs in", dtype_default: str = "float32"
+) -> Callable[[Callable], Callable]:
+    """``--device`` and ``--dtype``, the same on every command that runs a model (checked by
+    ``cimconvert.devices``: a device that is not there, or a dtype it does not support, is one line)."""
+    return _stacked([
+        click.option("--device", default="cpu", show_default=True,
+                     help="where torch runs: cpu, cuda (this rank's GPU), cuda:N, auto (a GPU if visible)"),
+        click.option("--dtype", type=click.Choice(list(DTYPES)), default=None,
+                     help=f"{dtype_help} [{dtype_default}]"),
+    ])  # fmt: skip
 
 
 def noisy_run_options(draws_help: str = "number of noise draws") -> Callable[[Callable], Callable]:
@@ -290,9 +308,8 @@ def _method_line(res: dict) -> str:
 @click.option("--force", is_flag=True, help="replace a non-empty OUT")
 @click.option("--onnx/--no-onnx", default=True, show_default=True, help="also export onnx/model.onnx")
 @click.option("--seed", default=0, show_default=True, help="seed for every random draw (recorded)")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
-              help="GGUF input: dtype the weights are dequantised to [the GGUF's float type; float32 "
-              "for quantised files]")
+@device_options("dtype the recipe's steps (calibration) run in and GGUF input is dequantised to (the bundle "
+                "keeps the source's dtype)", "float32; GGUF: its float type, float32 if quantised")
 @KEY_OPTION
 @LAYERWISE_OPTION
 @JSON_OPTION
@@ -300,14 +317,14 @@ def _method_line(res: dict) -> str:
 @click.pass_context
 def convert_cmd(ctx: click.Context, model: str, profile: str, out: Path | None, method: str,
                 recipe_file: Path | None, analog: tuple[str, ...], digital: tuple[str, ...], dry_run: bool,
-                force: bool, onnx: bool, seed: int, dtype: str | None, key_file: Path | None,
+                force: bool, onnx: bool, seed: int, device: str, dtype: str | None, key_file: Path | None,
                 layer_by_layer: bool | None, as_json: bool, **method_opts: Any) -> None:
     """Convert MODEL (local HF folder, .gguf file or cached hub id) into a bundle for the chip PROFILE."""
     res = api.convert(
         model, profile, out=out, method=method, analog=analog, digital=digital, dry_run=dry_run,
         force=force, seed=seed, progress=_progress(as_json), recipe=recipe_file,
         method_options=_given_method_options(ctx, method_opts), onnx=onnx, dtype=dtype, key=_key(key_file),
-        layerwise=_layerwise(layer_by_layer),
+        device=device, layerwise=_layerwise(layer_by_layer),
     )
     emit(res, as_json, _format_convert)
 
@@ -353,16 +370,20 @@ def _format_eval(res: dict) -> str:
 @click.option("--stride", default=None, type=click.IntRange(1), help="window stride [seq-len]")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1))
 @THREADS_OPTION
+@device_options()
 @LAYERWISE_OPTION
 @JSON_OPTION
 def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: str, max_tokens: int,
-             seq_len: int, stride: int | None, batch_size: int, threads: int | None,
-             layer_by_layer: bool | None, as_json: bool) -> None:
-    """Perplexity of MODEL (HF folder, hub id or bundle), clean and under chip noise."""
+             seq_len: int, stride: int | None, batch_size: int, threads: int | None, device: str,
+             dtype: str | None, layer_by_layer: bool | None, as_json: bool) -> None:
+    """Perplexity of MODEL (HF folder, hub id or bundle), clean and under chip noise.
+
+    Under `torchrun --nproc_per_node N -m cimconvert eval ...` the draws are shared out over the ranks.
+    """
     res = api.evaluate(
         model, profile, seeds=seeds, seed=seed, dataset=dataset, max_tokens=max_tokens, seq_len=seq_len,
-        stride=stride, batch_size=batch_size, threads=threads, progress=_progress(as_json),
-        layerwise=_layerwise(layer_by_layer),
+        stride=stride, batch_size=batch_size, threads=threads, progress=_progress(as_json), device=device,
+        dtype=dtype, layerwise=_layerwise(layer_by_layer),
     )
     emit(res, as_json, _format_eval)
 
@@ -381,14 +402,16 @@ def eval_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: st
               help="native mode: false-failure rate of the test (and level of the equivalence test)")
 @click.option("--margin", default=0.01, show_default=True, type=float,
               help="native mode: equivalence margin on the per-seed PPL ratio")
+@device_options("dtype of the torch side (only float32: the comparison with the ONNX graph is exact)")
 @JSON_OPTION
 def validate_cmd(out: Path, profile: str | None, seeds: int, seed: int, dataset: str, max_tokens: int,
                  seq_len: int, threads: int | None, profile_mismatch_ok: bool, mvm_noise: str, alpha: float,
-                 margin: float, as_json: bool) -> None:
+                 margin: float, device: str, dtype: str | None, as_json: bool) -> None:
     """Run bundle OUT's ONNX graph in onnxruntime under chip noise and compare with the torch simulator."""
     res = validate(out, profile, seeds=seeds, seed=seed, dataset=dataset, max_tokens=max_tokens,
                    seq_len=seq_len, threads=threads, profile_mismatch_ok=profile_mismatch_ok,
-                   mvm_noise=mvm_noise, alpha=alpha, margin=margin, progress=_progress(as_json))
+                   mvm_noise=mvm_noise, alpha=alpha, margin=margin, progress=_progress(as_json),
+                   device=device, dtype=dtype)
     emit(nulls_for_non_finite(res) if as_json else res, as_json, format_validate)  # a FAIL may hold NaN
     if not res["summary"]["passed"]:
         sys.exit(1)
@@ -468,10 +491,12 @@ def _format_analyze(res: dict) -> str:
 @click.option("--analog", multiple=True, help="force tensors analog: exact name or regex (repeatable)")
 @click.option("--digital", multiple=True, help="keep tensors digital: exact name or regex (repeatable)")
 @THREADS_OPTION
+@device_options()
 @JSON_OPTION
 def analyze_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: str, max_tokens: int,
                 seq_len: int, granularity: str, out: Path | None, analog: tuple[str, ...],
-                digital: tuple[str, ...], threads: int | None, as_json: bool) -> None:
+                digital: tuple[str, ...], threads: int | None, device: str, dtype: str | None,
+                as_json: bool) -> None:
     """Noise sensitivity of MODEL: chip noise in one layer (or block) at a time, PPL change over seeds.
 
     The JSON it writes feeds `--method hpd --hpd-layers auto --hpd-scan OUT/sensitivity.json`.
@@ -479,7 +504,7 @@ def analyze_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset:
     _set_threads(threads)
     res = analyze(model, profile, seeds=seeds, seed=seed, granularity=granularity, out=out, dataset=dataset,
                   max_tokens=max_tokens, seq_len=seq_len, analog=analog, digital=digital,
-                  progress=_progress(as_json))
+                  progress=_progress(as_json), device=device, dtype=dtype)
     emit(res, as_json, _format_analyze)
 
 
@@ -556,18 +581,20 @@ def _format_finetune(res: dict) -> str:
 @click.option("--resume", is_flag=True, help="continue the run whose state is in OUT")
 @click.option("--force", is_flag=True, help="write into a non-empty OUT")
 @THREADS_OPTION
+@device_options("dtype the model trains in (the written checkpoint keeps it)")
 @JSON_OPTION
 def finetune_cmd(model: str, profile: str, method: str, out: Path, dataset: str, steps: int, lr: float,
                  batch_size: int, seq_len: int, seed: int, grad_clip: float, distill: bool,
                  temperature: float, nat_noise: str, nat_sigma: float | None, save_every: int,
-                 max_tokens: int | None, resume: bool, force: bool, threads: int | None,
-                 as_json: bool) -> None:
+                 max_tokens: int | None, resume: bool, force: bool, threads: int | None, device: str,
+                 dtype: str | None, as_json: bool) -> None:
     """Noise-aware fine-tuning of MODEL for the chip PROFILE; writes a HF checkpoint to OUT."""
     res = finetune(
         model, profile, method=method, out=out, data=dataset, steps=steps, lr=lr, batch_size=batch_size,
         seq_len=seq_len, seed=seed, grad_clip=grad_clip, distill=distill, temperature=temperature,
         resume=resume, nat_noise=nat_noise, nat_sigma=nat_sigma, save_every=save_every,
-        max_tokens=max_tokens, threads=threads, force=force, progress=_progress(as_json),
+        max_tokens=max_tokens, threads=threads, force=force, progress=_progress(as_json), device=device,
+        dtype=dtype,
     )
     res = {k: v for k, v in res.items() if k != "losses"} if not as_json else res
     emit(res, as_json, _format_finetune)

@@ -42,14 +42,16 @@ from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.bundle.reader import load_bundle, manifest_profile, placement_from_manifest, read_manifest
 from cimconvert.checkpoint import sha256_file
 from cimconvert.datasets import load_text, tokenize
+from cimconvert.devices import model_device, place_model, resolve_device, resolve_dtype, to_model_device
+from cimconvert.distributed import spread
 from cimconvert.errors import BundleError, CimError
+from cimconvert.evaluation.monte_carlo import run_fingerprint
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.evaluation.stats import paired_log_ratio_test
 from cimconvert.onnx import analog_op
 from cimconvert.placement import model_placement
 from cimconvert.plausibility import fail_implausible
 from cimconvert.profiles import ChipProfile, load_profile
-from cimconvert.progress import progress_bar
 from cimconvert.runtime import OrtCausalLM, OrtNoiseRunner, analog_tensors, load_model
 from cimconvert.runtime.session import make_session
 from cimconvert.simulator import analog_matmul
@@ -126,7 +128,7 @@ def _clean_logits_diff(net: torch.nn.Module, session: Any, tokens: torch.Tensor,
     ids = batch.numpy().astype(np.int64)
     ort_logits = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids)})[0]
     with torch.no_grad():
-        ref = net(input_ids=batch, use_cache=False).logits.float().numpy()
+        ref = net(input_ids=to_model_device(batch, net), use_cache=False).logits.float().cpu().numpy()
     return float(np.abs(ort_logits - ref).max())
 
 
@@ -165,7 +167,8 @@ def node_check(handle: Any, runner: Any, seed: int, rows: int = NODE_ROWS) -> di
             continue
         part = prepared.expert(expert) if expert >= 0 else prepared
         x = torch.randn(rows, int(attrs["in_features"]), generator=generator)  # type: ignore[call-overload]
-        ref = analog_matmul(x, part, CounterNoise(clock, node_key(tensor, expert))).numpy()
+        noise = CounterNoise(clock, node_key(tensor, expert))
+        ref = analog_matmul(x.to(part.weight_t.device), part, noise).cpu().numpy()
         got = runner.node_output(index, x.numpy(), clock.key)
         tol = 1e-4 * float(np.abs(ref).max())
         fraction = float(np.mean(~(np.abs(got - ref) <= tol))) if got.shape == ref.shape else 1.0
@@ -177,28 +180,41 @@ def node_check(handle: Any, runner: Any, seed: int, rows: int = NODE_ROWS) -> di
 
 def _noisy_draws(
     net: torch.nn.Module, targets: Sequence[Any], chip: ChipProfile, seeds: Sequence[int],
-    ppl: Callable[[Any], float], runner: Any, mvm_noise: str, progress: bool = False,
+    ppl: Callable[[Any], float], runner: Any, mvm_noise: str, agree: Callable[[], str],
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Per seed: torch and ORT PPL, ORT times, programmed weights bit-identical, node checks.
 
     The torch model is programmed first; onnxruntime's programmed weights are then compared with it
     tensor by tensor (nothing kept), each per-MVM node is checked alone (counter mode), and both
-    runtimes score the same windows in the same order.
+    runtimes score the same windows in the same order. Under a ``torchrun`` launch the seeds are shared
+    out over the ranks (each has its own onnxruntime runner) and gathered in seed order; ``agree``: the
+    digest the ranks must share (:func:`cimconvert.evaluation.monte_carlo.run_fingerprint`).
     """
-    out: dict[str, Any] = {"torch": [], "ort": [], "ort_seconds": [], "identical": True, "nodes": []}
     ort_model = OrtCausalLM(runner)
     check_nodes = mvm_noise == "counter" and bool(runner.mvm_nodes)
-    desc = f"validate: noise draws ({chip.name}, onnxruntime + torch)"
-    for seed in progress_bar(list(seeds), desc=desc, enabled=progress, unit="draw"):
+
+    def draw(seed: int) -> dict[str, Any]:
         with apply_chip_noise(net, targets, chip, seed, mvm_noise=mvm_noise) as handle:
-            out["identical"] &= runner.program_matches(seed, handle.programmed_weights(net))
-            if check_nodes:
-                out["nodes"].append(node_check(handle, runner, seed))
+            identical = runner.program_matches(seed, _analog_on_cpu(handle.programmed_weights(net), targets))
+            nodes = node_check(handle, runner, seed) if check_nodes else None
             value, seconds = _timed(lambda: ppl(ort_model))
-            out["ort"].append(value)
-            out["ort_seconds"].append(seconds)
-            out["torch"].append(ppl(net))
-    return out
+            return {"identical": identical, "node": nodes, "ort": value, "ort_seconds": seconds,
+                    "torch": ppl(net)}  # fmt: skip
+
+    desc = f"validate: noise draws ({chip.name}, onnxruntime + torch)" if progress else None
+    draws = spread(list(seeds), draw, model_device(net), agree, progress=desc)
+    return {
+        "torch": [d["torch"] for d in draws], "ort": [d["ort"] for d in draws],
+        "ort_seconds": [d["ort_seconds"] for d in draws], "identical": all(d["identical"] for d in draws),
+        "nodes": [d["node"] for d in draws if d["node"] is not None],
+    }  # fmt: skip
+
+
+def _analog_on_cpu(weights: dict[str, torch.Tensor], targets: Sequence[Any]) -> dict[str, torch.Tensor]:
+    """``weights`` (by name) with the analog ones on the CPU, where onnxruntime's programmed weights are
+    compared with them (a copy only when the model runs elsewhere)."""
+    return {**weights, **{t.name: weights[t.name].detach().cpu() for t in targets}}
 
 
 def _node_summary(checks: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -241,6 +257,14 @@ def exact_test(ort: Sequence[float], ref: Sequence[float], rtol: float) -> dict[
     }  # fmt: skip
 
 
+def _check_dtype(dtype: torch.dtype) -> None:
+    """validate compares with the float32 ONNX graph: any other torch dtype is refused."""
+    if dtype != torch.float32:
+        name = str(dtype).removeprefix("torch.")
+        raise CimError(f"--dtype {name}: validate compares the torch side with the float32 ONNX graph "
+                       "exactly; only --dtype float32 is supported")  # fmt: skip
+
+
 def _check_options(mvm_noise: str, alpha: float, margin: float) -> None:
     if mvm_noise not in MVM_NOISE_MODES:
         raise CimError(f"--mvm-noise must be one of {', '.join(MVM_NOISE_MODES)} (got '{mvm_noise}')")
@@ -268,15 +292,21 @@ def validate(
     mvm_noise: str = "counter",
     alpha: float = ALPHA,
     margin: float = MARGIN,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Validate bundle ``out``'s ONNX graph in onnxruntime against the torch simulator (see module doc).
 
+    ``device``: where the torch side runs (onnxruntime runs on the CPU); ``dtype`` must be float32, the
+    graph's (the comparisons are exact). Under a ``torchrun`` launch the seeds are shared out over the ranks.
     ``threads``: torch's and onnxruntime's CPU threads (None: torch's current setting for both).
     ``progress``: a status line per phase and progress over the noise draws on stderr.
     """
     from transformers import AutoTokenizer
 
     _check_options(mvm_noise, alpha, margin)
+    where = resolve_device(device)
+    _check_dtype(resolve_dtype(dtype, where))
     folder = Path(out)
     manifest = read_manifest(folder)
     onnx_path = check_onnx_files(folder, manifest)
@@ -284,7 +314,7 @@ def validate(
     text = load_text(dataset)
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
-    net = load_bundle(folder)
+    net = place_model(load_bundle(folder), where, None)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     tokens = tokenize(tokenizer, text, max_tokens)
     graph = load_model(onnx_path, external_data=False)
@@ -304,7 +334,9 @@ def validate(
     runner = OrtNoiseRunner(graph, chip, tensors, threads=threads, noise_seed=seed, mvm_noise=mvm_noise,
                             external_dir=onnx_path.parent, copy=False, arena=False)  # fmt: skip
     del graph
-    noisy = _noisy_draws(net, placed, chip, draws, ppl, runner, mvm_noise, progress)
+    graph_sha256 = next(f.sha256 for f in manifest.files if f.name == ONNX_MODEL)
+    agree = run_fingerprint(net, tokens, placed, chip, draws, mvm_noise, seq_len, batch_size, graph_sha256)
+    noisy = _noisy_draws(net, placed, chip, draws, ppl, runner, mvm_noise, agree, progress)
     del runner
     torch_noisy, ort_noisy, identical = noisy["torch"], noisy["ort"], noisy["identical"]
     nodes = _node_summary(noisy["nodes"])

@@ -225,3 +225,11 @@ def test_external_onnx_data_is_locked_and_validated(run_cli, tmp_path: Path, mon
     assert any("model.onnx_data" in problem for problem in verify_bundle(out))
     code, _, err = run_cli("validate", str(out), "--seeds", "1", "--max-tokens", "256")
     assert code == 2 and "model.onnx_data" in err
+
+
+def test_layer_by_layer_is_refused_under_a_launch(monkeypatch: pytest.MonkeyPatch) -> None:
+    source = resolve_model(DEMO / "tiny-olmoe")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CimError, match="runs in one process"):
+        layer_memory.use_layerwise_here(True, source)
+    assert layer_memory.use_layerwise_here(False, source) is False

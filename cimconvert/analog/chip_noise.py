@@ -232,10 +232,12 @@ def apply_chip_noise(
     """Program the analog ``targets`` of ``model`` in place under ``profile``; returns the handle.
 
     ``targets``: objects with ``.name`` (a name in ``model.named_parameters()``) and ``.layout``
-    (``out_in`` or ``in_out``), e.g. ``Placement.analog()``. Each tensor draws from its own generator
-    seeded from sha256(seed, name). Per-MVM noise (``mvm_noise``): ``native`` — one generator seeded
-    once from the seed; ``counter`` — ``simulator.rng.counter_normal`` keyed by (seed, index of the
-    ``model`` forward, tensor, expert), the draws onnxruntime's counter-mode bodies make too.
+    (``out_in`` or ``in_out``), e.g. ``Placement.analog()``. Each tensor draws from its own CPU generator
+    seeded from sha256(seed, name), whatever the weights' device (the same draws on CPU and GPU). Per-MVM
+    noise (``mvm_noise``): ``native`` — one generator on the weights' device seeded once from the seed
+    (a GPU draws other numbers than the CPU: same distribution); ``counter`` —
+    ``simulator.rng.counter_normal`` keyed by (seed, index of the ``model`` forward, tensor, expert), computed
+    on the weights' device: the draws onnxruntime's counter-mode bodies make too.
 
     Layer-by-layer execution (:mod:`cimconvert.layerwise`) programs one decoder layer per call:
     ``mvm_generator`` continues the native per-MVM stream of the earlier layers (one generator per noise
@@ -252,7 +254,7 @@ def apply_chip_noise(
     if profile.is_ideal or not checked:
         handle.active = False
         return handle
-    device = checked[0][2].device
+    device = checked[0][2].device  # per-MVM draws are made where the activations are (fast on a GPU)
     if mvm_generator is None:
         mvm_generator = mvm_stream(seed, device)
     clock = CounterClock(seed) if mvm_noise == "counter" and profile.mvm.active else None
@@ -268,7 +270,7 @@ def apply_chip_noise(
                 handle._clean[name] = param.detach().to("cpu", copy=True)
             digital = _digital_inputs(model, name)
             stored = param.detach() if digital is None else analog_columns(param.detach(), digital, layout)
-            noisy = program_weight(stored, profile, tensor_generator(seed, name, param.device), layout)
+            noisy = program_weight(stored, profile, tensor_generator(seed, name), layout)
             scales = clean_scales(stored, layout, profile) if profile.mvm.active else None  # type: ignore[arg-type]
             programmed = noisy
             if digital is not None:  # digital input channels keep their exact values

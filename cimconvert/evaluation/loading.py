@@ -16,19 +16,25 @@ from cimconvert.bundle.reader import (
     read_manifest,
 )
 from cimconvert.checkpoint import SourceCheckpoint, check_weights_finite, resolve_model
+from cimconvert.devices import place_model
 from cimconvert.errors import CimError
 from cimconvert.placement import model_placement, plan_model
 from cimconvert.profiles import ChipProfile, load_profile
 
 
 def load_for_eval(
-    model: str, profile: str | None, source: SourceCheckpoint | None = None
+    model: str,
+    profile: str | None,
+    device: torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+    source: SourceCheckpoint | None = None,
 ) -> tuple[torch.nn.Module, Any, list[Any], ChipProfile]:
     """(model, tokenizer, analog targets, profile) for a source checkpoint or a bundle.
 
     A bundle's analog targets are its manifest's placement (read back, whatever ``profile`` says); a
-    checkpoint's are planned here, once, under ``profile`` with the default rules. ``source``: the
-    checkpoint already resolved from ``model`` (it is not resolved again; a GGUF file not dequantised again).
+    checkpoint's are planned here, once, under ``profile`` with the default rules. The model is loaded in
+    float32 on the CPU, then moved to ``device`` (default: the CPU) and cast to ``dtype``. ``source``: the
+    checkpoint already resolved from ``model`` (not resolved again; a GGUF file not dequantised again).
     """
     if is_bundle(model):
         manifest = read_manifest(Path(model))
@@ -45,6 +51,7 @@ def load_for_eval(
         net = check_weights_finite(source.load_model(dtype=torch.float32))
         targets = plan_model(net, chip).analog()
         folder = source.dir
+    place_model(net, device or torch.device("cpu"), dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as exc:

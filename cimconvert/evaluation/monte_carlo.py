@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from cimconvert.analog.chip_noise import apply_chip_noise
+from cimconvert.devices import model_device
+from cimconvert.distributed import fingerprint, model_fingerprint, spread, tensor_fingerprint
 from cimconvert.errors import CimError
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.profiles import ChipProfile
@@ -73,6 +75,19 @@ class NoisyEvalResult:
         return out
 
 
+def noisy_perplexity(
+    model: torch.nn.Module,
+    tokens: torch.Tensor,
+    targets: Sequence,
+    profile: ChipProfile,
+    seed: int,
+    ppl_fn: Callable[[torch.nn.Module, torch.Tensor], float],
+) -> float:
+    """Perplexity under one seed's programmed chip; the clean weights are restored afterwards."""
+    with apply_chip_noise(model, targets, profile, seed):
+        return ppl_fn(model, tokens)
+
+
 def noisy_perplexities(
     model: torch.nn.Module,
     tokens: torch.Tensor,
@@ -87,9 +102,22 @@ def noisy_perplexities(
     results = []
     draws = progress_bar(list(seeds), desc=f"noise draws ({profile.name})", enabled=progress, unit="draw")
     for seed in draws:
-        with apply_chip_noise(model, targets, profile, seed):
-            results.append(ppl_fn(model, tokens))
+        results.append(noisy_perplexity(model, tokens, targets, profile, seed, ppl_fn))
     return results
+
+
+def run_fingerprint(
+    model: torch.nn.Module, tokens: torch.Tensor, targets: Sequence, profile: ChipProfile, *options: object
+) -> Callable[[], str]:
+    """What the ranks of a launch must agree on before a Monte-Carlo run: model, tokens, profile, analog
+    targets and ``options`` (seeds, window settings, ...); computed only under a launch."""
+
+    def digest() -> str:
+        names = sorted(str(t.name) for t in targets)
+        return fingerprint(model_fingerprint(model), tensor_fingerprint(tokens), profile.content_hash(),
+                           names, options)  # fmt: skip
+
+    return digest
 
 
 def evaluate_model(
@@ -104,15 +132,31 @@ def evaluate_model(
     progress: bool = False,
 ) -> NoisyEvalResult:
     """Clean perplexity plus one perplexity per noise seed, on the same tokens and windows (and, for a model
-    with calibrated routing, its noise-free perplexity as deployed: see :class:`NoisyEvalResult`)."""
+    with calibrated routing, its noise-free perplexity as deployed: see :class:`NoisyEvalResult`).
+
+    Under a ``torchrun`` launch these passes are shared out over the ranks
+    (:func:`cimconvert.distributed.spread`); every rank returns the full, identical result.
+    """
 
     def ppl_fn(m: torch.nn.Module, t: torch.Tensor) -> float:
         return perplexity(m, t, seq_len=seq_len, stride=stride, batch_size=batch_size)
 
-    with routing_calibration_off(model) as calibrated:
-        clean = ppl_fn(model, tokens)
-    noise_free = ppl_fn(model, tokens) if calibrated else clean
-    noisy = noisy_perplexities(model, tokens, targets, profile, seeds, ppl_fn, progress)
+    with routing_calibration_off(model) as calibrated:  # counts the layers whose routing is calibrated
+        pass
+
+    def run(task: int | str) -> float:
+        if task == "clean":  # as a clean router routes it
+            with routing_calibration_off(model):
+                return ppl_fn(model, tokens)
+        if task == "noise_free":  # as deployed, without chip noise
+            return ppl_fn(model, tokens)
+        return noisy_perplexity(model, tokens, targets, profile, int(task), ppl_fn)
+
+    passes: list[int | str] = ["clean", *(["noise_free"] if calibrated else []), *seeds]
+    agree = run_fingerprint(model, tokens, targets, profile, list(seeds), seq_len, stride, batch_size)
+    desc = f"clean + noise draws ({profile.name})" if progress else None
+    clean, *rest = spread(passes, run, model_device(model), agree, progress=desc)
+    noise_free, noisy = (rest[0], rest[1:]) if calibrated else (clean, rest)
     return NoisyEvalResult(
         profile=profile.name,
         profile_hash=profile.content_hash(),

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
+from cimconvert.devices import to_model_device
 from cimconvert.progress import progress_bar
 
 
@@ -86,7 +87,8 @@ def perplexity(
     model.eval()
     bar = progress_bar(total=sum(len(spans) for _, spans in batches), desc=desc, enabled=progress, inner=True,
                        unit="win")  # fmt: skip
-    for batch, spans in batches:
+    for cpu_batch, spans in batches:
+        batch = to_model_device(cpu_batch, model)
         logits = model(input_ids=batch, use_cache=False).logits
         running = add_batch_nll(running, logits, batch, spans)
         del logits

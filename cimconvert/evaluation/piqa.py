@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from cimconvert.datasets import shared_data_dir
+from cimconvert.devices import to_model_device
 from cimconvert.errors import CimError
 
 MAX_LEN = 256
@@ -105,7 +106,8 @@ def loglikelihoods(
         batch = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         for row, i in enumerate(chunk):
             batch[row, : len(seqs[i])] = torch.tensor(seqs[i])
-        logprobs = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1)
+        logits = model(input_ids=to_model_device(batch, model), use_cache=False).logits
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
         for row, i in enumerate(chunk):
             n, k = len(seqs[i]), len(requests[i][1])
             positions = torch.arange(n - k - 1, n - 1)

@@ -26,11 +26,12 @@ from transformers import AutoTokenizer
 
 from cimconvert.arch import get_adapter
 from cimconvert.datasets import load_text, tokenize
+from cimconvert.devices import model_device
+from cimconvert.distributed import spread
 from cimconvert.errors import CimError
-from cimconvert.evaluation.monte_carlo import noisy_perplexities
+from cimconvert.evaluation.monte_carlo import noisy_perplexity, run_fingerprint
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.profiles import ChipProfile
-from cimconvert.progress import progress_bar
 from cimconvert.transforms.hpd_split import splittable
 
 GRANULARITIES = ("layer", "block")
@@ -95,17 +96,28 @@ def sensitivity_scan(
         return perplexity(m, t, seq_len=seq_len, batch_size=batch_size)
 
     start = time.perf_counter()
-    clean = ppl_fn(model, tokens)
     groups = group_targets(model, targets, granularity)
-    rows = []
-    for group in progress_bar(groups, desc=f"sensitivity ({profile.name})", enabled=progress, unit="group"):
-        values = noisy_perplexities(model, tokens, group["targets"], profile, seeds, ppl_fn)
-        rows.append({
-            "name": group["name"], "block": group["block"], "kind": group["kind"],
-            "granularity": granularity, "splittable": group["splittable"],
-            "tensors": [t.name for t in group["targets"]], **_stats(clean, values),
-        })  # fmt: skip
-    everything = _stats(clean, noisy_perplexities(model, tokens, targets, profile, seeds, ppl_fn))
+    parts = [group["targets"] for group in groups] + [list(targets)]  # the last: noise everywhere
+
+    def run(task: tuple[int, int] | None) -> float:
+        if task is None:
+            return ppl_fn(model, tokens)
+        part, seed = task
+        return noisy_perplexity(model, tokens, parts[part], profile, seed, ppl_fn)
+
+    draws = [(part, seed) for part in range(len(parts)) for seed in seeds]
+    tasks: list[tuple[int, int] | None] = [None, *draws]
+    agree = run_fingerprint(model, tokens, targets, profile, list(seeds), granularity, seq_len, batch_size)
+    desc = f"sensitivity ({profile.name})" if progress else None
+    clean, *values = spread(tasks, run, model_device(model), agree, progress=desc)
+    per_part = [values[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(parts))]
+    rows = [
+        {"name": group["name"], "block": group["block"], "kind": group["kind"], "granularity": granularity,
+         "splittable": group["splittable"], "tensors": [t.name for t in group["targets"]],
+         **_stats(clean, part)}
+        for group, part in zip(groups, per_part, strict=False)
+    ]  # fmt: skip
+    everything = _stats(clean, per_part[-1])
     return {
         "profile": profile.name,
         "profile_hash": profile.content_hash(),

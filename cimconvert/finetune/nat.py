@@ -63,7 +63,7 @@ def matched_sigma(model: nn.Module, targets: Sequence[Target], profile: ChipProf
 def gaussian_weight(w: torch.Tensor, layout: Layout, sigma: float, gen: torch.Generator) -> torch.Tensor:
     """``W + σ·max|W_row|·ε`` inside autograd (same shape and layout as ``w``)."""
     w3 = out_in_view(w, layout)
-    eps = torch.randn(w3.shape, generator=gen, dtype=w3.dtype)
+    eps = torch.randn(w3.shape, generator=gen, dtype=w3.dtype).to(w3.device)  # CPU draws, any device
     noisy = w3 + sigma * row_absmax(w3) * eps
     return out_in_view(noisy, layout)
 

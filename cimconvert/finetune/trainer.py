@@ -33,6 +33,8 @@ from torch.func import functional_call
 from cimconvert.bundle.reader import is_bundle, placement_from_manifest, read_manifest
 from cimconvert.checkpoint import resolve_model
 from cimconvert.datasets import token_ids
+from cimconvert.devices import place_model, resolve_device, resolve_dtype, to_model_device
+from cimconvert.distributed import require_single_process
 from cimconvert.errors import CimError
 from cimconvert.finetune.base import NoiseMethod, NoNoise, Target, analog_targets, generator
 from cimconvert.finetune.nat import NAT_KINDS, NatNoise
@@ -179,6 +181,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         batch = sample_batch(self.tokens, self.cfg.batch_size, self.cfg.seq_len, self.data_gen)
+        batch = to_model_device(batch, self.model)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         with self.method.perturbed(self.step) as weights:
@@ -358,6 +361,8 @@ def finetune(
     threads: int | None = None,
     force: bool = False,
     progress: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
 ) -> dict[str, Any]:
     """Noise-aware fine-tuning of a causal LM for ``profile``; writes a HF checkpoint to ``out``.
 
@@ -368,8 +373,14 @@ def finetune(
     (then ``data`` must be token ids unless a ``tokenizer`` is given; the model is trained in place).
     ``data``: ``gutenberg-train`` (the demo models' training split), a dataset name, a text file or a
     1-D LongTensor. ``resume``: True continues the run in ``out`` (or a state file / folder path).
+    ``device`` / ``dtype``: where and in what the model trains (``cpu``/``cuda``/``cuda:N``/``auto``;
+    ``float32``/``bfloat16``/``float16``; None: as loaded, float32 on the CPU for a folder); the written
+    checkpoint keeps that dtype.
     Returns a JSON-serialisable summary (losses, seconds per step, tokens/s, method settings).
     """
+    require_single_process("finetune")
+    where = resolve_device(device) if device is not None else None  # None: where the model is
+    torch_dtype = resolve_dtype(dtype, where or torch.device("cpu")) if dtype is not None else None
     cfg = FinetuneConfig(
         method=method,
         steps=steps,
@@ -393,6 +404,7 @@ def finetune(
     out_dir, resume_from = _prepare_out(Path(out) if out is not None else None, resume, force)
     chip = load_profile(profile)
     net, tok, name = _load(model, tokenizer)
+    place_model(net, where, torch_dtype)
     vocab = getattr(net.config, "vocab_size", None)
     tokens = _tokens(data, tok, cfg, vocab, max_tokens)
     teacher = copy.deepcopy(net).eval().requires_grad_(False) if distill else None

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from cimconvert.checkpoint import FLOAT_DTYPES, SourceCheckpoint
+from cimconvert.distributed import launched
 from cimconvert.errors import CimError
 
 #: Layer by layer when the float32 model exceeds this fraction of the available memory (auto).
@@ -75,6 +76,16 @@ def use_layerwise(mode: bool | str, source: SourceCheckpoint) -> bool:
     return model_bytes(source) > AUTO_FRACTION * available_bytes()
 
 
+def use_layerwise_here(mode: bool | str, source: SourceCheckpoint) -> bool:
+    """:func:`use_layerwise`, refused (CimError on every rank) inside a ``torchrun`` launch: a layer pass
+    makes every noise draw itself, so each rank would hold the layer and repeat the work."""
+    chosen = use_layerwise(mode, source)
+    if chosen and launched():
+        raise CimError("layer-by-layer execution runs in one process: launch it without torchrun (its noise "
+                       "draws are not shared out over ranks)")  # fmt: skip
+    return chosen
+
+
 def check_onnx_fits(source: SourceCheckpoint, model: str) -> None:
     """CimError (nothing written yet) when the ONNX export of ``source`` would not fit in memory."""
     need = model_bytes(source) * ONNX_FACTOR
@@ -98,4 +109,5 @@ __all__ = [
     "model_bytes",
     "parse_bytes",
     "use_layerwise",
+    "use_layerwise_here",
 ]

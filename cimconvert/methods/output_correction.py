@@ -27,6 +27,7 @@ from torch import nn
 
 from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.analog.routes import owner_of
+from cimconvert.devices import to_model_device
 from cimconvert.errors import CimError
 from cimconvert.methods.base import MethodOption, MethodResult, register_method
 from cimconvert.methods.calibration import (
@@ -136,6 +137,7 @@ def _exact_output_hook(fit: GainFit, clean_weight: torch.Tensor):
 
 def _batch_nll(model: nn.Module, batch: torch.Tensor) -> tuple[float, int]:
     """(summed next-token NLL, tokens scored) of a ``[rows, seq_len]`` batch."""
+    batch = to_model_device(batch, model)
     logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
     nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                       reduction="sum")  # fmt: skip

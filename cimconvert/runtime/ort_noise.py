@@ -68,7 +68,7 @@ def analog_tensors(model: ModelProto) -> list[AnalogTensor]:
 def programmed(clean: np.ndarray, layout: str, profile: ChipProfile, seed: int, name: str) -> np.ndarray:
     """The torch simulator's programmed copy of one clean weight for ``seed`` (same generator as torch)."""
     w = torch.from_numpy(clean)
-    noisy = program_weight(w, profile, tensor_generator(seed, name, w.device), layout)  # type: ignore[arg-type]
+    noisy = program_weight(w, profile, tensor_generator(seed, name), layout)  # type: ignore[arg-type]
     return noisy.numpy()
 
 

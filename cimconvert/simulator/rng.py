@@ -46,8 +46,19 @@ def stable_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
-    """The programming-noise generator of one tensor: independent of which other tensors are analog."""
+#: Where programming draws are made, whatever device the weights live on: the same seed gives the same
+#: draws on every device (they are moved to the weights' device; docs/SIMULATOR.md, "Devices").
+PROGRAMMING_DEVICE = torch.device("cpu")
+
+
+def tensor_generator(
+    seed: int, name: str, device: torch.device | str = PROGRAMMING_DEVICE
+) -> torch.Generator:
+    """The programming-noise generator of one tensor: independent of which other tensors are analog.
+
+    On the CPU by default (:data:`PROGRAMMING_DEVICE`), so a tensor programmed on a GPU gets the very draws
+    it gets on the CPU; :func:`randn` / :func:`rand` move them to the weights' device.
+    """
     return torch.Generator(device=device).manual_seed(stable_seed(seed, name))
 
 
@@ -118,16 +129,19 @@ def _uniform(h: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def counter_normal(shape: torch.Size | tuple[int, ...], key: Key) -> torch.Tensor:
-    """Standard normals (float32, CPU) of ``shape``: element i is a pure function of (key, i).
+def counter_normal(
+    shape: torch.Size | tuple[int, ...], key: Key, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Standard normals (float32, on ``device``) of ``shape``: element i is a pure function of (key, i).
 
-    See the module docstring for the exact recipe (mirrored by ``onnx.analog_op``).
+    See the module docstring for the exact recipe (mirrored by ``onnx.analog_op``). The integer hashing is
+    exact on every device; ``log``/``sqrt``/``cos``/``sin`` may differ in the last ulp between devices.
     """
     n = math.prod(shape)
     pairs = (n + 1) // 2
     if pairs >= 1 << 31:
         raise ValueError(f"counter_normal: {n} elements in one call exceed the 2^32 limit")
-    h = torch.arange(pairs, dtype=torch.int32).add_(_signed32(key[0]))
+    h = torch.arange(pairs, dtype=torch.int32, device=device).add_(_signed32(key[0]))
     h = hash32_(h).bitwise_xor_(_signed32(key[1]))
     radius = _uniform(hash32_(h)).log_().mul_(-2.0).sqrt_()
     angle = _uniform(hash32_(h.bitwise_xor_(_signed32(key[2])))).mul_(TWO_PI)
@@ -169,7 +183,7 @@ class CounterNoise:
 
     def normal(self, shape: torch.Size | tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """Standard normals for the current forward of this matmul, on ``like``'s device."""
-        return counter_normal(shape, xor_key(self.clock.key, self.node)).to(like.device)
+        return counter_normal(shape, xor_key(self.clock.key, self.node), like.device)
 
 
 #: What drives per-MVM noise: a torch generator (``native``) or a counter source (``counter``).

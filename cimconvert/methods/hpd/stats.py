@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cimconvert.devices import to_model_device
+
 
 def spectrum_stats(s: torch.Tensor) -> dict[str, Any]:
     """Summary of a singular spectrum (descending): extremes, condition, energy share, effective rank.
@@ -83,7 +85,7 @@ def capture_inputs(
         hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
     try:
         for batch in batches:
-            model(input_ids=batch, use_cache=False)
+            model(input_ids=to_model_device(batch, model), use_cache=False)
     finally:
         for handle in hooks:
             handle.remove()

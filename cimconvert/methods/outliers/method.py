@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cimconvert.devices import to_model_device
 from cimconvert.errors import CimError
 from cimconvert.methods.base import MethodOption, MethodResult
 from cimconvert.methods.calibration import (
@@ -64,7 +65,7 @@ def channel_maxima(model: nn.Module, layers: Sequence[str], tokens: torch.Tensor
     try:
         model.eval()
         for batch in iter_batches(tokens, batch_size):
-            model(input_ids=batch, use_cache=False)
+            model(input_ids=to_model_device(batch, model), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from cimconvert.analog.chip_noise import apply_chip_noise
+from cimconvert.devices import model_device
+from cimconvert.distributed import spread
 from cimconvert.errors import CimError
+from cimconvert.evaluation.monte_carlo import run_fingerprint
 from cimconvert.methods.romer import calibrate
 from cimconvert.methods.romer.stats import RouterStats, collect, load_router_logits
-from cimconvert.progress import progress_bar
 from cimconvert.transforms.romer import replacement
 from cimconvert.transforms.romer.hook import LayerRouting, install_hook, remove_hook
 from cimconvert.transforms.romer.moe import MoeRouting
@@ -157,12 +159,18 @@ def calibration_stats(
     if measured is not None:
         return CalibrationStats(tokens, clean, measured, [measured], [], "measured", seconds)
     seeds = fit_seeds(cfg)
-    runs = []
-    draws = progress_bar(seeds, desc="ROMER noise draws", enabled=progress and len(seeds) > 1, unit="draw")
-    for seed in draws:
-        stats, programmed = _noisy_run(model, moe, tokens, cfg, (targets, profile, seed), progress)
-        seconds["programming"] += programmed
-        runs.append(stats)
+
+    def run(seed: int) -> tuple[dict[str, Any], float]:  # plain data: it may travel between ranks
+        stats, programmed = _noisy_run(model, moe, tokens, cfg, (targets, profile, seed),
+                                       progress)  # fmt: skip
+        return asdict(stats), programmed
+
+    # Under a torchrun launch the instances are shared out over the ranks (cimconvert.distributed).
+    agree = run_fingerprint(model, tokens, targets, profile, seeds, repr(cfg))
+    desc = "ROMER noise draws" if progress and len(seeds) > 1 else None
+    done = spread(seeds, run, model_device(model), agree, progress=desc)
+    runs = [RouterStats(**stats) for stats, _ in done]
+    seconds["programming"] = sum(programmed for _, programmed in done)
     seconds["noisy_passes"] = sum(r.seconds for r in runs)
     return CalibrationStats(tokens, clean, RouterStats.merge(runs), runs, seeds, "simulated", seconds)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from cimconvert.devices import to_model_device
 from cimconvert.errors import CimError
 from cimconvert.methods.calibration import iter_batches
 from cimconvert.progress import progress_bar
@@ -118,7 +119,7 @@ def collect(
     start = time.perf_counter()
     with RouterRecorder(routers, num_experts, keep_logits) as recorder:
         for batch in progress_bar(iter_batches(tokens, batch_size), desc=desc, enabled=progress, inner=True):
-            model(input_ids=batch, use_cache=False)
+            model(input_ids=to_model_device(batch, model), use_cache=False)
     return recorder.stats(int(tokens.numel()), time.perf_counter() - start)
 
 
