@@ -416,38 +416,46 @@ def render_phase(args: argparse.Namespace) -> None:
 
 
 def plot_budget(rows: list[dict[str, Any]], datasets: Sequence[str]) -> None:
-    """Noisy PPL vs digital budget per strategy (one panel per dataset), dense model under chipA."""
+    """Noisy PPL vs digital budget per strategy under chipA: one row of panels (one per dataset) per model."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curve = [r for r in rows if r["model"] == "smollm2-135m" and r["profile"] == "chipA"]
-    none = next((r for r in curve if not r["steps"]), None)
-    if none is None:
+    models = [m for m in MODELS if any(r["model"] == m and r["profile"] == "chipA" and not r["steps"]
+                                       for r in rows)]  # fmt: skip
+    if not models:
         return
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets, strict=True):
-        points_of: dict[str, list[tuple[float, float]]] = {}
-        for r in curve:
-            point = (r["strategy"], r["budget_pct"]) if "strategy" in r else curve_point(r)
-            if point:
-                noisy = r["datasets"][dataset]["noisy_ppl_mean"]
-                points_of.setdefault(point[0], []).append((point[1], noisy))
-        for strategy, points in sorted(points_of.items()):
-            points = sorted(points)
-            xs = [0, *(p[0] for p in points)]
-            ys = [none["datasets"][dataset]["noisy_ppl_mean"], *(p[1] for p in points)]
-            ax.plot(xs, ys, marker="o", label=strategy)
-        ax.axhline(none["datasets"][dataset]["clean_ppl"], color="k", ls="--", label="clean")
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel("digital budget (% of analog MACs)")
-        ax.set_ylabel("noisy PPL (mean of 5 draws)")
-        ax.set_title(f"SmolLM2-135M · chipA · {dataset}")
-        ax.legend()
+    fig, axes = plt.subplots(len(models), len(datasets), figsize=(5 * len(datasets), 4 * len(models)),
+                             squeeze=False)  # fmt: skip
+    for row_axes, model in zip(axes, models, strict=True):
+        curve = [r for r in rows if r["model"] == model and r["profile"] == "chipA"]
+        none = next(r for r in curve if not r["steps"])
+        for ax, dataset in zip(row_axes, datasets, strict=True):
+            _plot_curve(ax, curve, none, dataset, model)
     fig.tight_layout()
     fig.savefig(RESULTS / "robust_budget.png", dpi=110)
     plt.close(fig)
+
+
+def _plot_curve(ax: Any, curve: list[dict[str, Any]], none: dict[str, Any], dataset: str, model: str) -> None:
+    """One panel: each strategy's points from the none row on, and the clean line."""
+    points_of: dict[str, list[tuple[float, float]]] = {}
+    for r in curve:
+        point = (r["strategy"], r["budget_pct"]) if "strategy" in r else curve_point(r)
+        if point:
+            points_of.setdefault(point[0], []).append((point[1], r["datasets"][dataset]["noisy_ppl_mean"]))
+    for strategy, points in sorted(points_of.items()):
+        points = sorted(points)
+        xs = [0, *(p[0] for p in points)]
+        ys = [none["datasets"][dataset]["noisy_ppl_mean"], *(p[1] for p in points)]
+        ax.plot(xs, ys, marker="o", label=strategy)
+    ax.axhline(none["datasets"][dataset]["clean_ppl"], color="k", ls="--", label="clean")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlabel("digital budget (% of analog MACs)")
+    ax.set_ylabel("noisy PPL (mean of 5 draws)")
+    ax.set_title(f"{model} · chipA · {dataset}")
+    ax.legend()
 
 
 def main() -> None:

@@ -297,8 +297,8 @@ def _method_line(res: dict) -> str:
     "--method",
     default="auto",
     show_default=True,
-    help="robustness method: auto (the family's default recipe: ROMER for MoE, HPD for SSMs), none, or a "
-    "method name (a one-step recipe)",
+    help="robustness method: auto (the family's default recipe: outlier channels + output correction for "
+    "dense and MoE models, HPD for SSMs), none, or a method name (a one-step recipe)",
 )
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="run the steps of a recipe file (YAML/JSON, docs/RECIPES.md) instead of --method")

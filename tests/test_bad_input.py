@@ -386,7 +386,7 @@ def _limit_file_size(limit: int) -> Callable[[], None]:
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["auto", "none"])
 def test_full_disk_is_one_line_and_leaves_nothing(method: str, tmp_path: Path) -> None:
-    src = DEMO_OLMOE  # MoE: "auto" runs ROMER, which saves the transformed checkpoint beside OUT first
+    src = DEMO_OLMOE  # MoE: "auto" transforms the model, which is saved beside OUT first
     largest = max(p.stat().st_size for p in src.glob("*.safetensors"))
     work = tmp_path / "work"
     work.mkdir()

@@ -42,8 +42,7 @@ METHODS: dict[str, dict[str, Any] | None] = {
     "none": None,
     "romer": ROMER,
     "hpd": None,
-    "auto": {**CALIB, "correction_draws": 1,
-             **{k: ROMER[k] for k in ("calib_seeds", "replace_bottom", "replacement")}},
+    "auto": {**CALIB, "correction_draws": 1},
     "outlier_channels": {**CALIB, "outlier_percent": 10.0},
     "output_correction": {**CALIB, "correction_draws": 1},
     "keep_digital": {"patterns": ["re:.*layers\\.0\\..*"]},
@@ -54,7 +53,7 @@ MOE_OUTLIERS = {"outlier_split", "experts_digital_inputs"}
 #: method → the transform types its bundle of an MoE model records (every loader in TRANSFORM_LOADERS)
 TRANSFORMS: dict[str, set[str]] = {
     "none": set(), "romer": ROMER_TYPES, "hpd": {"hpd_split"}, "keep_digital": set(),
-    "auto": {*MOE_OUTLIERS, "output_gain", *ROMER_TYPES}, "outlier_channels": MOE_OUTLIERS,
+    "auto": {*MOE_OUTLIERS, "output_gain"}, "outlier_channels": MOE_OUTLIERS,
     "output_correction": {"output_gain"},
 }  # fmt: skip
 #: transform types whose loaders change the forward pass on a simulated chip of the plain architecture

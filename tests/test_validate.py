@@ -108,7 +108,7 @@ def test_every_demo_model_exports_and_validates(
     analog = [router] if moe and method == "auto" else []
     res = api.convert(str(folder), profile, out=out, method=method, analog=analog, progress=False,
                       method_options=options)  # fmt: skip
-    moe_auto = ["outlier_split", "experts_digital_inputs", "output_gain", "romer_routing"]  # defaults.MOE
+    moe_auto = ["outlier_split", "experts_digital_inputs", "output_gain"]  # methods/defaults.py: MOE
     expected = {"none": [], "auto": moe_auto if moe else ["hpd_split"]}[method]
     assert [t for t in res["transforms"] if t != "romer_replacement"] == expected
     # The bundle keeps the source's storage dtype (bf16 demos stay bf16), whatever the method did.

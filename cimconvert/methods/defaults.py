@@ -4,7 +4,9 @@ Chosen from real-model measurements (benchmarks/robust.py, docs/ROBUSTNESS.md), 
 demo models: on SmolLM2-135M under chipA, keeping each analog linear layer's 5 % largest-activation input
 channels digital and then folding per-channel output gains fitted across chip draws into the weights
 was the best recipe measured within a 5 % digital budget. ``moe`` runs the same two steps (on the linear
-layers and, per expert, on the fused experts), then ROMER. SSMs keep HPD on the last block's ``out_proj``: no
+layers and, per expert, on the fused experts): ROMER added after them measured no gain on the real MoE
+build under chipA (exploration on WikiText-2 valid, ``benchmarks/robust_explore.py``), so it is not in
+the default (docs/ROMER.md). SSMs keep HPD on the last block's ``out_proj``: no
 real SSM checkpoint was measured (see ROBUSTNESS.md).
 
 Steps that fit on calibration text need the model's tokenizer; ``auto`` skips them for a checkpoint
@@ -27,7 +29,7 @@ DENSE: list[dict[str, Any]] = [
      "options": {"outlier_percent": DEFAULT_OUTLIER_PERCENT, "calib_samples": CORRECTION_SAMPLES}},
     {"step": "output_correction", "options": {"calib_samples": CORRECTION_SAMPLES}},
 ]
-MOE: list[dict[str, Any]] = [*DENSE, {"step": "romer"}]
+MOE: list[dict[str, Any]] = list(DENSE)
 SSM: list[dict[str, Any]] = [{"step": "hpd"}]
 
 set_auto_recipe("dense", DENSE)
