@@ -292,7 +292,8 @@ def scan_phase(args: argparse.Namespace) -> None:
             out = scan_path(model, profile).parent
             if (out / "sensitivity.json").is_file():
                 continue
-            cmd = [sys.executable, "-m", "cimconvert", "analyze", str(MODELS[model]), "--profile", profile,
+            source = str(MODELS[model].relative_to(REPO))  # the scan records it: no machine path
+            cmd = [sys.executable, "-m", "cimconvert", "analyze", source, "--profile", profile,
                    "--granularity", "layer", "--seeds", str(SCAN_SEEDS), "--seed", "1000", "--dataset",
                    "calib", "--max-tokens", str(SCAN_TOKENS), "--threads", str(args.threads), "-o", str(out)]
             subprocess.run(cmd, check=True)
