@@ -113,7 +113,7 @@ class ExpertsBinding:
                 y = self.kernel.expert(name, module, expert, x.index_fill(-1, index, 0.0))
                 y = y + _digital_part(module, pname, expert, x.index_select(-1, index), index)
         else:
-            y = _exact(module, getattr(module, pname)[expert], x)
+            y = expert_matmul(module, getattr(module, pname)[expert], x)
         for observer in _OBSERVERS.get(module, ()):
             observer(pname, expert, x, y)
         if getattr(module, "has_bias", False):
@@ -121,8 +121,8 @@ class ExpertsBinding:
         return y
 
 
-def _exact(module: nn.Module, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``x`` times one expert's matrix ``w`` in the module's storage layout."""
+def expert_matmul(module: nn.Module, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Exact ``x`` times one expert's matrix ``w`` in the experts module's storage layout (no bias)."""
     return x @ w if getattr(module, "is_transposed", False) else nn.functional.linear(x, w)
 
 
@@ -132,8 +132,8 @@ def _digital_part(module: nn.Module, pname: str, expert: int, x: torch.Tensor, i
     if columns is not None:
         return nn.functional.linear(x, columns[expert])
     w = getattr(module, pname)[expert]
-    transposed = getattr(module, "is_transposed", False)
-    return x @ w.index_select(0, index) if transposed else nn.functional.linear(x, w.index_select(1, index))
+    columns = w.index_select(0 if getattr(module, "is_transposed", False) else 1, index)
+    return expert_matmul(module, columns, x)
 
 
 def digital_inputs(module: nn.Module, pname: str) -> Tensor | None:

@@ -53,8 +53,7 @@ class CleanKernel:
 
     def expert(self, name: str, module: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
         """``x @ W[expert]ᵀ`` of the fused tensor ``name``."""
-        w = getattr(module, name.rpartition(".")[2])[expert]
-        return x @ w if getattr(module, "is_transposed", False) else nn.functional.linear(x, w)
+        return experts_impl.expert_matmul(module, getattr(module, name.rpartition(".")[2])[expert], x)
 
 
 def _input(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from cimconvert.analog.chip_noise import apply_chip_noise
+from cimconvert.analog.experts import expert_matmul
 from cimconvert.analog.routes import owner_of
 from cimconvert.devices import to_model_device
 from cimconvert.errors import CimError
@@ -82,7 +83,7 @@ class ExpertGainFits:
     """
 
     def __init__(self, model: nn.Module, tensors: Sequence[TensorInfo]) -> None:
-        self.layouts = {info.name: info.layout for info in tensors}
+        self.owners = {info.name: owner_of(model, info.name)[0] for info in tensors}
         params = dict(model.named_parameters())
         self.clean = {info.name: params[info.name].detach().clone() for info in tensors}
         self.fits = {
@@ -91,8 +92,7 @@ class ExpertGainFits:
 
     def __call__(self, name: str, expert: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """Fold one projection into its expert's fit."""
-        w = self.clean[name][expert]
-        exact = nn.functional.linear(x, w) if self.layouts[name] == "out_in" else x @ w
+        exact = expert_matmul(self.owners[name], self.clean[name][expert], x)
         self.fits[name][expert].add(y.detach(), exact)
 
     def gains(self) -> dict[str, torch.Tensor]:

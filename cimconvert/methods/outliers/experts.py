@@ -9,12 +9,13 @@ intermediate activations. An expert that no calibration token reached takes the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from torch import nn
 
-from cimconvert.analog.experts import column_mask, input_dim, set_digital_inputs
+from cimconvert.analog.experts import input_dim, set_digital_inputs
 from cimconvert.analog.routes import owner_of
 from cimconvert.methods.calibration import observed_experts
 from cimconvert.placement import TensorInfo
@@ -63,7 +64,7 @@ def split_expert_outliers(
         owner, _, attr = owner_of(model, info.name)
         set_digital_inputs(owner, attr, index)
         params.append(tensor_params(model, info.name, info.layout))
-        kept = table.masked_fill(column_mask(table[:, None, :], index, "out_in")[:, 0, :], 0.0)
+        kept = table.scatter(1, index, 0.0)  # the maxima the crossbar still sees
         rows.append({
             "layer": info.name,
             "digital_channels": k,
@@ -78,7 +79,9 @@ def split_expert_outliers(
     return params, rows
 
 
-def observe_expert_maxima(model: nn.Module, tensors: Sequence[TensorInfo]):
+def observe_expert_maxima(
+    model: nn.Module, tensors: Sequence[TensorInfo]
+) -> tuple[AbstractContextManager[None], ExpertMaxima]:
     """(context manager that records the maxima while the calibration text runs, the recorder)."""
     recorder = ExpertMaxima(tensors)
     return observed_experts(model, [info.name for info in tensors], recorder), recorder
