@@ -279,7 +279,7 @@ class SourceCheckpoint:
             for meta in header.tensors:
                 if meta.begin > pos:
                     _read_hashed(handle, meta.begin - pos, digest)
-                raw = _read_exact(handle, buffer[: meta.nbytes], self.dir / name)
+                raw = read_exact(handle, buffer[: meta.nbytes], self.dir / name)
                 pending = pool.submit(digest.update, raw.numpy()) if pool is not None else None
                 if pending is None:
                     digest.update(raw.numpy())
@@ -332,7 +332,8 @@ def as_tensor(meta: TensorMeta, raw: torch.Tensor) -> torch.Tensor:
     return raw.view(meta.torch_dtype).reshape(meta.shape)
 
 
-def _read_exact(handle: Any, buf: torch.Tensor, path: Path) -> torch.Tensor:
+def read_exact(handle: Any, buf: torch.Tensor, path: Path) -> torch.Tensor:
+    """Fill the uint8 buffer ``buf`` from ``handle`` (a one-line error naming ``path`` if the file ends)."""
     if buf.numel() and handle.readinto(buf.numpy()) != buf.numel():
         raise _bad(path, "file is truncated while reading tensor data")
     return buf

@@ -23,7 +23,7 @@ from torch import nn
 
 from cimconvert.arch import get_adapter, load_config, load_model_class
 from cimconvert.arch.base import ArchAdapter, ExpertKey
-from cimconvert.checkpoint import SourceCheckpoint, TensorMeta, as_tensor, check_finite
+from cimconvert.checkpoint import SourceCheckpoint, TensorMeta, as_tensor, check_finite, read_exact
 from cimconvert.errors import ModelInputError
 
 #: Bytes per element of the float32 parameters a layer is materialised in.
@@ -121,13 +121,11 @@ class LayerwiseModel:
         for meta in metas:
             by_file[meta.file].append(meta)
         for file, group in by_file.items():
-            start = self.source.headers[file].data_start
-            with (self.source.dir / file).open("rb") as handle:
+            start, path = self.source.headers[file].data_start, self.source.dir / file
+            with path.open("rb") as handle:
                 for meta in sorted(group, key=lambda m: m.begin):
                     handle.seek(start + meta.begin)
-                    raw = torch.empty(meta.nbytes, dtype=torch.uint8)
-                    if meta.nbytes and handle.readinto(raw.numpy()) != meta.nbytes:
-                        raise ModelInputError(f"{file}: file is truncated while reading tensor '{meta.name}'")
+                    raw = read_exact(handle, torch.empty(meta.nbytes, dtype=torch.uint8), path)
                     tensor = as_tensor(meta, raw)
                     check_finite(meta.name, tensor, file)
                     dtype = torch.float32 if tensor.is_floating_point() else None
