@@ -235,6 +235,36 @@ def analog_scales(meta: TensorMeta, raw: torch.Tensor, layout: str, profile: Chi
     return clean_scales(as_tensor(meta, raw), layout, profile)  # type: ignore[arg-type]
 
 
+class _ScaleArena:
+    """The mapping scales of every analog tensor, in one float32 buffer sized before the stream starts.
+
+    Each tensor's scales come out of few-MB temporaries (the weight widened to float32, its absolute
+    value). Kept as its own small allocation, each result pins part of a freed temporary in glibc's heap,
+    which then grows by about one temporary per tensor: the 3072 analog per-expert tensors of an
+    OLMoE-1B-7B-shaped checkpoint grew the writer past 13 GB. Copied into one buffer allocated up front,
+    every temporary is freed whole and reused.
+    """
+
+    def __init__(self, metas: Sequence[TensorMeta], infos: dict[str, Any], profile: ChipProfile) -> None:
+        self.shapes: dict[str, torch.Size] = {}
+        for meta in metas:
+            info = infos[meta.name]
+            if info.unit == "analog":
+                shaped = torch.empty(meta.shape, dtype=meta.torch_dtype, device="meta")
+                self.shapes[meta.name] = clean_scales(shaped, info.layout, profile).shape
+        self.buffer = torch.empty(sum(shape.numel() for shape in self.shapes.values()), dtype=torch.float32)
+        self.used = 0
+        self.scales: dict[str, torch.Tensor] = {}
+
+    def put(self, name: str, scales: torch.Tensor) -> None:
+        """Copy the scales of analog tensor ``name`` into the buffer (a view of it is kept)."""
+        size = scales.numel()
+        view = self.buffer[self.used : self.used + size].view(self.shapes[name])
+        view.copy_(scales)
+        self.scales[name] = view
+        self.used += size
+
+
 def _stream(
     source: SourceCheckpoint,
     folder: Path,
@@ -245,6 +275,7 @@ def _stream(
 ) -> _Written:
     result = _Written()
     writer = _ShardWriter(folder)
+    arena = _ScaleArena([m for f in source.weight_files for m in source.headers[f].tensors], infos, profile)
     # sha256 of the input file, of each tensor and of the output file run in parallel (hashlib releases
     # the GIL); every job on a buffer finishes before the buffer is reused for the next tensor.
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -254,12 +285,13 @@ def _stream(
                 writer.write(where[meta.name], raw)
                 info = infos[meta.name]
                 if info.unit == "analog":
-                    result.scales[meta.name] = analog_scales(meta, raw, info.layout, profile)
+                    arena.put(meta.name, analog_scales(meta, raw, info.layout, profile))
                 result.sha256[meta.name] = tensor_hash.result()
                 progress(meta.nbytes)
         finally:
             writer.close()
     result.files = writer.done
+    result.scales = arena.scales
     return result
 
 
@@ -419,7 +451,7 @@ def _write_scales(folder: Path, scales: dict[str, torch.Tensor], profile: ChipPr
         return None
     meta = {"format": "pt", "granularity": profile.mapping.scale, "profile": profile.name}
     path = folder / SCALES_NAME
-    data = safetensors_bytes({k: v.contiguous() for k, v in scales.items()}, metadata=meta)
+    data = safetensors_bytes({k: v.clone() for k, v in scales.items()}, metadata=meta)  # unshared storage
     path.write_bytes(canonical_safetensors_header(data))
     path.chmod(0o644)  # match the other bundle files whatever the umask
     return SCALES_NAME
