@@ -31,7 +31,7 @@ from cimconvert.bundle.outdir import out_lock, tmp_path
 from cimconvert.bundle.reader import inspect_bundle, is_bundle, read_manifest
 from cimconvert.bundle.reader import load_bundle as read_bundle
 from cimconvert.bundle.writer import check_out_dir, write_bundle
-from cimconvert.checkpoint import DTYPES, check_weights_finite, has_tokenizer, resolve_model
+from cimconvert.checkpoint import check_weights_finite, has_tokenizer, resolve_model
 from cimconvert.datasets import load_text, tokenize
 from cimconvert.devices import describe, model_device, place_model, resolve_device, resolve_dtype
 from cimconvert.distributed import is_main_rank
@@ -131,23 +131,15 @@ def _dry_run_result(model: str, chip: ChipProfile, recipe: Recipe, placement: An
     }
 
 
-#: Storage formats a transformed model may be cast back to (8-bit floats are not: they need scales).
-_CASTABLE = ("F16", "BF16", "F32", "F64")
-
-
 def _cast_to_source_dtype(net: torch.nn.Module, source: Any, keep: Sequence[str]) -> None:
     """Store the transformed model in the source's float dtype (a bf16 checkpoint stays bf16).
 
     Tensors a method created (``keep``, e.g. HPD's SVD factors) stay float32: rounding them would
     break the exact reconstruction of the layer they replace.
     """
-    counts: dict[str, int] = {}
-    for meta in source.tensor_shapes().values():
-        if meta.dtype in _CASTABLE:
-            counts[meta.dtype] = counts.get(meta.dtype, 0) + meta.nbytes
-    if not counts:
+    dtype = source.storage_dtype()
+    if dtype is None:
         return
-    dtype = DTYPES[max(counts, key=counts.__getitem__)][0]
     kept = set(keep)
     for name, param in net.named_parameters():
         if name not in kept and param.is_floating_point():
@@ -407,7 +399,7 @@ def _convert(
     with out_lock(out_dir) as lock:  # one writer per OUT, from here to the final rename
         check_out_dir(out_dir, force)  # fail before any expensive work
         if by_layer:
-            summary, report, transform_types = _convert_layerwise(
+            summary, report, transform_types, placement = _convert_layerwise(
                 source, (chip, compute[0]), resolved, placement, out_dir, extra,
                 dict(seed=seed, force=force, progress=progress, onnx=onnx, key=key, recipe=recorded),
             )
@@ -456,20 +448,32 @@ def _with_transforms(source: Any, transforms: list[dict[str, Any]]) -> torch.nn.
 def _convert_layerwise(
     source: Any, target: tuple[ChipProfile, torch.device], resolved: Recipe, placement: Placement,
     out_dir: Path, extra: dict[str, Any], opts: dict[str, Any],
-) -> tuple[Any, dict[str, Any], list[str]]:  # fmt: skip
-    """Run the recipe layer by layer (float32 on the device of ``target``) and stream the checkpoint into
-    OUT with the steps' transforms; returns (BundleSummary, method report, transform types)."""
+) -> tuple[Any, dict[str, Any], list[str], Placement]:  # fmt: skip
+    """Run the recipe layer by layer (float32 on the device of ``target``) and write the bundle; returns
+    (BundleSummary, method report, transform types, placement). Steps that only record transforms (ROMER)
+    stream the source checkpoint into OUT; steps that change weights leave a transformed copy, written
+    layer by layer beside OUT (``.OUT.src-<pid>-*``, removed afterwards), which is bundled instead."""
     chip, device = target
     lw = LayerwiseModel.open(source, device)
-    result = run_recipe_layerwise(lw, chip, resolved, placement, opts["progress"])
-    extra.update(method_report=result.report, layer_by_layer=True)
-    hook = None
-    if opts["onnx"]:
-        hook = _onnx_exporter(lambda: _with_transforms(source, result.transforms), opts["progress"])
-    summary = write_bundle(source, out_dir, chip, placement, transforms=result.transforms,
-                           seeds={"global": opts["seed"], **result.seeds}, extra=extra, force=opts["force"],
-                           progress=opts["progress"], finalize=hook, key=opts["key"], recipe=opts["recipe"])
-    return summary, result.report, [t["type"] for t in result.transforms]
+    with tempfile.TemporaryDirectory(prefix=f"{tmp_path(out_dir, 'src').name}-", dir=out_dir.parent) as tmp:
+        try:
+            run = run_recipe_layerwise(lw, chip, resolved, placement, opts["progress"], scratch=Path(tmp))
+        except (OSError, SafetensorError) as exc:
+            detail = failure_detail(exc)
+            raise BundleError(f"writing the transformed layers beside {out_dir} failed: {detail}") from None
+        result, bundled = run.result, run.checkpoint or source
+        extra.update(method_report=result.report, layer_by_layer=True)
+        if run.checkpoint is not None:
+            placement = replan_tensors(run.placement, bundled.tensor_shapes(), lw.adapter, chip,
+                                       tied_lm_head=lw.adapter.tied_embeddings(bundled.config))  # fmt: skip
+        hook = None
+        if opts["onnx"]:
+            hook = _onnx_exporter(lambda: _with_transforms(bundled, result.transforms), opts["progress"])
+        summary = write_bundle(bundled, out_dir, chip, placement, transforms=result.transforms,
+                               seeds={"global": opts["seed"], **result.seeds}, extra=extra,
+                               force=opts["force"], progress=opts["progress"], origin=source, finalize=hook,
+                               key=opts["key"], recipe=opts["recipe"])  # fmt: skip
+    return summary, result.report, [t["type"] for t in result.transforms], placement
 
 
 def recipe_of(out: str | Path) -> dict[str, Any]:

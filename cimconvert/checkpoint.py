@@ -75,6 +75,8 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
     "BOOL": (torch.bool, 1),
 }
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+#: Storage formats a transformed model may be cast back to (8-bit floats are not: they need scales).
+CASTABLE_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,15 @@ class SourceCheckpoint:
     def tensor_shapes(self) -> dict[str, TensorMeta]:
         """Every tensor on disk (name → shape, dtype, file, offsets), from the headers only."""
         return {t.name: t for f in self.weight_files for t in self.headers[f].tensors}
+
+    def storage_dtype(self) -> torch.dtype | None:
+        """The float dtype holding most of the checkpoint's bytes among :data:`CASTABLE_DTYPES` (what a
+        transformed model is stored in: a bf16 checkpoint stays bf16), or None without such tensors."""
+        counts: dict[str, int] = {}
+        for meta in self.tensor_shapes().values():
+            if meta.dtype in CASTABLE_DTYPES:
+                counts[meta.dtype] = counts.get(meta.dtype, 0) + meta.nbytes
+        return DTYPES[max(counts, key=counts.__getitem__)][0] if counts else None
 
     @property
     def origin_path(self) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,10 @@ from pydantic import ValidationError
 
 from cimconvert.arch import get_adapter
 from cimconvert.bundle.manifest import Manifest, Recipe, RecipeStep
+from cimconvert.checkpoint import SourceCheckpoint
 from cimconvert.errors import CimError, failure_detail
+from cimconvert.layerwise.save import LayerCheckpointWriter
+from cimconvert.layerwise.steps import run_layer_steps
 from cimconvert.methods import (
     LAYERWISE,
     METHODS,
@@ -220,8 +224,7 @@ def _merge(combined: MethodResult, result: MethodResult, key: str) -> None:
 
 
 def check_layerwise(recipe: Recipe) -> None:
-    """CimError unless every step of ``recipe`` has a layer-by-layer implementation (one step at most:
-    a later step would need the model as the earlier one left it)."""
+    """CimError unless every step of ``recipe`` has a layer-by-layer implementation."""
     for index, step in enumerate(recipe.steps, 1):
         if step.step not in LAYERWISE:
             supported = ", ".join(sorted(LAYERWISE)) or "none"
@@ -229,28 +232,47 @@ def check_layerwise(recipe: Recipe) -> None:
                 f"{_where(index, step.step)} has no layer-by-layer implementation (layer by layer: "
                 f"{supported}); convert with --whole-model on a machine where the model fits in memory"
             )
-    if len(recipe.steps) > 1:
-        raise CimError("layer by layer, a recipe runs one step at most (a later step would need the model "
-                       "as the earlier ones left it); convert with --whole-model")  # fmt: skip
+
+
+@dataclass
+class LayerwiseRun:
+    """A recipe run layer by layer: the combined result, the placement after the last step (in-memory
+    names) and, when a step changed weights or structure, the transformed checkpoint to bundle."""
+
+    result: MethodResult
+    placement: Placement
+    checkpoint: SourceCheckpoint | None = None
 
 
 def run_recipe_layerwise(
-    lw: Any, chip: ChipProfile, recipe: Recipe, placement: Placement, progress: bool = True
-) -> MethodResult:
-    """Run a resolved recipe on a model executed layer by layer (``cimconvert.layerwise.LayerwiseModel``).
+    lw: Any, chip: ChipProfile, recipe: Recipe, placement: Placement, progress: bool = True,
+    scratch: Path | None = None,
+) -> LayerwiseRun:  # fmt: skip
+    """Run a resolved recipe on a model executed layer by layer (``cimconvert.layerwise.LayerwiseModel``):
+    every step in one pass over the decoder layers (:mod:`cimconvert.layerwise.steps`).
 
-    The steps (see :func:`check_layerwise`) return transforms only: the weights stay the checkpoint's,
-    and the conversion streams them into the bundle with the steps' transform entries.
+    Steps that change weights or structure (outlier splits, folded gains) get each layer saved, as they
+    left it, into ``scratch`` (:mod:`cimconvert.layerwise.save`); with steps that only record transforms
+    (ROMER) the weights stay the checkpoint's and no copy is written.
     """
     check_layerwise(recipe)
-    combined = MethodResult()
+    steps = []
     for index, step in enumerate(recipe.steps, 1):
         options = {**option_values(step.step, checked_options(step, index)),
                    "seed": 0 if step.seed is None else step.seed}  # fmt: skip
         with _naming_step(_where(index, step.step)):
-            result = LAYERWISE[step.step](lw, chip, options, progress=progress, placement=placement)
+            steps.append(LAYERWISE[step.step](lw, chip, options, placement=placement))
+    writer = None
+    if any(step.changes_weights for step in steps):
+        if scratch is None:
+            raise ValueError("these steps change weights: pass a scratch folder for the transformed layers")
+        writer = LayerCheckpointWriter(lw, scratch)
+    save = writer.add_layer if writer is not None else None
+    results, final = run_layer_steps(lw, chip, steps, placement, progress=progress, save=save)
+    combined = MethodResult()
+    for index, (step, result) in enumerate(zip(recipe.steps, results, strict=True), 1):
         _merge(combined, result, f"{index}:{step.step}")
-    return combined
+    return LayerwiseRun(combined, final, writer.finish() if writer is not None else None)
 
 
 def run_recipe(

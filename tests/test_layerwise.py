@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_tiny
 from transformers import AutoTokenizer
 
 from cimconvert import api
@@ -20,7 +21,7 @@ from cimconvert.evaluation.monte_carlo import evaluate_model
 from cimconvert.layerwise import LayerMemoryError, LayerwiseModel, evaluate_layerwise
 from cimconvert.layerwise import memory as layer_memory
 from cimconvert.methods import option_values
-from cimconvert.methods.calibration import calibration_tokens
+from cimconvert.methods.calibration import calibration_tokens, decoder_layers_only
 from cimconvert.methods.romer.core import RomerConfig, calibration_stats
 from cimconvert.methods.romer.layerwise import layerwise_stats
 from cimconvert.onnx import export as onnx_export
@@ -233,3 +234,54 @@ def test_layer_by_layer_is_refused_under_a_launch(monkeypatch: pytest.MonkeyPatc
     with pytest.raises(CimError, match="runs in one process"):
         layer_memory.use_layerwise_here(True, source)
     assert layer_memory.use_layerwise_here(False, source) is False
+
+
+def _tensor_digests(out: Path) -> dict[str, str]:
+    return {t.name: t.sha256 for t in read_manifest(out).tensors}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "method"), [("tiny-olmoe", "auto"), ("tiny-qwen2-moe", "auto"),
+                                              ("tiny-mamba", "output_correction")])  # fmt: skip
+def test_weight_changing_recipe_layer_by_layer_writes_the_whole_model_bundle(
+    name: str, method: str, run_cli, tmp_path: Path
+) -> None:
+    """outlier_channels → output_correction (MoE auto) and output_correction alone (Mamba), layer by layer:
+    the same transforms and bit-identical tensors as the whole-model conversion (one calibration batch)."""
+    args = [f"examples/models/{name}", "-p", "chipA", "--method", method, "--calib-samples", "4",
+            "--calib-seq-len", "64", "--no-onnx", "--json"]  # fmt: skip
+    results = {}
+    for mode in ("--layer-by-layer", "--whole-model"):
+        code, out, err = run_cli("convert", *args, mode, "-o", str(tmp_path / mode))
+        assert code == 0, err
+        results[mode] = json.loads(out)
+    lw, whole = tmp_path / "--layer-by-layer", tmp_path / "--whole-model"
+    assert results["--layer-by-layer"]["layer_by_layer"] is True
+    assert results["--layer-by-layer"]["method_report"] == results["--whole-model"]["method_report"]
+    assert [t.model_dump() for t in read_manifest(lw).transforms] == [
+        t.model_dump() for t in read_manifest(whole).transforms
+    ]
+    assert _tensor_digests(lw) == _tensor_digests(whole)
+    assert results["--layer-by-layer"]["placement_totals"] == results["--whole-model"]["placement_totals"]
+    assert verify_bundle(lw) == []
+    assert not list(tmp_path.glob(".*src*"))  # the transformed layers were written beside OUT, then removed
+
+
+def test_romer_before_another_step_is_refused_layer_by_layer(run_cli, tmp_path: Path) -> None:
+    """ROMER's fit exists only after the pass: a later step could not see it while the layers run."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - step: romer\n  - step: output_correction\n", encoding="utf-8")
+    code, _, err = run_cli("convert", "examples/models/tiny-olmoe", "-p", "chipA", "--recipe", str(recipe),
+                           "--layer-by-layer", "--no-onnx", "-o", str(tmp_path / "out"))  # fmt: skip
+    assert code == 2 and "must be the recipe's last step" in err and "--whole-model" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_analog_tensor_outside_the_layers_is_refused_by_layer_steps(chip, tmp_path: Path) -> None:
+    """A layer step covers the decoder layers: an analog (untied) lm_head would go uncorrected: refused."""
+    _, folder = save_tiny("llama", tmp_path / "llama")
+    lw = LayerwiseModel.open(resolve_model(folder))
+    decoder_layers_only(lw, "output_correction", chip, plan_model(lw.model, chip))  # lm_head digital: fine
+    with pytest.raises(CimError, match="covers the decoder layers only, but 'lm_head' is analog"):
+        analog_head = plan_model(lw.model, chip, analog=["lm_head.weight"])
+        decoder_layers_only(lw, "output_correction", chip, analog_head)

@@ -169,7 +169,7 @@ def _layer_output(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
-def _run_stream(layer: nn.Module, index: int, stream: Stream, inputs: Sequence[LayerInputs]) -> None:
+def run_stream(layer: nn.Module, index: int, stream: Stream, inputs: Sequence[LayerInputs]) -> None:
     """Every batch of ``stream`` through decoder layer ``index`` (outputs replace the inputs)."""
     for b, entry in enumerate(inputs):
         args, kwargs = entry.calls[index]
@@ -242,7 +242,7 @@ def run_layers(
                     layer = lw.load_layer(index, programmed)
                 with noisy_draw(lw, layer_targets, profile, stream) as handle:
                     with context(stream) if context is not None else nullcontext():
-                        _run_stream(layer, index, stream, inputs)
+                        run_stream(layer, index, stream, inputs)
                     programmed = list(getattr(handle, "perturbed", None) or [])
             lw.free_layer(index)
 
@@ -271,6 +271,7 @@ __all__ = [
     "reporting_memory",
     "resident_targets",
     "run_layers",
+    "run_stream",
     "start_streams",
     "stubbed_layers",
 ]

@@ -47,7 +47,7 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
-def _expert_rows(key: ExpertKey, fused: torch.Tensor) -> tuple[int, slice]:
+def expert_rows(key: ExpertKey, fused: torch.Tensor) -> tuple[int, slice]:
     """Expert index and the rows of ``fused`` that a per-expert key fills (gate: first half, up: second)."""
     if key.role == "down":
         return key.expert, slice(None)
@@ -111,8 +111,9 @@ class LayerwiseModel:
         return max((self.layer_bytes(i) for i in range(self.num_layers)), default=0)
 
     # ------------------------------------------------------------------ loading
-    def _read(self, metas: Iterable[TensorMeta]) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(key, float32 tensor on device)`` for each of ``metas``, one at a time, with a NaN/Inf check.
+    def read_stored(self, metas: Iterable[TensorMeta]) -> Iterator[tuple[TensorMeta, torch.Tensor]]:
+        """``(meta, tensor as stored: its dtype, on the CPU)`` for each of ``metas``, one at a time, with a
+        NaN/Inf check.
 
         Plain reads at the header's offsets into a fresh buffer (no memory map, whose touched pages would
         stay in the resident set until the file is closed).
@@ -128,8 +129,13 @@ class LayerwiseModel:
                     raw = read_exact(handle, torch.empty(meta.nbytes, dtype=torch.uint8), path)
                     tensor = as_tensor(meta, raw)
                     check_finite(meta.name, tensor, file)
-                    dtype = torch.float32 if tensor.is_floating_point() else None
-                    yield meta.name, tensor.to(self.device, dtype)
+                    yield meta, tensor
+
+    def _read(self, metas: Iterable[TensorMeta]) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(key, float32 tensor on device)`` for each of ``metas`` (:meth:`read_stored`)."""
+        for meta, tensor in self.read_stored(metas):
+            dtype = torch.float32 if tensor.is_floating_point() else None
+            yield meta.name, tensor.to(self.device, dtype)
 
     def _assign(self, params: dict[str, nn.Parameter], metas: list[TensorMeta], where: str) -> None:
         """Load ``metas`` into the parameters ``params`` (full names); every parameter must be filled.
@@ -141,7 +147,7 @@ class LayerwiseModel:
         filled: set[str] = set()
         for key, tensor in self._read(metas):
             expert = self.adapter.expert_key(key)
-            name = self._memory_name(key)
+            name = self.memory_name(key)
             if name not in params:
                 continue  # extra on-disk tensors are allowed, as in the whole-model load
             if expert is None:
@@ -152,7 +158,7 @@ class LayerwiseModel:
             else:
                 if name not in fused:
                     fused[name] = torch.zeros(params[name].shape, dtype=torch.float32, device=self.device)
-                index, rows = _expert_rows(expert, fused[name])
+                index, rows = expert_rows(expert, fused[name])
                 fused[name][index, rows] = tensor
             filled.add(name)
         for name, tensor in fused.items():
@@ -185,11 +191,11 @@ class LayerwiseModel:
         if names is not None:
             wanted = set(names)
             params = {n: p for n, p in params.items() if n in wanted}
-            metas = [m for m in metas if self._memory_name(m.name) in wanted]
+            metas = [m for m in metas if self.memory_name(m.name) in wanted]
         self._assign(params, metas, f"decoder layer {index}")
         return self.layers[index]
 
-    def _memory_name(self, key: str) -> str:
+    def memory_name(self, key: str) -> str:
         """The in-memory parameter an on-disk key loads into (fused tensor for a per-expert key)."""
         expert = self.adapter.expert_key(key)
         return expert.memory_name if expert is not None else self.adapter.memory_name(key)
@@ -210,4 +216,4 @@ def analog_of_layer(targets: Iterable[Any], prefix: str) -> list[Any]:
     return [t for t in targets if str(t.name).startswith(prefix)]
 
 
-__all__ = ["FLOAT32_BYTES", "LayerwiseModel", "analog_of_layer", "build_skeleton"]
+__all__ = ["FLOAT32_BYTES", "LayerwiseModel", "analog_of_layer", "build_skeleton", "expert_rows"]

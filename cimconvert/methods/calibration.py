@@ -143,6 +143,30 @@ def analog_expert_tensors(
     return [info for info in placed.analog() if route_of(model, info.name) == "experts"]
 
 
+def decoder_layers_only(lw: Any, step: str, profile: ChipProfile, placement: Placement | None) -> None:
+    """CimError when an analog linear layer or experts tensor of the layer-by-layer model ``lw`` lies
+    outside its decoder layers (an analog lm_head): ``step`` run layer by layer covers decoder layers only."""
+    names = [*analog_linear_layers(lw.model, profile, placement),
+             *(info.name for info in analog_expert_tensors(lw.model, profile, placement))]  # fmt: skip
+    outside = [name for name in names if lw.adapter.layer_index(f"{name}.weight") is None
+               and lw.adapter.layer_index(name) is None]  # fmt: skip
+    if outside:
+        raise CimError(f"layer by layer, {step} covers the decoder layers only, but '{outside[0]}' is "
+                       "analog: place it digital (--digital) or convert with --whole-model")
+
+
+
+def layer_targets(lw: Any, index: int, profile: ChipProfile,
+                  placement: Placement | None) -> tuple[list[str], list[TensorInfo]]:  # fmt: skip
+    """(analog linear layers, analog fused experts tensors) of decoder layer ``index`` of the
+    layer-by-layer model ``lw`` under ``placement``."""
+    prefix = lw.layer_prefix(index)
+    layers = [name for name in analog_linear_layers(lw.model, profile, placement) if name.startswith(prefix)]
+    experts = [info for info in analog_expert_tensors(lw.model, profile, placement)
+               if info.name.startswith(prefix)]  # fmt: skip
+    return layers, experts
+
+
 ExpertObserver = Callable[[str, int, torch.Tensor, torch.Tensor], None]
 
 

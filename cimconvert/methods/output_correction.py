@@ -20,6 +20,7 @@ import logging
 import math
 import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -122,7 +123,7 @@ def fold_expert_gains(model: nn.Module, gains: dict[str, torch.Tensor], layouts:
                 bias.mul_(g.to(bias.dtype))
 
 
-def _exact_output_hook(fit: GainFit, clean_weight: torch.Tensor):
+def exact_output_hook(fit: GainFit, clean_weight: torch.Tensor):
     """Forward hook: compare the (patched, analog) output with the exact matmul of the same input."""
 
     def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
@@ -167,7 +168,7 @@ def fit_output_gains(
     fits = {name: GainFit(model.get_submodule(name).out_features) for name in layers}
     clean = {name: model.get_submodule(name).weight.detach().clone() for name in layers}
     expert_fits = ExpertGainFits(model, experts)
-    handles = [model.get_submodule(name).register_forward_hook(_exact_output_hook(fits[name], clean[name]))
+    handles = [model.get_submodule(name).register_forward_hook(exact_output_hook(fits[name], clean[name]))
                for name in layers]  # fmt: skip
     try:
         model.eval()
@@ -241,23 +242,42 @@ class OutputCorrectionMethod:
         check = first + draws  # one more instance, not used by the fit
         with apply_chip_noise(model, placed.analog(), profile, check):
             after = calibration_ppl(model, tokens)
-        summary = _summary(gains)
-        corrected = len(layers) + len(experts)
-        entry = {"id": "output-correction", "type": TRANSFORM_TYPE,
-                 "params": {"folded_into": "weight rows (per expert for fused experts)", "layers": corrected,
-                            "draws": draws, "seeds": seeds, **summary},
-                 "targets": [f"{name}.weight" for name in layers] + [i.name for i in experts]}  # fmt: skip
-        noisy = statistics.fmean(before)
-        report = {"method": NAME, "layers": corrected, "draws": draws,
-                  "calibration_tokens": int(tokens.numel()), **summary,
-                  "calibration_ppl_clean": clean_ppl, "calibration_ppl_noisy_before": noisy,
-                  "calibration_ppl_noisy_after": after, "check_seed": check,
-                  "summary": f"calibration text, clean PPL {clean_ppl:.2f}: noisy {noisy:.2f} before the "
-                             f"correction ({draws} fitting draws), {after:.2f} after (draw {check})"}
-        if after >= noisy:
-            report["warnings"] = [f"the correction did not lower the calibration PPL on an unseen chip draw "
-                                  f"({noisy:.2f} before, {after:.2f} after)"]  # fmt: skip
-        return MethodResult(transforms=[entry], seeds={"output_correction": [*seeds, check]}, report=report)
+        fitted = Fitted(layers, [info.name for info in experts], gains, seeds, check)
+        return correction_result(fitted, int(tokens.numel()), clean_ppl, before, after)
 
+
+@dataclass
+class Fitted:
+    """What a correction fitted: corrected linear layers (module paths) and fused experts tensors, their
+    gains, the fitting seeds and the check draw."""
+
+    layers: list[str]
+    experts: list[str]
+    gains: dict[str, torch.Tensor]
+    seeds: list[int]
+    check: int
+
+
+def correction_result(fitted: Fitted, tokens: int, clean_ppl: float, before: Sequence[float],
+                      after: float) -> MethodResult:  # fmt: skip
+    """The manifest entry, seeds and report of a fitted correction (calibration perplexities: clean, each
+    fitting draw before the correction, the check draw after it)."""
+    summary = _summary(fitted.gains)
+    draws = len(fitted.seeds)
+    corrected = len(fitted.layers) + len(fitted.experts)
+    entry = {"id": "output-correction", "type": TRANSFORM_TYPE,
+             "params": {"folded_into": "weight rows (per expert for fused experts)", "layers": corrected,
+                        "draws": draws, "seeds": fitted.seeds, **summary},
+             "targets": [f"{name}.weight" for name in fitted.layers] + fitted.experts}  # fmt: skip
+    noisy = statistics.fmean(before)
+    report = {"method": NAME, "layers": corrected, "draws": draws, "calibration_tokens": tokens, **summary,
+              "calibration_ppl_clean": clean_ppl, "calibration_ppl_noisy_before": noisy,
+              "calibration_ppl_noisy_after": after, "check_seed": fitted.check,
+              "summary": f"calibration text, clean PPL {clean_ppl:.2f}: noisy {noisy:.2f} before the "
+                         f"correction ({draws} fitting draws), {after:.2f} after (draw {fitted.check})"}
+    if after >= noisy:
+        report["warnings"] = [f"the correction did not lower the calibration PPL on an unseen chip draw "
+                              f"({noisy:.2f} before, {after:.2f} after)"]  # fmt: skip
+    return MethodResult(transforms=[entry], seeds={NAME: [*fitted.seeds, fitted.check]}, report=report)
 
 register_method(OutputCorrectionMethod())

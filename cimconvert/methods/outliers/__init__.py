@@ -10,4 +10,6 @@ from cimconvert.methods.outliers.method import OutlierChannelsMethod, channel_ma
 
 register_method(OutlierChannelsMethod())
 
+from cimconvert.methods.outliers import layerwise  # noqa: E402, F401  (registers the layer step)
+
 __all__ = ["OutlierChannelsMethod", "channel_maxima", "split_outliers"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -48,10 +49,10 @@ MAX_PERCENT = 50.0
 SCOPES = ("all", "linear")
 
 
-@torch.no_grad()
-def channel_maxima(model: nn.Module, layers: Sequence[str], tokens: torch.Tensor, batch_size: int = 8):
-    """max |x_j| over the calibration ``tokens`` for every input channel j of each layer in ``layers``."""
-    maxima: dict[str, torch.Tensor] = {}
+@contextmanager
+def recording_maxima(model: nn.Module, layers: Sequence[str],
+                     maxima: dict[str, torch.Tensor]) -> Iterator[None]:  # fmt: skip
+    """While open, ``maxima[name]`` keeps max |x_j| over every input the linear layer ``name`` sees."""
 
     def hook_for(name: str):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -63,15 +64,28 @@ def channel_maxima(model: nn.Module, layers: Sequence[str], tokens: torch.Tensor
 
     handles = [model.get_submodule(name).register_forward_pre_hook(hook_for(name)) for name in layers]
     try:
-        model.eval()
-        for batch in iter_batches(tokens, batch_size):
-            model(input_ids=to_model_device(batch, model), use_cache=False)
+        yield
     finally:
         for handle in handles:
             handle.remove()
+
+
+def check_maxima(layers: Sequence[str], maxima: dict[str, torch.Tensor]) -> None:
+    """CimError naming the first layer of ``layers`` the calibration text never reached."""
     missing = [name for name in layers if name not in maxima]
     if missing:
         raise CimError(f"outlier_channels: layer '{missing[0]}' never ran on the calibration text")
+
+
+@torch.no_grad()
+def channel_maxima(model: nn.Module, layers: Sequence[str], tokens: torch.Tensor, batch_size: int = 8):
+    """max |x_j| over the calibration ``tokens`` for every input channel j of each layer in ``layers``."""
+    maxima: dict[str, torch.Tensor] = {}
+    model.eval()
+    with recording_maxima(model, layers, maxima):
+        for batch in iter_batches(tokens, batch_size):
+            model(input_ids=to_model_device(batch, model), use_cache=False)
+    check_maxima(layers, maxima)
     return maxima
 
 
@@ -112,7 +126,28 @@ def split_outliers(
     return layers, rows
 
 
-def _report(rows: list[dict[str, Any]], percent: float, tokens: torch.Tensor) -> dict[str, Any]:
+def checked_percent(options: dict[str, Any]) -> float:
+    """``outlier_percent`` (CimError outside (0, MAX_PERCENT])."""
+    percent = float(options.get("outlier_percent", DEFAULT_PERCENT))
+    if not 0.0 < percent <= MAX_PERCENT:
+        raise CimError(f"--outlier-percent must be in (0, {MAX_PERCENT:g}] (got {percent:g})")
+    return percent
+
+
+def split_targets(model: nn.Module, profile: ChipProfile, placement: Placement | None,
+                  options: dict[str, Any]) -> tuple[list[str], list[Any]]:  # fmt: skip
+    """(analog linear layers, analog fused experts tensors) the split covers (``outlier_scope``); CimError
+    when there is none."""
+    layers = analog_linear_layers(model, profile, placement)
+    experts = analog_expert_tensors(model, profile, placement)
+    if options.get("outlier_scope", SCOPES[0]) != "all":
+        experts = []
+    if not layers and not experts:
+        raise CimError("outlier_channels: the model has no analog linear layer or fused experts to split")
+    return layers, experts
+
+
+def outlier_report(rows: list[dict[str, Any]], percent: float, tokens: torch.Tensor) -> dict[str, Any]:
     digital = sum(r["digital_macs_per_token"] for r in rows)
     total = digital + sum(r["analog_macs_per_token"] for r in rows)
     ratios = [r["input_max_before"] / max(r["input_max_after"], 1e-30) for r in rows]
@@ -157,15 +192,8 @@ class OutlierChannelsMethod:
               progress: bool = True, placement: Placement | None = None) -> MethodResult:  # fmt: skip
         """Measure the calibration maxima of every analog linear layer (and fused experts tensor) and split
         off its outlier channels."""
-        percent = float(options.get("outlier_percent", DEFAULT_PERCENT))
-        if not 0.0 < percent <= MAX_PERCENT:
-            raise CimError(f"--outlier-percent must be in (0, {MAX_PERCENT:g}] (got {percent:g})")
-        layers = analog_linear_layers(model, profile, placement)
-        experts = analog_expert_tensors(model, profile, placement)
-        if options.get("outlier_scope", SCOPES[0]) != "all":
-            experts = []
-        if not layers and not experts:
-            raise CimError("outlier_channels: the model has no analog linear layer or fused experts to split")
+        percent = checked_percent(options)
+        layers, experts = split_targets(model, profile, placement, options)
         tokens = calibration_tokens(model, options)
         if progress:
             LOGGER.info("outlier_channels: calibration maxima of %d layers and %d fused experts tensors "
@@ -179,14 +207,20 @@ class OutlierChannelsMethod:
             model, experts, expert_maxima.result(), lambda n: channels_for(n, percent), top_k
         )
         return MethodResult(
-            transforms=_entries(params, expert_params, percent),
-            report=_report(rows + expert_rows, percent, tokens),
-            analog=[f"{p['module']}.{ANALOG}.weight" for p in params],
-            digital=[f"{p['module']}.{DIGITAL}.weight" for p in params],
+            transforms=outlier_entries(params, expert_params, percent),
+            report=outlier_report(rows + expert_rows, percent, tokens),
+            analog=split_parts(params, ANALOG),
+            digital=split_parts(params, DIGITAL),
         )
 
 
-def _entries(params: list[dict[str, Any]], expert_params: list[dict[str, Any]], percent: float) -> list:
+def split_parts(params: list[dict[str, Any]], part: str) -> list[str]:
+    """The weight names of one part (``ANALOG`` or ``DIGITAL``) of each split layer in ``params``."""
+    return [f"{p['module']}.{part}.weight" for p in params]
+
+
+def outlier_entries(params: list[dict[str, Any]], expert_params: list[dict[str, Any]],
+                    percent: float) -> list:  # fmt: skip
     """The manifest transform entries: split linear layers, then fused experts' digital input channels."""
     entries = []
     if params:

@@ -16,7 +16,7 @@ from cimconvert.methods.romer.core import (
     calibration_stats,
     install,
 )
-from cimconvert.methods.romer.layerwise import apply_layerwise
+from cimconvert.methods.romer.layerwise import romer_layer_step
 from cimconvert.methods.romer.method import METHOD, OPTIONS, RomerMethod, plan_transforms
 from cimconvert.methods.romer.stats import RouterStats, collect, load_router_logits, save_router_logits
 from cimconvert.transforms.romer.hook import LayerRouting, install_hook, remove_hook
@@ -25,7 +25,7 @@ from cimconvert.transforms.romer.moe import MoeRouting, moe_routers
 from cimconvert.transforms.romer.routing import RoutingRule, route
 
 register_method(METHOD)
-register_layerwise(METHOD.name, apply_layerwise)
+register_layerwise(METHOD.name, romer_layer_step)
 
 __all__ = [
     "METHOD",

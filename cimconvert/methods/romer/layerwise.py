@@ -1,71 +1,118 @@
 """ROMER one decoder layer at a time: the router statistics of the clean model and of every fitting draw
-are collected in one pass over the layers (:mod:`cimconvert.layerwise`), then fitted exactly as in
+are collected in one pass over the layers (:mod:`cimconvert.layerwise.steps`), then fitted exactly as in
 :meth:`~cimconvert.methods.romer.method.RomerMethod.apply`.
 
-The conversion streams the source checkpoint into the bundle with ROMER's transform entries: the routing
-hooks are re-installed on load, and expert copies (``--replacement``) are re-applied by the
-``romer_replacement`` loader (which copies the experts on load), so the stored weights stay the source's.
-Per-MVM draws follow the whole-model order exactly when the calibration sequences form one batch
-(``--calib-samples`` ≤ the calibration batch size); see :mod:`cimconvert.layerwise.evaluate`.
+ROMER changes no stored weight: the routing hooks are re-installed on load, and expert copies
+(``--replacement``) are re-applied by the ``romer_replacement`` loader, so the conversion streams the
+source checkpoint into the bundle with ROMER's transform entries. Its fit exists only after the whole
+pass, so layer by layer it is a recipe's last step. Per-MVM draws follow the whole-model order exactly
+when the calibration sequences form one batch (``--calib-samples`` ≤ the calibration batch size); see
+:mod:`cimconvert.layerwise.evaluate`.
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 
 from cimconvert.errors import CimError
-from cimconvert.layerwise import LayerwiseModel, capture_inputs, run_layers, start_streams
+from cimconvert.layerwise import LayerwiseModel
+from cimconvert.layerwise.passes import Stream
+from cimconvert.layerwise.steps import run_layer_steps
 from cimconvert.methods.base import MethodResult
 from cimconvert.methods.calibration import calibration_tokens, iter_batches
 from cimconvert.methods.romer.core import CalibrationStats, RomerConfig, build_plan, fit_seeds
 from cimconvert.methods.romer.method import noise_targets, romer_result
 from cimconvert.methods.romer.stats import RouterRecorder, RouterStats
-from cimconvert.placement import Placement
+from cimconvert.placement import Placement, plan_model
 from cimconvert.profiles import ChipProfile
 from cimconvert.transforms.romer.moe import MoeRouting, moe_routers
+
+
+class RomerLayerStep:
+    """ROMER's statistics as a layer step (:class:`cimconvert.layerwise.steps.LayerStep`): a recorder per
+    stream; nothing changes in the layers; :meth:`finish` fits the plan."""
+
+    name = "romer"
+    wants_ppl = False
+    changes_weights = False
+    last_only = True
+
+    def __init__(self, moe: MoeRouting, tokens: torch.Tensor, targets: list[Any], cfg: RomerConfig,
+                 adapter: Any = None, skipped: str | None = None) -> None:  # fmt: skip
+        """``skipped``: why ROMER has nothing to fit (no streams run; :meth:`finish` reports it)."""
+        self.moe, self.tokens, self.all_targets, self.cfg, self.adapter = moe, tokens, targets, cfg, adapter
+        self.skipped = skipped
+        self.check_seeds: list[int] = []
+        self.seeds = [] if skipped else fit_seeds(cfg)
+        self.fit_seeds: list[int | None] = [] if skipped else [None, *self.seeds]
+        self.batches = [] if skipped else iter_batches(tokens, cfg.calib_batch_size)
+        self.recorders = {seed: RouterRecorder(moe.routers, moe.num_experts) for seed in self.fit_seeds}
+        self.started = time.perf_counter()
+
+    def targets(self, lw: LayerwiseModel, placement: Placement) -> list[Any]:
+        """The analog tensors ROMER's calibration runs noisy (fixed at the start)."""
+        return self.all_targets
+
+    def begin_layer(self, lw: LayerwiseModel, index: int, placement: Placement) -> None:
+        """Nothing to prepare: the recorders hook every router."""
+
+    def observe(self, index: int, stream: Stream) -> AbstractContextManager[Any]:
+        """The stream's router recorder."""
+        return self.recorders[stream.seed]
+
+    def transform(self, lw: LayerwiseModel, index: int) -> tuple[list[str], list[str]]:
+        """ROMER changes no layer."""
+        return [], []
+
+    def stats(self) -> CalibrationStats:
+        """Clean and noisy router statistics of the pass."""
+        seconds = time.perf_counter() - self.started
+        share = seconds / len(self.fit_seeds)
+        clean, *runs = [self.recorders[s].stats(int(self.tokens.numel()), share) for s in self.fit_seeds]
+        timing = {"layer_passes": seconds}
+        return CalibrationStats(self.tokens, clean, RouterStats.merge(runs), runs, self.seeds, "simulated",
+                                timing)  # fmt: skip
+
+    def finish(self, ppl: dict[int | None, float]) -> MethodResult:
+        """Fit the plan from the pass's statistics: transforms, seeds and report as the method gives them."""
+        if self.skipped:
+            return MethodResult(report={"config": dict(self.cfg.__dict__), "skipped": self.skipped,
+                                        "summary": self.skipped, "warnings": [self.skipped]})  # fmt: skip
+        stats = self.stats()
+        plan = build_plan(stats, self.moe, self.cfg)
+        run = (self.all_targets, time.perf_counter() - self.started)
+        result = romer_result(self.cfg, stats, plan, self.moe, self.adapter, run)
+        result.report["layer_by_layer"] = True
+        return result
 
 
 @torch.no_grad()
 def layerwise_stats(
     lw: LayerwiseModel, moe: MoeRouting, tokens: torch.Tensor, targets: list[Any], profile: ChipProfile,
-    cfg: RomerConfig, progress: bool = False,
+    cfg: RomerConfig, progress: bool = False, placement: Placement | None = None,
 ) -> CalibrationStats:  # fmt: skip
     """Clean and noisy router statistics on ``tokens [N, S]``, one decoder layer in memory at a time."""
-    seeds = fit_seeds(cfg)
-    start = time.perf_counter()
-    inputs = capture_inputs(lw, iter_batches(tokens, cfg.calib_batch_size))
-    streams = start_streams(lw, [None, *seeds], inputs, targets, profile)
-    recorders = {id(s): RouterRecorder(moe.routers, moe.num_experts) for s in streams}
-    run_layers(lw, inputs, streams, targets, profile, context=lambda s: recorders[id(s)], progress=progress)
-    seconds = time.perf_counter() - start
-    share = seconds / len(streams)
-    clean, *runs = [recorders[id(s)].stats(int(tokens.numel()), share) for s in streams]
-    timing = {"layer_passes": seconds}
-    return CalibrationStats(tokens, clean, RouterStats.merge(runs), runs, seeds, "simulated", timing)
+    step = RomerLayerStep(moe, tokens, targets, cfg, lw.adapter)
+    run_layer_steps(lw, profile, [step], placement or plan_model(lw.model, profile), progress=progress)
+    return step.stats()
 
 
-def apply_layerwise(lw: LayerwiseModel, profile: ChipProfile, options: dict[str, Any], progress: bool = True,
-                    placement: Placement | None = None) -> MethodResult:  # fmt: skip
-    """ROMER's fit on a model run layer by layer: transforms, seeds and report as the method gives them."""
-    start = time.perf_counter()
+def romer_layer_step(lw: LayerwiseModel, profile: ChipProfile, options: dict[str, Any],
+                     placement: Placement | None = None) -> RomerLayerStep:  # fmt: skip
+    """ROMER's layer step for ``lw`` under ``profile`` (a no-op step when the profile adds no noise)."""
     cfg = RomerConfig.from_options(options)
     if cfg.calib_mode == "in-situ" and cfg.insitu_logits:
         raise CimError("--insitu-logits is not supported layer by layer (it needs the whole model in memory)")
     moe = moe_routers(lw.model, lw.adapter)
-    tokens = calibration_tokens(lw.model, options)
     targets = noise_targets(lw.model, profile, options, placement)
     if not targets or profile.is_ideal:
         note = f"profile {profile.name} adds no analog noise: ROMER left the model unchanged"
-        return MethodResult(report={"config": dict(cfg.__dict__), "skipped": note, "summary": note,
-                                    "warnings": [note]})  # fmt: skip
-    stats = layerwise_stats(lw, moe, tokens, targets, profile, cfg, progress)
-    plan = build_plan(stats, moe, cfg)
-    result = romer_result(cfg, stats, plan, moe, lw.adapter, (targets, time.perf_counter() - start))
-    result.report["layer_by_layer"] = True
-    return result
+        return RomerLayerStep(moe, torch.empty(0, 0, dtype=torch.long), targets, cfg, lw.adapter, note)
+    return RomerLayerStep(moe, calibration_tokens(lw.model, options), targets, cfg, lw.adapter)
 
 
-__all__ = ["apply_layerwise", "layerwise_stats"]
+__all__ = ["RomerLayerStep", "layerwise_stats", "romer_layer_step"]

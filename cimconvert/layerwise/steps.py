@@ -1,0 +1,211 @@
+"""Recipe steps one decoder layer at a time: every step of a recipe in one pass over the layers.
+
+A :class:`LayerStep` has its own calibration batches and streams (:class:`~.passes.Stream`). At each
+layer, in recipe order, a step's *fit* streams run through the layer as the earlier steps left it (the
+step observes them: activation maxima, output gains, router statistics), then the step transforms the
+layer (:meth:`LayerStep.transform`: splits, folded gains), then its *check* streams run through the layer
+as it left it. So step ``k``'s streams see at every layer what the whole-model recipe's step ``k`` sees:
+the model after steps ``< k``. The placement each step's noisy streams program is re-read after every
+transform (:func:`cimconvert.placement.replan_model` with the step's names so far), as
+:func:`cimconvert.recipe.run_recipe` does after every step. Once a step has transformed the layer, a
+draw programs it with ``keep_clean=True``; before that, the programmed tensors are read from disk again
+(as :func:`~.passes.run_layers` does: no clean copy in memory). ``save(index, named)`` runs before the layer
+is freed (the transformed checkpoint, :mod:`cimconvert.layerwise.save`). A step whose effect exists only
+once the whole pass is done (ROMER's routing fit) must be the recipe's last.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cimconvert.errors import CimError
+from cimconvert.layerwise.passes import (
+    LayerInputs,
+    Stream,
+    capture_inputs,
+    head_logits,
+    noisy_draw,
+    reporting_memory,
+    resident_targets,
+    run_stream,
+    start_streams,
+)
+from cimconvert.layerwise.skeleton import LayerwiseModel, analog_of_layer
+from cimconvert.placement import Placement, replan_model
+from cimconvert.profiles import ChipProfile
+
+
+class LayerStep(Protocol):
+    """One recipe step run layer by layer (see the module docstring).
+
+    ``batches``: its calibration batches; ``fit_seeds``: the streams it observes before transforming a
+    layer (``None``: the clean model); ``check_seeds``: streams through the transformed layers;
+    ``wants_ppl``: :meth:`finish` gets every stream's calibration perplexity; ``changes_weights``: the
+    bundle needs the transformed checkpoint; ``last_only``: its effect exists only after the pass.
+    """
+
+    name: str
+    batches: list[torch.Tensor]
+    fit_seeds: list[int | None]
+    check_seeds: list[int]
+    wants_ppl: bool
+    changes_weights: bool
+    last_only: bool
+
+    def targets(self, lw: LayerwiseModel, placement: Placement) -> list[Any]:
+        """The analog tensors its noisy streams program (whole model) under ``placement``."""
+        ...
+
+    def begin_layer(self, lw: LayerwiseModel, index: int, placement: Placement) -> None:
+        """Prepare for decoder layer ``index`` (loaded, as the earlier steps left it)."""
+        ...
+
+    def observe(self, index: int, stream: Stream) -> AbstractContextManager[Any]:
+        """Entered around ``stream``'s pass through decoder layer ``index`` (outside the noise patch)."""
+        ...
+
+    def transform(self, lw: LayerwiseModel, index: int) -> tuple[list[str], list[str]]:
+        """Transform decoder layer ``index`` in place; returns (analog, digital) parameter names it made."""
+        ...
+
+    def finish(self, ppl: dict[int | None, float]) -> Any:
+        """The step's ``MethodResult`` (``ppl``: calibration perplexity per stream seed, if wanted)."""
+        ...
+
+
+@dataclass
+class _Running:
+    """A step during the pass: its cached inputs, streams and the names its transforms made so far."""
+
+    step: LayerStep
+    inputs: list[LayerInputs]
+    fit: list[Stream]
+    check: list[Stream]
+    analog: list[str] = field(default_factory=list)
+    digital: list[str] = field(default_factory=list)
+
+
+def check_step_order(steps: Sequence[LayerStep]) -> None:
+    """CimError when a step whose effect exists only after the pass (ROMER) is not the last."""
+    for step in steps[:-1]:
+        if step.last_only:
+            raise CimError(f"layer by layer, {step.name} must be the recipe's last step (the later steps "
+                           "would need its fitted routing while the layers run); convert with --whole-model")
+
+
+def _start(lw: LayerwiseModel, step: LayerStep, placement: Placement, profile: ChipProfile) -> _Running:
+    inputs = capture_inputs(lw, step.batches)
+    targets = step.targets(lw, placement)
+    fit = start_streams(lw, step.fit_seeds, inputs, targets, profile)
+    check = start_streams(lw, step.check_seeds, inputs, targets, profile)
+    return _Running(step, inputs, fit, check)
+
+
+def _pass(lw: LayerwiseModel, index: int, run: _Running, streams: Sequence[Stream], targets: Sequence[Any],
+          profile: ChipProfile, reread: tuple[bool, bool]) -> None:  # fmt: skip
+    """Every stream of ``streams`` through decoder layer ``index``, programmed per draw.
+
+    ``reread = (pristine, restore)``: a layer still as on disk gets its programmed tensors read again
+    after each draw (no clean copy in memory; after the last draw only when ``restore``); a transformed
+    layer is programmed with ``keep_clean=True``.
+    """
+    pristine, restore = reread
+    layer = lw.layers[index]
+    programmed: list[str] = []
+    for stream in streams:
+        if programmed:
+            layer = lw.load_layer(index, programmed)
+        with run.step.observe(index, stream), noisy_draw(lw, targets, profile, stream,
+                                                         keep_clean=not pristine) as handle:  # fmt: skip
+            run_stream(layer, index, stream, run.inputs)
+            programmed = list(getattr(handle, "perturbed", None) or []) if pristine else []
+    if programmed and restore:
+        lw.load_layer(index, programmed)
+
+
+def _layer(lw: LayerwiseModel, index: int, running: Sequence[_Running], placement: Placement,
+           profile: ChipProfile, saving: bool) -> None:  # fmt: skip
+    """Every step at decoder layer ``index``: fit streams, transform, replan, check streams."""
+    lw.load_layer(index)
+    prefix = lw.layer_prefix(index)
+    now, pristine = placement, True
+    for k, run in enumerate(running):
+        run.step.begin_layer(lw, index, now)
+        restore = saving or bool(run.check) or k < len(running) - 1
+        targets = analog_of_layer(run.step.targets(lw, now), prefix)
+        _pass(lw, index, run, run.fit, targets, profile, (pristine, restore))
+        analog, digital = run.step.transform(lw, index)
+        pristine = pristine and not run.step.changes_weights
+        run.analog += analog
+        run.digital += digital
+        if run.analog or run.digital:
+            now = replan_model(lw.model, now, profile, run.analog, run.digital)
+        if run.check:
+            targets = analog_of_layer(run.step.targets(lw, now), prefix)
+            _pass(lw, index, run, run.check, targets, profile, (pristine, saving or k < len(running) - 1))
+
+
+@torch.no_grad()
+def stream_calibration_ppl(lw: LayerwiseModel, stream: Stream, inputs: Sequence[LayerInputs],
+                           targets: Sequence[Any], profile: ChipProfile) -> float:  # fmt: skip
+    """Perplexity of one stream's calibration rows from its last hidden states (each row its own window,
+    as ``methods.output_correction.calibration_ppl``; analog resident tensors programmed)."""
+    total, count = 0.0, 0
+    with noisy_draw(lw, resident_targets(lw, targets), profile, stream, keep_clean=True):
+        for entry, final in zip(inputs, stream.hidden, strict=True):
+            logits = head_logits(lw, entry, final)[:, :-1].float()
+            labels = entry.input_ids[:, 1:]
+            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                              reduction="sum")  # fmt: skip
+            total, count = total + float(nll), count + int(labels.numel())
+            del logits
+    return math.exp(total / count)
+
+
+@torch.no_grad()
+def run_layer_steps(
+    lw: LayerwiseModel,
+    profile: ChipProfile,
+    steps: Sequence[LayerStep],
+    placement: Placement,
+    progress: bool = False,
+    save: Callable[[int, set[str]], None] | None = None,
+) -> tuple[list[Any], Placement]:
+    """Run ``steps`` in one pass over the decoder layers (see the module docstring).
+
+    Returns each step's result and the placement after the last step (in-memory names), replanned with
+    every step's ``analog``/``digital`` names in order, as ``run_recipe`` leaves it.
+    """
+    check_step_order(steps)
+    running = [_start(lw, step, placement, profile) for step in steps]
+    streams = sum(len(run.fit) + len(run.check) for run in running)
+    inputs = [entry for run in running for entry in run.inputs]
+    for index in tqdm(range(lw.num_layers), desc="layers", disable=not progress, unit="layer"):
+        with reporting_memory(lw, index, inputs, max(streams, 1)):
+            _layer(lw, index, running, placement, profile, save is not None)
+            if save is not None:
+                save(index, {name for run in running for name in (*run.analog, *run.digital)})
+            lw.free_layer(index)
+    results, final = [], placement
+    for run in running:
+        ppl: dict[int | None, float] = {}
+        if run.step.wants_ppl:
+            targets = run.step.targets(lw, final)
+            for stream in (*run.fit, *run.check):
+                ppl[stream.seed] = stream_calibration_ppl(lw, stream, run.inputs, targets, profile)
+        result = run.step.finish(ppl)
+        results.append(result)
+        if result.analog or result.digital:
+            final = replan_model(lw.model, final, profile, result.analog, result.digital)
+    return results, final
+
+
+__all__ = ["LayerStep", "check_step_order", "run_layer_steps", "stream_calibration_ppl"]
