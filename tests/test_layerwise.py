@@ -177,8 +177,8 @@ def test_memory_error_is_reported_too(monkeypatch: pytest.MonkeyPatch, chip) -> 
 
 
 def test_steps_without_a_layerwise_implementation_are_refused(run_cli, tmp_path: Path) -> None:
-    code, _, err = run_cli("convert", "examples/models/tiny-mamba", "-p", "chipA", "--method", "hpd",
-                           "--layer-by-layer", "--no-onnx", "-o", str(tmp_path / "out"))  # fmt: skip
+    code, _, err = run_cli("convert", "examples/models/tiny-mamba", "-p", "chipA", "--method",
+                           "digital_budget", "--layer-by-layer", "--no-onnx", "-o", str(tmp_path / "out"))
     assert code == 2 and "no layer-by-layer implementation" in err and "--whole-model" in err
     assert not (tmp_path / "out").exists()
 
@@ -236,20 +236,36 @@ def test_layer_by_layer_is_refused_under_a_launch(monkeypatch: pytest.MonkeyPatc
     assert layer_memory.use_layerwise_here(False, source) is False
 
 
+RECIPE = """steps:
+  - step: hpd
+    options: {hpd_layers: [backbone.layers.0.mixer.out_proj]}
+  - step: keep_digital
+    options: {patterns: [backbone.layers.1.mixer.in_proj.weight]}
+"""
+
+
 def _tensor_digests(out: Path) -> dict[str, str]:
     return {t.name: t.sha256 for t in read_manifest(out).tensors}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "method"), [("tiny-olmoe", "auto"), ("tiny-qwen2-moe", "auto"),
-                                              ("tiny-mamba", "output_correction")])  # fmt: skip
+@pytest.mark.parametrize(("name", "method"), [
+    ("tiny-olmoe", ["--method", "auto"]),  # outlier_channels → output_correction
+    ("tiny-qwen2-moe", ["--method", "auto"]),
+    ("tiny-mamba", ["--method", "output_correction"]),
+    ("tiny-mamba", ["--method", "auto"]),  # hpd on the last out_proj
+    ("tiny-mamba2", ["--recipe", "RECIPE"]),  # hpd on layer 0, then keep_digital on layer 1
+])  # fmt: skip
 def test_weight_changing_recipe_layer_by_layer_writes_the_whole_model_bundle(
-    name: str, method: str, run_cli, tmp_path: Path
+    name: str, method: list[str], run_cli, tmp_path: Path
 ) -> None:
-    """outlier_channels → output_correction (MoE auto) and output_correction alone (Mamba), layer by layer:
-    the same transforms and bit-identical tensors as the whole-model conversion (one calibration batch)."""
-    args = [f"examples/models/{name}", "-p", "chipA", "--method", method, "--calib-samples", "4",
-            "--calib-seq-len", "64", "--no-onnx", "--json"]  # fmt: skip
+    """Recipes that change weights or structure, layer by layer: the same reports, transforms and
+    bit-identical tensors as the whole-model conversion (one calibration batch)."""
+    calib = [] if "--recipe" in method else ["--calib-samples", "4", "--calib-seq-len", "64"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE, encoding="utf-8")
+    method = [str(recipe) if item == "RECIPE" else item for item in method]
+    args = [f"examples/models/{name}", "-p", "chipA", *method, *calib, "--no-onnx", "--json"]
     results = {}
     for mode in ("--layer-by-layer", "--whole-model"):
         code, out, err = run_cli("convert", *args, mode, "-o", str(tmp_path / mode))
@@ -285,3 +301,11 @@ def test_analog_tensor_outside_the_layers_is_refused_by_layer_steps(chip, tmp_pa
     with pytest.raises(CimError, match="covers the decoder layers only, but 'lm_head' is analog"):
         analog_head = plan_model(lw.model, chip, analog=["lm_head.weight"])
         decoder_layers_only(lw, "output_correction", chip, analog_head)
+
+
+def test_hpd_auto_without_a_scan_is_refused_layer_by_layer(run_cli, tmp_path: Path) -> None:
+    code, _, err = run_cli("convert", "examples/models/tiny-mamba", "-p", "chipA", "--method", "hpd",
+                           "--hpd-layers", "auto", "--layer-by-layer", "--no-onnx",
+                           "-o", str(tmp_path / "out"))  # fmt: skip
+    assert code == 2 and "--hpd-scan" in err and "--whole-model" in err
+    assert not (tmp_path / "out").exists()

@@ -107,6 +107,11 @@ def apply_hpd(
         row = split_layer(model, adapter, name, factor, rank)
         rows.append(row)
         transforms.append(transform_entry(name, model.get_submodule(name), row))
+    return hpd_result(rows, transforms, factor)
+
+
+def hpd_result(rows: list[dict[str, Any]], transforms: list[dict[str, Any]], factor: str) -> MethodResult:
+    """The method result of split layers (their report rows and transform entries, in order)."""
     report = {
         "method": "hpd",
         "factor": factor,
