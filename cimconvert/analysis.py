@@ -16,14 +16,18 @@ from typing import Any
 import torch
 
 from cimconvert.bundle.reader import is_bundle
-from cimconvert.datasets import load_text, tokenize
+from cimconvert.datasets import load_text, load_tokenizer, tokenize
 from cimconvert.devices import describe, resolve_device, resolve_dtype
 from cimconvert.distributed import is_main_rank
 from cimconvert.errors import CimError
 from cimconvert.evaluation.loading import load_for_eval
 from cimconvert.evaluation.sensitivity import FIRST_SEED, GRANULARITIES, group_targets, sensitivity_scan
 from cimconvert.finite import dumps
+from cimconvert.layerwise import LayerwiseModel
+from cimconvert.layerwise.memory import layerwise_source
+from cimconvert.layerwise.scan import layerwise_perplexities
 from cimconvert.methods.hpd import hpd_placement
+from cimconvert.profiles import load_profile
 
 __all__ = [
     "FIRST_SEED",
@@ -121,24 +125,36 @@ def analyze(
     progress: bool = True,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    layerwise: bool | str = "auto",
 ) -> dict[str, Any]:
     """Sensitivity scan of MODEL (HF folder, hub id or bundle) under ``profile``; writes JSON/MD/PNG.
 
     ``out`` defaults to ``./<model>-sensitivity-<profile>/``. Returns the scan plus the written paths.
-    ``device`` / ``dtype`` as in :func:`cimconvert.api.evaluate`. Under a ``torchrun`` launch the
-    (layer, seed) draws are shared out over the ranks and only rank 0 writes the files.
+    ``device`` / ``dtype`` / ``layerwise`` as in :func:`cimconvert.api.evaluate` (layer by layer: the same
+    numbers, :mod:`cimconvert.layerwise.scan`). Under a ``torchrun`` launch the (layer, seed) draws are
+    shared out over the ranks and only rank 0 writes the files.
     """
     if seeds < 1:
         raise CimError("--seeds must be at least 1")
     where = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, where)
-    net, tokenizer, targets, chip = load_for_eval(model, profile, where, torch_dtype)
-    if analog or digital or not is_bundle(model):  # a what-if placement (a bundle's own is read back)
+    source, by_layer = layerwise_source(model, profile, layerwise)
+    runner = None
+    if by_layer:
+        assert source is not None
+        lw, chip = LayerwiseModel.open(source, where), load_profile(str(profile))
+        net, tokenizer = lw.model, load_tokenizer(source.dir)
+        runner = layerwise_perplexities(lw, chip, progress)
+    else:
+        net, tokenizer, targets, chip = load_for_eval(model, profile, where, torch_dtype, source=source)
+    if by_layer or analog or digital or not is_bundle(model):  # a what-if placement (a bundle's: read back)
         targets = hpd_placement(net, chip, analog, digital).analog()
     tokens = tokenize(tokenizer, load_text(dataset), max_tokens)
     scan = sensitivity_scan(net, tokens, targets, chip, [seed + i for i in range(seeds)], granularity,
-                            seq_len=seq_len, batch_size=batch_size, progress=progress)  # fmt: skip
-    scan.update({"model": model, "dataset": dataset, **describe(where, torch_dtype)})
+                            seq_len=seq_len, batch_size=batch_size, progress=progress,
+                            perplexities=runner)  # fmt: skip
+    scan.update({"model": model, "dataset": dataset, "layer_by_layer": by_layer,
+                 **describe(where, torch_dtype)})
     folder = (
         Path(out)
         if out is not None

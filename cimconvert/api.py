@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoTokenizer
 
 from cimconvert.arch import get_adapter
 from cimconvert.bundle.outdir import out_lock, tmp_path
@@ -32,14 +31,14 @@ from cimconvert.bundle.reader import inspect_bundle, is_bundle, read_manifest
 from cimconvert.bundle.reader import load_bundle as read_bundle
 from cimconvert.bundle.writer import check_out_dir, write_bundle
 from cimconvert.checkpoint import check_weights_finite, has_tokenizer, resolve_model
-from cimconvert.datasets import load_text, tokenize
+from cimconvert.datasets import load_text, load_tokenizer, tokenize
 from cimconvert.devices import describe, model_device, place_model, resolve_device, resolve_dtype
 from cimconvert.distributed import is_main_rank
 from cimconvert.errors import BundleError, CimError, failure_detail
 from cimconvert.evaluation.loading import load_for_eval
 from cimconvert.evaluation.monte_carlo import evaluate_model
 from cimconvert.layerwise import LayerwiseModel, evaluate_layerwise
-from cimconvert.layerwise.memory import check_onnx_fits, use_layerwise_here
+from cimconvert.layerwise.memory import check_onnx_fits, layerwise_source, use_layerwise_here
 from cimconvert.methods import all_options
 from cimconvert.methods.defaults import calibration_free
 from cimconvert.onnx.export import export_bundle_onnx
@@ -463,7 +462,7 @@ def _convert_layerwise(
             raise BundleError(f"writing the transformed layers beside {out_dir} failed: {detail}") from None
         result, bundled = run.result, run.checkpoint or source
         extra.update(method_report=result.report, layer_by_layer=True)
-        if run.checkpoint is not None:
+        if run.checkpoint is not None or result.analog or result.digital:  # as the steps left it
             placement = replan_tensors(run.placement, bundled.tensor_shapes(), lw.adapter, chip,
                                        tied_lm_head=lw.adapter.tied_embeddings(bundled.config))  # fmt: skip
         hook = None
@@ -553,10 +552,11 @@ def evaluate(
         label = _in_memory_label(model)
     else:
         label = str(model)
-        source, by_layer = _eval_source(label, profile, layerwise)
+        source, by_layer = layerwise_source(label, profile, layerwise)
         if by_layer:
             lw, chip = LayerwiseModel.open(source, where), load_profile(str(profile))
-            net, targets, tokenizer = lw.model, plan_model(lw.model, chip).analog(), _tokenizer(source.dir)
+            net, tokenizer = lw.model, load_tokenizer(source.dir)
+            targets = plan_model(net, chip).analog()
         else:
             net, tokenizer, targets, chip = load_for_eval(label, profile, where, torch_dtype, source=source)
     tokens = tokenize(tokenizer, text, max_tokens)
@@ -579,24 +579,3 @@ def evaluate(
         **describe(model_device(net), next(net.parameters()).dtype),
         **result.to_dict(),
     }
-
-
-def _eval_source(model: str, profile: str | None, layerwise: bool | str) -> tuple[Any, bool]:
-    """(the resolved checkpoint or None for a bundle, whether to evaluate it layer by layer)."""
-    if is_bundle(model):
-        if layerwise is True:
-            raise CimError("layer-by-layer evaluation reads a source checkpoint, not a bundle (evaluate the "
-                           "bundle with --whole-model)")  # fmt: skip
-        return None, False
-    if not profile:
-        raise CimError("--profile is required unless MODEL is a bundle")
-    source = resolve_model(model)
-    return source, use_layerwise_here(layerwise, source)
-
-
-def _tokenizer(folder: Path) -> Any:
-    """The tokenizer of a model folder (one-line CimError when none is usable)."""
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as exc:
-        raise CimError(f"no usable tokenizer in {folder}: {str(exc).splitlines()[0]}") from None

@@ -492,11 +492,12 @@ def _format_analyze(res: dict) -> str:
 @click.option("--digital", multiple=True, help="keep tensors digital: exact name or regex (repeatable)")
 @THREADS_OPTION
 @device_options()
+@LAYERWISE_OPTION
 @JSON_OPTION
 def analyze_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset: str, max_tokens: int,
                 seq_len: int, granularity: str, out: Path | None, analog: tuple[str, ...],
                 digital: tuple[str, ...], threads: int | None, device: str, dtype: str | None,
-                as_json: bool) -> None:
+                layer_by_layer: bool | None, as_json: bool) -> None:
     """Noise sensitivity of MODEL: chip noise in one layer (or block) at a time, PPL change over seeds.
 
     The JSON it writes feeds `--method hpd --hpd-layers auto --hpd-scan OUT/sensitivity.json`.
@@ -504,7 +505,8 @@ def analyze_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset:
     _set_threads(threads)
     res = analyze(model, profile, seeds=seeds, seed=seed, granularity=granularity, out=out, dataset=dataset,
                   max_tokens=max_tokens, seq_len=seq_len, analog=analog, digital=digital,
-                  progress=_progress(as_json), device=device, dtype=dtype)
+                  progress=_progress(as_json), device=device, dtype=dtype,
+                  layerwise=_layerwise(layer_by_layer))
     emit(res, as_json, _format_analyze)
 
 

@@ -110,3 +110,13 @@ def tokenize(tokenizer: Any, text: str, max_tokens: int) -> torch.Tensor:
     if ids.numel() < 16:
         raise CimError(f"dataset too short: {ids.numel()} tokens (need at least 16)")
     return ids
+
+
+def load_tokenizer(folder: Path) -> Any:
+    """The tokenizer of a model folder (one-line CimError when none is usable)."""
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as exc:
+        raise CimError(f"no usable tokenizer in {folder}: {str(exc).splitlines()[0]}") from None

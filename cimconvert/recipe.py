@@ -258,8 +258,10 @@ def run_recipe_layerwise(
     check_layerwise(recipe)
     steps = []
     for index, step in enumerate(recipe.steps, 1):
+        # model_changed: a step that scans the model before the pass (a quick scan) would scan it unchanged
         options = {**option_values(step.step, checked_options(step, index)),
-                   "seed": 0 if step.seed is None else step.seed}  # fmt: skip
+                   "seed": 0 if step.seed is None else step.seed,
+                   "model_changed": any(s.changes_weights for s in steps)}  # fmt: skip
         with _naming_step(_where(index, step.step)):
             steps.append(LAYERWISE[step.step](lw, chip, options, placement=placement))
     writer = None

@@ -20,7 +20,7 @@ from cimconvert.errors import CimError
 from cimconvert.evaluation.monte_carlo import evaluate_model
 from cimconvert.layerwise import LayerMemoryError, LayerwiseModel, evaluate_layerwise
 from cimconvert.layerwise import memory as layer_memory
-from cimconvert.methods import option_values
+from cimconvert.methods import LAYERWISE, option_values
 from cimconvert.methods.calibration import calibration_tokens, decoder_layers_only
 from cimconvert.methods.romer.core import RomerConfig, calibration_stats
 from cimconvert.methods.romer.layerwise import layerwise_stats
@@ -176,9 +176,11 @@ def test_memory_error_is_reported_too(monkeypatch: pytest.MonkeyPatch, chip) -> 
         evaluate_layerwise(lw, torch.arange(256) % 100, [], chip, seeds=[1], seq_len=128)
 
 
-def test_steps_without_a_layerwise_implementation_are_refused(run_cli, tmp_path: Path) -> None:
-    code, _, err = run_cli("convert", "examples/models/tiny-mamba", "-p", "chipA", "--method",
-                           "digital_budget", "--layer-by-layer", "--no-onnx", "-o", str(tmp_path / "out"))
+def test_steps_without_a_layerwise_implementation_are_refused(run_cli, tmp_path: Path, monkeypatch) -> None:
+    """Every built-in step has one; a plugin's may not (simulated by removing hpd's)."""
+    monkeypatch.delitem(LAYERWISE, "hpd")
+    code, _, err = run_cli("convert", "examples/models/tiny-mamba", "-p", "chipA", "--method", "hpd",
+                           "--layer-by-layer", "--no-onnx", "-o", str(tmp_path / "out"))
     assert code == 2 and "no layer-by-layer implementation" in err and "--whole-model" in err
     assert not (tmp_path / "out").exists()
 
@@ -248,24 +250,28 @@ def _tensor_digests(out: Path) -> dict[str, str]:
     return {t.name: t.sha256 for t in read_manifest(out).tensors}
 
 
+CALIB = ["--calib-samples", "4", "--calib-seq-len", "64"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "method"), [
-    ("tiny-olmoe", ["--method", "auto"]),  # outlier_channels → output_correction
-    ("tiny-qwen2-moe", ["--method", "auto"]),
-    ("tiny-mamba", ["--method", "output_correction"]),
+    ("tiny-olmoe", ["--method", "auto", *CALIB]),  # outlier_channels → output_correction
+    ("tiny-qwen2-moe", ["--method", "auto", *CALIB]),
+    ("tiny-mamba", ["--method", "output_correction", *CALIB]),
     ("tiny-mamba", ["--method", "auto"]),  # hpd on the last out_proj
+    ("tiny-mamba", ["--method", "hpd", "--hpd-layers", "auto"]),  # its quick scan, layer by layer
+    ("tiny-olmoe", ["--method", "digital_budget", "--budget-scan-tokens", "256"]),  # the same
     ("tiny-mamba2", ["--recipe", "RECIPE"]),  # hpd on layer 0, then keep_digital on layer 1
 ])  # fmt: skip
 def test_weight_changing_recipe_layer_by_layer_writes_the_whole_model_bundle(
     name: str, method: list[str], run_cli, tmp_path: Path
 ) -> None:
-    """Recipes that change weights or structure, layer by layer: the same reports, transforms and
-    bit-identical tensors as the whole-model conversion (one calibration batch)."""
-    calib = [] if "--recipe" in method else ["--calib-samples", "4", "--calib-seq-len", "64"]
+    """Recipes that change weights, structure or placement, layer by layer: the same reports, transforms
+    and bit-identical tensors as the whole-model conversion (one calibration batch)."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPE, encoding="utf-8")
     method = [str(recipe) if item == "RECIPE" else item for item in method]
-    args = [f"examples/models/{name}", "-p", "chipA", *method, *calib, "--no-onnx", "--json"]
+    args = [f"examples/models/{name}", "-p", "chipA", *method, "--no-onnx", "--json"]
     results = {}
     for mode in ("--layer-by-layer", "--whole-model"):
         code, out, err = run_cli("convert", *args, mode, "-o", str(tmp_path / mode))
@@ -303,9 +309,27 @@ def test_analog_tensor_outside_the_layers_is_refused_by_layer_steps(chip, tmp_pa
         decoder_layers_only(lw, "output_correction", chip, analog_head)
 
 
-def test_hpd_auto_without_a_scan_is_refused_layer_by_layer(run_cli, tmp_path: Path) -> None:
-    code, _, err = run_cli("convert", "examples/models/tiny-mamba", "-p", "chipA", "--method", "hpd",
-                           "--hpd-layers", "auto", "--layer-by-layer", "--no-onnx",
-                           "-o", str(tmp_path / "out"))  # fmt: skip
-    assert code == 2 and "--hpd-scan" in err and "--whole-model" in err
+def test_a_quick_scan_after_a_weight_change_is_refused_layer_by_layer(run_cli, tmp_path: Path) -> None:
+    """The digital budget's quick scan runs before the pass: after outlier splits it would scan the
+    unsplit model."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps:\n  - step: outlier_channels\n  - step: digital_budget\n", encoding="utf-8")
+    code, _, err = run_cli("convert", "examples/models/tiny-olmoe", "-p", "chipA", "--recipe", str(recipe),
+                           "--layer-by-layer", "--no-onnx", "-o", str(tmp_path / "out"))  # fmt: skip
+    assert code == 2 and "--budget-scan" in err and "--whole-model" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_analyze_layer_by_layer_gives_the_whole_model_scan(run_cli, tmp_path: Path) -> None:
+    scans = {}
+    for mode in ("--layer-by-layer", "--whole-model"):
+        code, out, err = run_cli("analyze", "examples/models/tiny-olmoe", "-p", "chipA", "--seeds", "2",
+                                 "--max-tokens", "512", "--json", mode,
+                                 "-o", str(tmp_path / mode))  # fmt: skip
+        assert code == 0, err
+        scans[mode] = json.loads(out)
+    lw, whole = scans["--layer-by-layer"], scans["--whole-model"]
+    assert lw["layer_by_layer"] is True and whole["layer_by_layer"] is False
+    assert lw["clean_ppl"] == whole["clean_ppl"] and lw["all"] == whole["all"]
+    assert [r["per_seed"] for r in lw["rows"]] == [r["per_seed"] for r in whole["rows"]]
+    assert len({r["ppl_mean"] for r in lw["rows"]}) > 1  # the rows differ: each perturbed its own part

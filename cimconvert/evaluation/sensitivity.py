@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +85,13 @@ def sensitivity_scan(
     seq_len: int = 256,
     batch_size: int = 8,
     progress: bool = False,
+    perplexities: Callable[..., tuple[float, list[float]]] | None = None,
 ) -> dict[str, Any]:
-    """Noise in one group at a time (see the module docstring); rows sorted in model order."""
+    """Noise in one group at a time (see the module docstring); rows sorted in model order.
+
+    ``perplexities(tokens, parts, seeds, seq_len, batch_size)`` → (clean, one value per (part, seed) in
+    part-major order) replaces the whole-model evaluation (``cimconvert.layerwise.scan``: layer by layer).
+    """
     if not targets:
         raise CimError(
             f"profile {profile.name} places no tensor of this model on analog tiles; nothing to scan"
@@ -107,9 +112,13 @@ def sensitivity_scan(
 
     draws = [(part, seed) for part in range(len(parts)) for seed in seeds]
     tasks: list[tuple[int, int] | None] = [None, *draws]
-    agree = run_fingerprint(model, tokens, targets, profile, list(seeds), granularity, seq_len, batch_size)
-    desc = f"sensitivity ({profile.name})" if progress else None
-    clean, *values = spread(tasks, run, model_device(model), agree, progress=desc)
+    if perplexities is not None:
+        clean, values = perplexities(tokens, parts, seeds, seq_len, batch_size)
+    else:
+        agree = run_fingerprint(model, tokens, targets, profile, list(seeds), granularity, seq_len,
+                                batch_size)  # fmt: skip
+        desc = f"sensitivity ({profile.name})" if progress else None
+        clean, *values = spread(tasks, run, model_device(model), agree, progress=desc)
     per_part = [values[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(parts))]
     rows = [
         {"name": group["name"], "block": group["block"], "kind": group["kind"], "granularity": granularity,
@@ -157,11 +166,13 @@ def quick_layer_scan(
     max_tokens: int,
     missing: str,
     progress: bool = False,
+    perplexities: Callable[..., tuple[float, list[float]]] | None = None,
 ) -> dict[str, Any]:
     """A layer scan of ``targets`` on the shipped calibration text ``calib`` (for a method given no scan).
 
     Needs the model's tokenizer in ``model.config._name_or_path``; without one the CimError is ``missing``
-    (a one-line template with ``{folder}`` that says which option to pass instead).
+    (a one-line template with ``{folder}`` that says which option to pass instead). ``perplexities``: as in
+    :func:`sensitivity_scan` (a layer-by-layer runner).
     """
     folder = getattr(model.config, "_name_or_path", "")
     try:
@@ -169,4 +180,5 @@ def quick_layer_scan(
     except (OSError, ValueError, TypeError):
         raise CimError(missing.format(folder=folder)) from None
     tokens = tokenize(tokenizer, load_text("calib"), max_tokens)
-    return sensitivity_scan(model, tokens, targets, profile, seeds, "layer", progress=progress)
+    return sensitivity_scan(model, tokens, targets, profile, seeds, "layer", progress=progress,
+                            perplexities=perplexities)

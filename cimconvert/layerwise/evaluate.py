@@ -32,7 +32,7 @@ from cimconvert.layerwise.skeleton import LayerwiseModel
 from cimconvert.profiles import ChipProfile
 
 
-def _stream_perplexity(
+def stream_perplexity(
     lw: LayerwiseModel, stream: Stream, inputs: Sequence[Any], batches: Sequence[Any],
     targets: Sequence[Any], profile: ChipProfile,
 ) -> float:  # fmt: skip
@@ -60,7 +60,7 @@ def evaluate_layerwise(
     streams = start_streams(lw, [None, *seeds], inputs, targets, profile)
     run_layers(lw, inputs, streams, targets, profile, progress=progress)
     resident = resident_targets(lw, targets)
-    ppls = [_stream_perplexity(lw, s, inputs, batches, resident, profile) for s in streams]
+    ppls = [stream_perplexity(lw, s, inputs, batches, resident, profile) for s in streams]
     return NoisyEvalResult(
         profile=profile.name,
         profile_hash=profile.content_hash(),
@@ -71,4 +71,4 @@ def evaluate_layerwise(
     )
 
 
-__all__ = ["evaluate_layerwise"]
+__all__ = ["evaluate_layerwise", "stream_perplexity"]

@@ -13,7 +13,8 @@ import os
 import re
 from pathlib import Path
 
-from cimconvert.checkpoint import FLOAT_DTYPES, SourceCheckpoint
+from cimconvert.bundle.reader import is_bundle
+from cimconvert.checkpoint import FLOAT_DTYPES, SourceCheckpoint, resolve_model
 from cimconvert.distributed import launched
 from cimconvert.errors import CimError
 
@@ -100,12 +101,28 @@ def check_onnx_fits(source: SourceCheckpoint, model: str) -> None:
     )
 
 
+def layerwise_source(model: str, profile: str | None,
+                     layerwise: bool | str) -> tuple[SourceCheckpoint | None, bool]:  # fmt: skip
+    """(the resolved checkpoint, or None for a bundle, and whether to run it layer by layer) for eval and
+    analyze: a bundle runs whole (``layerwise=True`` on one is a CimError)."""
+    if is_bundle(model):
+        if layerwise is True:
+            raise CimError("layer by layer reads a source checkpoint, not a bundle (run the bundle with "
+                           "--whole-model)")
+        return None, False
+    if not profile:
+        raise CimError("--profile is required unless MODEL is a bundle")
+    source = resolve_model(model)
+    return source, use_layerwise_here(layerwise, source)
+
+
 __all__ = [
     "AUTO_FRACTION",
     "BUDGET_ENV",
     "ONNX_FACTOR",
     "available_bytes",
     "check_onnx_fits",
+    "layerwise_source",
     "model_bytes",
     "parse_bytes",
     "use_layerwise",

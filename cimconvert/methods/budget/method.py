@@ -49,8 +49,9 @@ def cost_function(cost: str, adapter: Any, config: Any) -> Callable[[TensorInfo]
 
 # ---------------------------------------------------------------------------------------- scan
 def scan_for(model: nn.Module, analog: Sequence[TensorInfo], profile: ChipProfile, options: dict[str, Any],
-             progress: bool) -> dict[str, Any]:  # fmt: skip
-    """The layer scan: ``budget_scan`` (a JSON of ``cimconvert analyze``), else a quick scan on ``calib``."""
+             progress: bool, perplexities: Any = None) -> dict[str, Any]:  # fmt: skip
+    """The layer scan: ``budget_scan`` (a JSON of ``cimconvert analyze``), else a quick scan on ``calib``
+    (``perplexities``: the scan's runner, e.g. layer by layer; see ``sensitivity_scan``)."""
     path = options.get("budget_scan")
     if path:
         scan = {**read_scan(path, "--budget-scan"), "source": str(path)}
@@ -64,7 +65,7 @@ def scan_for(model: nn.Module, analog: Sequence[TensorInfo], profile: ChipProfil
     seeds = [FIRST_SEED + seed + i for i in range(int(options.get("budget_scan_seeds") or 2))]
     missing = "--method digital_budget: no tokenizer for a quick scan in '{folder}'; pass --budget-scan"
     scan = quick_layer_scan(model, analog, profile, seeds, int(options.get("budget_scan_tokens") or 2048),
-                            missing, progress=progress)  # fmt: skip
+                            missing, progress=progress, perplexities=perplexities)  # fmt: skip
     return {**scan, "source": "quick scan on calib"}
 
 
@@ -172,15 +173,22 @@ class DigitalBudgetMethod:
     def apply(self, model: nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],
               progress: bool = True, placement: Placement | None = None) -> MethodResult:  # fmt: skip
         """Choose the tensors to keep digital (no weight changes); they come back as ``digital``."""
-        budget, cost = check_options(options)
-        current = current_placement(model, profile, placement)
-        analog = current.analog()
-        costs = cost_function(cost, adapter, model.config)
-        total = sum(costs(info) for info in analog)
-        scan = scan_for(model, analog, profile, options, progress) if analog else {"source": "none"}
-        values, replaced = tensor_values(scan, model) if analog else ({}, [])
-        items = [Item(info.name, values[info.name], costs(info)) for info in analog if info.name in values]
-        chosen = choose(items, total * budget / 100.0)
-        infos = {info.name: info for info in analog}
-        report = {**budget_report(budget, cost, total, chosen, items, infos, scan), "scan_replaced": replaced}
-        return MethodResult(report=report, digital=[item.name for item in chosen])
+        return budget_result(model, adapter, profile, options, placement, progress)
+
+
+def budget_result(model: nn.Module, adapter: Any, profile: ChipProfile, options: dict[str, Any],
+                  placement: Placement | None, progress: bool = True,
+                  perplexities: Any = None) -> MethodResult:  # fmt: skip
+    """The tensors a budget keeps digital, as ``digital`` (``perplexities``: see :func:`scan_for`)."""
+    budget, cost = check_options(options)
+    current = current_placement(model, profile, placement)
+    analog = current.analog()
+    costs = cost_function(cost, adapter, model.config)
+    total = sum(costs(info) for info in analog)
+    scan = scan_for(model, analog, profile, options, progress, perplexities) if analog else {"source": "none"}
+    values, replaced = tensor_values(scan, model) if analog else ({}, [])
+    items = [Item(info.name, values[info.name], costs(info)) for info in analog if info.name in values]
+    chosen = choose(items, total * budget / 100.0)
+    infos = {info.name: info for info in analog}
+    report = {**budget_report(budget, cost, total, chosen, items, infos, scan), "scan_replaced": replaced}
+    return MethodResult(report=report, digital=[item.name for item in chosen])

@@ -2,8 +2,9 @@
 
 The layers are resolved on the skeleton as :meth:`~cimconvert.methods.hpd.method.HpdMethod.apply`
 resolves them (the default last SSM ``out_proj``, module paths, ``auto`` from an ``--hpd-scan`` JSON); each
-is split when its decoder layer is loaded. Decoder layers only: ``lm_head`` (outside them) and ``auto``
-without a scan JSON (the quick scan runs the whole model) are refused.
+is split when its decoder layer is loaded; ``auto`` without a scan JSON runs the quick scan layer by
+layer first (:mod:`cimconvert.layerwise.scan`). Decoder layers only: ``lm_head`` (outside them) is
+refused.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import torch
 from cimconvert.errors import CimError
 from cimconvert.evaluation.sensitivity import read_scan
 from cimconvert.layerwise.passes import Stream
+from cimconvert.layerwise.scan import layerwise_perplexities, refuse_scan_after_changes
 from cimconvert.layerwise.skeleton import LayerwiseModel
 from cimconvert.methods.base import MethodResult
 from cimconvert.methods.hpd.layers import resolve_layers
-from cimconvert.methods.hpd.method import DEFAULT_FACTOR, hpd_result, split_layer, transform_entry
+from cimconvert.methods.hpd.method import DEFAULT_FACTOR, hpd_result, quick_scan, split_layer, transform_entry
 from cimconvert.methods.hpd.split import FACTORS
 from cimconvert.placement import Placement
 from cimconvert.profiles import ChipProfile
@@ -81,11 +83,13 @@ def hpd_layer_step(lw: LayerwiseModel, profile: ChipProfile, options: dict[str, 
         raise CimError(f"unknown hpd_factor '{factor}' (choose from {', '.join(FACTORS)})")
     requested = list(options.get("hpd_layers") or ())
     scan = None
-    if "auto" in requested:
-        if not options.get("hpd_scan"):
-            raise CimError("layer by layer, --hpd-layers auto needs --hpd-scan FILE (the quick scan runs the "
-                           "whole model); or convert with --whole-model")  # fmt: skip
+    if "auto" in requested and options.get("hpd_scan"):
         scan = {**read_scan(options["hpd_scan"], "--hpd-scan"), "source": str(options["hpd_scan"])}
+    elif "auto" in requested:
+        refuse_scan_after_changes(options, "hpd", "--hpd-scan")
+        runner = layerwise_perplexities(lw, profile)
+        scan = {**quick_scan(lw.model, profile, seed=int(options.get("seed") or 0), perplexities=runner),
+                "source": "quick"}
     layers = resolve_layers(lw.model, lw.adapter, requested, scan, int(options.get("hpd_auto_top") or 1))
     outside = [name for name in layers if lw.adapter.layer_index(f"{name}.weight") is None]
     if outside:

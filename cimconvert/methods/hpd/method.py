@@ -216,16 +216,19 @@ def hpd_placement(
 
 
 def quick_scan(
-    model: nn.Module, profile: ChipProfile, seed: int = 0, progress: bool = False, max_tokens: int = 2048
-) -> dict[str, Any]:
+    model: nn.Module, profile: ChipProfile, seed: int = 0, progress: bool = False, max_tokens: int = 2048,
+    perplexities: Any = None,
+) -> dict[str, Any]:  # fmt: skip
     """A 2-seed layer scan on the shipped calibration text (for ``--hpd-layers auto`` without a JSON).
 
-    Needs the model's tokenizer in ``model.config._name_or_path``.
+    Needs the model's tokenizer in ``model.config._name_or_path``. ``perplexities``: the scan's runner
+    (layer by layer; see ``sensitivity_scan``).
     """
     targets = hpd_placement(model, profile).analog()
     seeds = [FIRST_SEED + seed, FIRST_SEED + seed + 1]
     missing = "--hpd-layers auto: no tokenizer for a quick scan in '{folder}'; pass --hpd-scan"
-    return quick_layer_scan(model, targets, profile, seeds, max_tokens, missing, progress=progress)
+    return quick_layer_scan(model, targets, profile, seeds, max_tokens, missing, progress=progress,
+                            perplexities=perplexities)  # fmt: skip
 
 
 def _names(pattern: str, module: str) -> bool:
