@@ -252,8 +252,9 @@ def run_recipe_layerwise(
     every step in one pass over the decoder layers (:mod:`cimconvert.layerwise.steps`).
 
     Steps that change weights or structure (outlier splits, folded gains) get each layer saved, as they
-    left it, into ``scratch`` (:mod:`cimconvert.layerwise.save`); with steps that only record transforms
-    (ROMER) the weights stay the checkpoint's and no copy is written.
+    left it, into ``scratch/checkpoint`` (:mod:`cimconvert.layerwise.save`; ``scratch/working`` holds the
+    transformed layer's working copy during its draws); with steps that only record transforms (ROMER) the
+    weights stay the checkpoint's and no copy is written.
     """
     check_layerwise(recipe)
     steps = []
@@ -264,13 +265,15 @@ def run_recipe_layerwise(
                    "model_changed": any(s.changes_weights for s in steps)}  # fmt: skip
         with _naming_step(_where(index, step.step)):
             steps.append(LAYERWISE[step.step](lw, chip, options, placement=placement))
-    writer = None
+    writer, working = None, None
     if any(step.changes_weights for step in steps):
         if scratch is None:
             raise ValueError("these steps change weights: pass a scratch folder for the transformed layers")
-        writer = LayerCheckpointWriter(lw, scratch)
+        writer, working = LayerCheckpointWriter(lw, scratch / "checkpoint"), scratch / "working"
+        working.mkdir(parents=True, exist_ok=True)
     save = writer.add_layer if writer is not None else None
-    results, final = run_layer_steps(lw, chip, steps, placement, progress=progress, save=save)
+    results, final = run_layer_steps(lw, chip, steps, placement, progress=progress, save=save,
+                                     scratch=working)  # fmt: skip
     combined = MethodResult()
     for index, (step, result) in enumerate(zip(recipe.steps, results, strict=True), 1):
         _merge(combined, result, f"{index}:{step.step}")

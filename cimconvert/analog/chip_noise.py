@@ -242,7 +242,8 @@ def apply_chip_noise(
     Layer-by-layer execution (:mod:`cimconvert.layerwise`) programs one decoder layer per call:
     ``mvm_generator`` continues the native per-MVM stream of the earlier layers (one generator per noise
     draw, from :func:`mvm_stream`), and ``keep_clean=False`` keeps no clean copy (``restore()`` then only
-    stops the per-MVM simulation; the caller reloads the weights).
+    stops the per-MVM simulation; the caller reloads the weights) and no ``crossbar`` copy of fused experts
+    with digital input channels (``programmed_weights`` then returns the parameters only).
     """
     if mvm_noise not in MVM_NOISE_MODES:
         raise ValueError(f"mvm_noise must be one of {MVM_NOISE_MODES}, not {mvm_noise!r}")
@@ -275,7 +276,8 @@ def apply_chip_noise(
             programmed = noisy
             if digital is not None:  # digital input channels keep their exact values
                 programmed = torch.where(column_mask(param, digital, layout), param.detach(), noisy)
-                handle.crossbar[name] = noisy
+                if keep_clean:  # the lean mode keeps no crossbar copy either (programmed_weights unused)
+                    handle.crossbar[name] = noisy
             if keep_clean:
                 param.copy_(programmed)
             else:  # the clean storage is not kept: take the programmed tensor's (no second copy)

@@ -15,10 +15,13 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import init_empty_weights
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from cimconvert.arch import get_adapter, load_config, load_model_class
@@ -194,6 +197,19 @@ class LayerwiseModel:
             metas = [m for m in metas if self.memory_name(m.name) in wanted]
         self._assign(params, metas, f"decoder layer {index}")
         return self.layers[index]
+
+    def spill(self, names: Iterable[str], path: Path) -> None:
+        """Write the current values of parameters ``names`` (full in-memory names) to ``path`` (safetensors,
+        their dtype): a transformed layer's working copy, read back by :meth:`unspill` after a noise draw
+        programmed them in place (no clean copy in memory)."""
+        params = dict(self.model.named_parameters())
+        save_file({name: params[name].detach().to("cpu").contiguous() for name in names}, str(path))
+
+    def unspill(self, path: Path, names: Iterable[str]) -> None:
+        """Set parameters ``names`` to the values :meth:`spill` wrote to ``path`` (on ``device``)."""
+        with safe_open(str(path), framework="pt", device=str(self.device)) as handle:
+            for name in names:
+                _set_parameter(self.model, name, handle.get_tensor(name))
 
     def memory_name(self, key: str) -> str:
         """The in-memory parameter an on-disk key loads into (fused tensor for a per-expert key)."""

@@ -8,10 +8,11 @@ as it left it. So step ``k``'s streams see at every layer what the whole-model r
 the model after steps ``< k``. The placement each step's noisy streams program is re-read after every
 transform (:func:`cimconvert.placement.replan_model` with the step's names so far), as
 :func:`cimconvert.recipe.run_recipe` does after every step. Once a step has transformed the layer, a
-draw programs it with ``keep_clean=True``; before that, the programmed tensors are read from disk again
-(as :func:`~.passes.run_layers` does: no clean copy in memory). ``save(index, named)`` runs before the layer
-is freed (the transformed checkpoint, :mod:`cimconvert.layerwise.save`). A step whose effect exists only
-once the whole pass is done (ROMER's routing fit) must be the recipe's last.
+draw's programmed tensors are read back from a working copy spilled to a scratch folder (a clean copy in
+memory without one); before that, they are read from the checkpoint again (as :func:`~.passes.run_layers`
+does). ``save(index, named)`` runs before the layer is freed (the transformed checkpoint,
+:mod:`cimconvert.layerwise.save`). A step whose effect exists only once the whole pass is done (ROMER's
+routing fit) must be the recipe's last.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -109,39 +111,55 @@ def _start(lw: LayerwiseModel, step: LayerStep, placement: Placement, profile: C
     return _Running(step, inputs, fit, check)
 
 
+Reload = Callable[[list[str]], Any]
+
+
 def _pass(lw: LayerwiseModel, index: int, run: _Running, streams: Sequence[Stream], targets: Sequence[Any],
-          profile: ChipProfile, reread: tuple[bool, bool]) -> None:  # fmt: skip
+          profile: ChipProfile, reload: Reload | None, restore: bool) -> None:  # fmt: skip
     """Every stream of ``streams`` through decoder layer ``index``, programmed per draw.
 
-    ``reread = (pristine, restore)``: a layer still as on disk gets its programmed tensors read again
-    after each draw (no clean copy in memory; after the last draw only when ``restore``); a transformed
-    layer is programmed with ``keep_clean=True``.
+    ``reload(names)`` sets the programmed tensors back after each draw (after the last one only when
+    ``restore``); without it a draw keeps a clean copy in memory (``keep_clean=True``).
     """
-    pristine, restore = reread
     layer = lw.layers[index]
     programmed: list[str] = []
     for stream in streams:
-        if programmed:
-            layer = lw.load_layer(index, programmed)
+        if programmed and reload is not None:
+            reload(programmed)
         with run.step.observe(index, stream), noisy_draw(lw, targets, profile, stream,
-                                                         keep_clean=not pristine) as handle:  # fmt: skip
+                                                         keep_clean=reload is None) as handle:  # fmt: skip
             run_stream(layer, index, stream, run.inputs)
-            programmed = list(getattr(handle, "perturbed", None) or []) if pristine else []
-    if programmed and restore:
-        lw.load_layer(index, programmed)
+            programmed = list(getattr(handle, "perturbed", None) or []) if reload is not None else []
+    if programmed and restore and reload is not None:
+        reload(programmed)
+
+
+def _reloader(lw: LayerwiseModel, index: int, targets: Sequence[Any], pristine: bool,
+              scratch: Path | None) -> Reload | None:  # fmt: skip
+    """How the programmed tensors come back after a draw: read from the checkpoint while the layer is as on
+    disk, else from a working copy spilled to ``scratch`` (None without one: a clean copy in memory)."""
+    if pristine:
+        return lambda names: lw.load_layer(index, names)
+    if scratch is None or not targets:
+        return None
+    path = scratch / f"working-{index:05d}.safetensors"
+    lw.spill([str(t.name) for t in targets], path)
+    return lambda names: lw.unspill(path, names)
 
 
 def _layer(lw: LayerwiseModel, index: int, running: Sequence[_Running], placement: Placement,
-           profile: ChipProfile, saving: bool) -> None:  # fmt: skip
+           profile: ChipProfile, scratch: Path | None, saving: bool) -> None:  # fmt: skip
     """Every step at decoder layer ``index``: fit streams, transform, replan, check streams."""
     lw.load_layer(index)
     prefix = lw.layer_prefix(index)
     now, pristine = placement, True
     for k, run in enumerate(running):
         run.step.begin_layer(lw, index, now)
-        restore = saving or bool(run.check) or k < len(running) - 1
+        later = saving or k < len(running) - 1  # the layer is needed unprogrammed after this step
         targets = analog_of_layer(run.step.targets(lw, now), prefix)
-        _pass(lw, index, run, run.fit, targets, profile, (pristine, restore))
+        noisy = [s for s in run.fit if s.seed is not None]
+        reload = _reloader(lw, index, targets, pristine, scratch) if noisy else None
+        _pass(lw, index, run, run.fit, targets, profile, reload, later or bool(run.check))
         analog, digital = run.step.transform(lw, index)
         pristine = pristine and not run.step.changes_weights
         run.analog += analog
@@ -150,7 +168,11 @@ def _layer(lw: LayerwiseModel, index: int, running: Sequence[_Running], placemen
             now = replan_model(lw.model, now, profile, run.analog, run.digital)
         if run.check:
             targets = analog_of_layer(run.step.targets(lw, now), prefix)
-            _pass(lw, index, run, run.check, targets, profile, (pristine, saving or k < len(running) - 1))
+            reload = _reloader(lw, index, targets, pristine, scratch)
+            _pass(lw, index, run, run.check, targets, profile, reload, later)
+    if scratch is not None:
+        for working in scratch.glob(f"working-{index:05d}.safetensors"):
+            working.unlink()
 
 
 @torch.no_grad()
@@ -178,11 +200,14 @@ def run_layer_steps(
     placement: Placement,
     progress: bool = False,
     save: Callable[[int, set[str]], None] | None = None,
+    scratch: Path | None = None,
 ) -> tuple[list[Any], Placement]:
     """Run ``steps`` in one pass over the decoder layers (see the module docstring).
 
     Returns each step's result and the placement after the last step (in-memory names), replanned with
-    every step's ``analog``/``digital`` names in order, as ``run_recipe`` leaves it.
+    every step's ``analog``/``digital`` names in order, as ``run_recipe`` leaves it. ``scratch``: a folder
+    for the working copies of transformed layers (programmed tensors are read back from there instead of a
+    clean copy in memory).
     """
     check_step_order(steps)
     running = [_start(lw, step, placement, profile) for step in steps]
@@ -190,7 +215,7 @@ def run_layer_steps(
     inputs = [entry for run in running for entry in run.inputs]
     for index in tqdm(range(lw.num_layers), desc="layers", disable=not progress, unit="layer"):
         with reporting_memory(lw, index, inputs, max(streams, 1)):
-            _layer(lw, index, running, placement, profile, save is not None)
+            _layer(lw, index, running, placement, profile, scratch, save is not None)
             if save is not None:
                 save(index, {name for run in running for name in (*run.analog, *run.digital)})
             lw.free_layer(index)
