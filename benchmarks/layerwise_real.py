@@ -29,7 +29,7 @@ def _convert(model: Path, out: Path, mode: str) -> dict[str, Any]:
     """One conversion: its JSON result, peak RSS (GB) and wall time (s)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = ["/usr/bin/time", "-v", sys.executable, "-m", "cimconvert", "convert", str(model), "-p", "chipA",
-           "--method", "auto", "--no-onnx", "--json", "--threads", "1", mode, "-o", str(out)]  # fmt: skip
+           "--method", "auto", "--no-onnx", "--json", mode, "-o", str(out)]  # fmt: skip
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"{model.name} {mode} failed: {done.stderr.strip().splitlines()[-3:]}")
