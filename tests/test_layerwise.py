@@ -289,13 +289,19 @@ def test_weight_changing_recipe_layer_by_layer_writes_the_whole_model_bundle(
     assert not list(tmp_path.glob(".*src*"))  # the transformed layers were written beside OUT, then removed
 
 
-def test_romer_before_another_step_is_refused_layer_by_layer(run_cli, tmp_path: Path) -> None:
-    """ROMER's fit exists only after the pass: a later step could not see it while the layers run."""
+@pytest.mark.parametrize(("steps", "message"), [
+    # ROMER's fit exists only after the pass: a later step could not see it while the layers run
+    (["romer", "output_correction"], "must be the recipe's last step"),
+    # the digital budget's quick scan runs before the pass: after outlier splits, the unsplit model
+    (["outlier_channels", "digital_budget"], "--budget-scan"),
+])  # fmt: skip
+def test_step_orders_the_pass_cannot_follow_are_refused(steps: list[str], message: str, run_cli,
+                                                        tmp_path: Path) -> None:  # fmt: skip
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("steps:\n  - step: romer\n  - step: output_correction\n", encoding="utf-8")
+    recipe.write_text("steps:\n" + "".join(f"  - step: {step}\n" for step in steps), encoding="utf-8")
     code, _, err = run_cli("convert", "examples/models/tiny-olmoe", "-p", "chipA", "--recipe", str(recipe),
                            "--layer-by-layer", "--no-onnx", "-o", str(tmp_path / "out"))  # fmt: skip
-    assert code == 2 and "must be the recipe's last step" in err and "--whole-model" in err
+    assert code == 2 and message in err and "--whole-model" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -307,17 +313,6 @@ def test_analog_tensor_outside_the_layers_is_refused_by_layer_steps(chip, tmp_pa
     with pytest.raises(CimError, match="covers the decoder layers only, but 'lm_head' is analog"):
         analog_head = plan_model(lw.model, chip, analog=["lm_head.weight"])
         decoder_layers_only(lw, "output_correction", chip, analog_head)
-
-
-def test_a_quick_scan_after_a_weight_change_is_refused_layer_by_layer(run_cli, tmp_path: Path) -> None:
-    """The digital budget's quick scan runs before the pass: after outlier splits it would scan the
-    unsplit model."""
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("steps:\n  - step: outlier_channels\n  - step: digital_budget\n", encoding="utf-8")
-    code, _, err = run_cli("convert", "examples/models/tiny-olmoe", "-p", "chipA", "--recipe", str(recipe),
-                           "--layer-by-layer", "--no-onnx", "-o", str(tmp_path / "out"))  # fmt: skip
-    assert code == 2 and "--budget-scan" in err and "--whole-model" in err
-    assert not (tmp_path / "out").exists()
 
 
 def test_analyze_layer_by_layer_gives_the_whole_model_scan(run_cli, tmp_path: Path) -> None:

@@ -39,6 +39,16 @@ def _row_nll(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return -logprobs.gather(-1, ids[1:, None]).squeeze(-1)
 
 
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
+    """(summed next-token NLL, tokens scored) of a batch ``ids [rows, seq]`` with its ``logits [rows, seq,
+    vocab]``: every position but the first of each row is scored (calibration rows, each its own window)."""
+    shifted = logits[:, :-1].float()
+    labels = ids[:, 1:]
+    nll = torch.nn.functional.cross_entropy(shifted.reshape(-1, shifted.shape[-1]), labels.reshape(-1),
+                                            reduction="sum")  # fmt: skip
+    return float(nll), int(labels.numel())
+
+
 Span = tuple[int, int, int]
 
 

@@ -25,10 +25,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
 from cimconvert.errors import CimError
+from cimconvert.evaluation.perplexity import next_token_nll
 from cimconvert.layerwise.passes import (
     LayerInputs,
     Stream,
@@ -159,7 +159,8 @@ def _layer(lw: LayerwiseModel, index: int, running: Sequence[_Running], placemen
         targets = analog_of_layer(run.step.targets(lw, now), prefix)
         noisy = [s for s in run.fit if s.seed is not None]
         reload = _reloader(lw, index, targets, pristine, scratch) if noisy else None
-        _pass(lw, index, run, run.fit, targets, profile, reload, later or bool(run.check))
+        restore = later or bool(run.check) or run.step.changes_weights  # the transform needs it clean
+        _pass(lw, index, run, run.fit, targets, profile, reload, restore)
         analog, digital = run.step.transform(lw, index)
         pristine = pristine and not run.step.changes_weights
         run.analog += analog
@@ -183,12 +184,8 @@ def stream_calibration_ppl(lw: LayerwiseModel, stream: Stream, inputs: Sequence[
     total, count = 0.0, 0
     with noisy_draw(lw, resident_targets(lw, targets), profile, stream, keep_clean=True):
         for entry, final in zip(inputs, stream.hidden, strict=True):
-            logits = head_logits(lw, entry, final)[:, :-1].float()
-            labels = entry.input_ids[:, 1:]
-            nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                              reduction="sum")  # fmt: skip
-            total, count = total + float(nll), count + int(labels.numel())
-            del logits
+            nll, scored = next_token_nll(head_logits(lw, entry, final), entry.input_ids)
+            total, count = total + nll, count + scored
     return math.exp(total / count)
 
 

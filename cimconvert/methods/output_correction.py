@@ -31,6 +31,7 @@ from cimconvert.analog.experts import expert_matmul
 from cimconvert.analog.routes import owner_of
 from cimconvert.devices import to_model_device
 from cimconvert.errors import CimError
+from cimconvert.evaluation.perplexity import next_token_nll
 from cimconvert.methods.base import MethodOption, MethodResult, register_method
 from cimconvert.methods.calibration import (
     analog_expert_tensors,
@@ -139,10 +140,7 @@ def exact_output_hook(fit: GainFit, clean_weight: torch.Tensor):
 def _batch_nll(model: nn.Module, batch: torch.Tensor) -> tuple[float, int]:
     """(summed next-token NLL, tokens scored) of a ``[rows, seq_len]`` batch."""
     batch = to_model_device(batch, model)
-    logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-    nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                      reduction="sum")  # fmt: skip
-    return float(nll), int(batch[:, 1:].numel())
+    return next_token_nll(model(input_ids=batch, use_cache=False).logits, batch)
 
 
 @torch.no_grad()
@@ -279,5 +277,6 @@ def correction_result(fitted: Fitted, tokens: int, clean_ppl: float, before: Seq
         report["warnings"] = [f"the correction did not lower the calibration PPL on an unseen chip draw "
                               f"({noisy:.2f} before, {after:.2f} after)"]  # fmt: skip
     return MethodResult(transforms=[entry], seeds={NAME: [*fitted.seeds, fitted.check]}, report=report)
+
 
 register_method(OutputCorrectionMethod())
