@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 
 from cimconvert.arch import get_adapter
 from cimconvert.bundle.outdir import out_lock, tmp_path
-from cimconvert.bundle.reader import inspect_bundle, is_bundle, read_manifest
+from cimconvert.bundle.reader import inspect_bundle, is_bundle, model_from_bundle, read_manifest
 from cimconvert.bundle.reader import load_bundle as read_bundle
 from cimconvert.bundle.writer import check_out_dir, write_bundle
 from cimconvert.checkpoint import check_weights_finite, has_tokenizer, resolve_model
@@ -55,7 +55,6 @@ from cimconvert.recipe import (
     run_recipe,
     run_recipe_layerwise,
 )
-from cimconvert.transforms import TRANSFORM_LOADERS
 
 __all__ = [
     "check_weights_finite",
@@ -158,10 +157,11 @@ def _save_transformed(net: torch.nn.Module, source: Any, folder: Path, keep: Seq
 
 
 def _onnx_exporter(net_factory: Any, progress: bool) -> Any:
-    """A ``write_bundle`` finalize hook that exports ``onnx/model.onnx`` from ``net_factory()``."""
+    """A ``write_bundle`` finalize hook that exports ``onnx/model.onnx`` from ``net_factory(folder,
+    manifest)`` (the bundle folder being written and its manifest)."""
 
     def export(folder: Path, manifest: Any) -> dict[str, Any]:
-        return {"onnx": export_bundle_onnx(folder, net_factory(), manifest, progress)["onnx"]}
+        return {"onnx": export_bundle_onnx(folder, net_factory(folder, manifest), manifest, progress)["onnx"]}
 
     return export
 
@@ -202,7 +202,9 @@ def _bundle_transformed(
         placement = replan_tensors(stepped, transformed.tensor_shapes(), adapter, chip,
                                    tied_lm_head=adapter.tied_embeddings(transformed.config))
         # the ONNX graph is exported from the model as load_bundle gives it
-        hook = _onnx_exporter(net.float, opts["progress"]) if opts["onnx"] else None
+        hook = None
+        if opts["onnx"]:
+            hook = _onnx_exporter(lambda folder, manifest: net.float(), opts["progress"])
         summary = write_bundle(transformed, out_dir, chip, placement, transforms=result.transforms,
                                seeds={"global": opts["seed"], **result.seeds}, extra=extra,
                                force=opts["force"], progress=opts["progress"], origin=source, finalize=hook,
@@ -403,7 +405,8 @@ def _convert(
                 dict(seed=seed, force=force, progress=progress, onnx=onnx, key=key, recipe=recorded),
             )
         elif not resolved.steps:
-            hook = _onnx_exporter(lambda: source.load_model(dtype=torch.float32), progress) if onnx else None
+            hook = _onnx_exporter(lambda folder, manifest: source.load_model(dtype=torch.float32),
+                                  progress) if onnx else None  # fmt: skip
             summary = write_bundle(source, out_dir, chip, placement, seeds={"global": seed}, extra=extra,
                                    force=force, progress=progress, finalize=hook, key=key, recipe=recorded)
             report: dict[str, Any] = {}
@@ -436,14 +439,6 @@ def _convert(
     }
 
 
-def _with_transforms(source: Any, transforms: list[dict[str, Any]]) -> torch.nn.Module:
-    """The float32 source model with ``transforms`` re-applied, as ``load_bundle`` would give it."""
-    net = source.load_model(dtype=torch.float32)
-    for entry in transforms:
-        TRANSFORM_LOADERS[entry["type"]](net, entry, source.dir)
-    return net
-
-
 def _convert_layerwise(
     source: Any, target: tuple[ChipProfile, torch.device], resolved: Recipe, placement: Placement,
     out_dir: Path, extra: dict[str, Any], opts: dict[str, Any],
@@ -465,9 +460,8 @@ def _convert_layerwise(
         if run.checkpoint is not None or result.analog or result.digital:  # as the steps left it
             placement = replan_tensors(run.placement, bundled.tensor_shapes(), lw.adapter, chip,
                                        tied_lm_head=lw.adapter.tied_embeddings(bundled.config))  # fmt: skip
-        hook = None
-        if opts["onnx"]:
-            hook = _onnx_exporter(lambda: _with_transforms(bundled, result.transforms), opts["progress"])
+        # the ONNX graph is exported from the bundle being written, as load_bundle gives it
+        hook = _onnx_exporter(model_from_bundle, opts["progress"]) if opts["onnx"] else None
         summary = write_bundle(bundled, out_dir, chip, placement, transforms=result.transforms,
                                seeds={"global": opts["seed"], **result.seeds}, extra=extra,
                                force=opts["force"], progress=opts["progress"], origin=source, finalize=hook,

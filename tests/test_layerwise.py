@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 from tiny_models import save_tiny
 from transformers import AutoTokenizer
 
@@ -328,3 +331,23 @@ def test_analyze_layer_by_layer_gives_the_whole_model_scan(run_cli, tmp_path: Pa
     assert lw["clean_ppl"] == whole["clean_ppl"] and lw["all"] == whole["all"]
     assert [r["per_seed"] for r in lw["rows"]] == [r["per_seed"] for r in whole["rows"]]
     assert len({r["ppl_mean"] for r in lw["rows"]}) > 1  # the rows differ: each perturbed its own part
+
+
+@pytest.mark.slow
+def test_layer_by_layer_onnx_is_the_whole_model_graph_and_validates(run_cli, tmp_path: Path) -> None:
+    """The ONNX export of a weight-changing layer-by-layer conversion loads the bundle being written: the
+    same graph and initializers as the whole-model export, and validate passes on it."""
+    args = ["examples/models/tiny-olmoe", "-p", "chipA", *CALIB, "--json"]
+    for mode in ("--layer-by-layer", "--whole-model"):
+        code, _, err = run_cli("convert", *args, mode, "-o", str(tmp_path / mode))
+        assert code == 0, err
+    graphs = [onnx.load(str(tmp_path / mode / "onnx" / "model.onnx")).graph
+              for mode in ("--layer-by-layer", "--whole-model")]  # fmt: skip
+    assert [n.op_type for n in graphs[0].node] == [n.op_type for n in graphs[1].node]
+    inits = [{i.name: numpy_helper.to_array(i) for i in g.initializer} for g in graphs]
+    assert sorted(inits[0]) == sorted(inits[1])
+    assert all(np.array_equal(inits[0][name], inits[1][name]) for name in inits[1])
+    code, out, err = run_cli("validate", str(tmp_path / "--layer-by-layer"), "--seeds", "1",
+                             "--max-tokens", "256", "--json")  # fmt: skip
+    assert code == 0, err
+    assert json.loads(out)["summary"]["passed"] is True

@@ -189,7 +189,13 @@ def load_bundle(
     ``verify`` every file's sha256 is checked too and a mismatch raises BundleError.
     """
     folder = Path(out)
-    manifest = read_verified_manifest(folder, verify, key)
+    return model_from_bundle(folder, read_verified_manifest(folder, verify, key), dtype)
+
+
+def model_from_bundle(folder: Path, manifest: Manifest,
+                      dtype: torch.dtype = torch.float32) -> torch.nn.Module:  # fmt: skip
+    """The bundle in ``folder`` as a model, ``manifest``'s transforms re-applied (no checks: the caller
+    verified it, or is writing it, as the ONNX export of a layer-by-layer conversion does)."""
     model = load_hf_model(
         folder, manifest.source.model_type, dtype, expected_key_changes=expected_key_changes(manifest)
     )
