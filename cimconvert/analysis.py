@@ -15,19 +15,16 @@ from typing import Any
 
 import torch
 
-from cimconvert.bundle.reader import is_bundle
-from cimconvert.datasets import load_text, load_tokenizer, tokenize
+from cimconvert.datasets import load_text, tokenize
 from cimconvert.devices import describe, resolve_device, resolve_dtype
 from cimconvert.distributed import is_main_rank
 from cimconvert.errors import CimError
 from cimconvert.evaluation.loading import load_for_eval
 from cimconvert.evaluation.sensitivity import FIRST_SEED, GRANULARITIES, group_targets, sensitivity_scan
 from cimconvert.finite import dumps
-from cimconvert.layerwise import LayerwiseModel
-from cimconvert.layerwise.memory import layerwise_source
+from cimconvert.layerwise.memory import layerwise_source, open_layerwise
 from cimconvert.layerwise.scan import layerwise_perplexities
 from cimconvert.methods.hpd import hpd_placement
-from cimconvert.profiles import load_profile
 
 __all__ = [
     "FIRST_SEED",
@@ -141,13 +138,12 @@ def analyze(
     source, by_layer = layerwise_source(model, profile, layerwise)
     runner = None
     if by_layer:
-        assert source is not None
-        lw, chip = LayerwiseModel.open(source, where), load_profile(str(profile))
-        net, tokenizer = lw.model, load_tokenizer(source.dir)
-        runner = layerwise_perplexities(lw, chip, progress)
+        assert source is not None and profile is not None
+        lw, chip, tokenizer = open_layerwise(source, profile, where)
+        net, runner = lw.model, layerwise_perplexities(lw, chip, progress)
     else:
         net, tokenizer, targets, chip = load_for_eval(model, profile, where, torch_dtype, source=source)
-    if by_layer or analog or digital or not is_bundle(model):  # a what-if placement (a bundle's: read back)
+    if source is not None or analog or digital:  # a what-if placement (a bundle's own is read back)
         targets = hpd_placement(net, chip, analog, digital).analog()
     tokens = tokenize(tokenizer, load_text(dataset), max_tokens)
     scan = sensitivity_scan(net, tokens, targets, chip, [seed + i for i in range(seeds)], granularity,

@@ -31,14 +31,14 @@ from cimconvert.bundle.reader import inspect_bundle, is_bundle, model_from_bundl
 from cimconvert.bundle.reader import load_bundle as read_bundle
 from cimconvert.bundle.writer import check_out_dir, write_bundle
 from cimconvert.checkpoint import check_weights_finite, has_tokenizer, resolve_model
-from cimconvert.datasets import load_text, load_tokenizer, tokenize
+from cimconvert.datasets import load_text, tokenize
 from cimconvert.devices import describe, model_device, place_model, resolve_device, resolve_dtype
 from cimconvert.distributed import is_main_rank
 from cimconvert.errors import BundleError, CimError, failure_detail
 from cimconvert.evaluation.loading import load_for_eval
 from cimconvert.evaluation.monte_carlo import evaluate_model
 from cimconvert.layerwise import LayerwiseModel, evaluate_layerwise
-from cimconvert.layerwise.memory import check_onnx_fits, layerwise_source, use_layerwise_here
+from cimconvert.layerwise.memory import check_onnx_fits, layerwise_source, open_layerwise, use_layerwise_here
 from cimconvert.methods import all_options
 from cimconvert.methods.defaults import calibration_free
 from cimconvert.onnx.export import export_bundle_onnx
@@ -174,6 +174,39 @@ def _created_tensors(net: torch.nn.Module, planned: Placement, result: Any) -> l
     return [name for name, _ in net.named_parameters() if name not in known and name in named]
 
 
+@contextlib.contextmanager
+def _scratch_beside(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder ``.OUT.src-<pid>-*`` beside OUT, removed afterwards (a transformed checkpoint)."""
+    with tempfile.TemporaryDirectory(prefix=f"{tmp_path(out_dir, 'src').name}-", dir=out_dir.parent) as tmp:
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
+def _writing_beside(out_dir: Path, what: str) -> Iterator[None]:
+    """An OSError or SafetensorError inside the block (a full disk): one BundleError naming ``what``."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        raise BundleError(f"writing {what} beside {out_dir} failed: {failure_detail(exc)}") from None
+
+
+def _replanned(stepped: Placement, bundled: Any, adapter: Any, chip: ChipProfile) -> Placement:
+    """The placement of the checkpoint a recipe left (``replan_tensors``: every tensor keeps ``stepped``'s
+    unit)."""
+    return replan_tensors(stepped, bundled.tensor_shapes(), adapter, chip,
+                          tied_lm_head=adapter.tied_embeddings(bundled.config))  # fmt: skip
+
+
+def _write_stepped(bundled: Any, source: Any, out_dir: Path, chip: ChipProfile, placement: Placement,
+                   result: Any, extra: dict[str, Any], hook: Any, opts: dict[str, Any]) -> Any:  # fmt: skip
+    """Write the bundle of the checkpoint a recipe left (``origin``: the source) with the recipe's
+    transforms and seeds."""
+    return write_bundle(bundled, out_dir, chip, placement, transforms=result.transforms,
+                        seeds={"global": opts["seed"], **result.seeds}, extra=extra, force=opts["force"],
+                        progress=opts["progress"], origin=source, finalize=hook, key=opts["key"],
+                        recipe=opts["recipe"])  # fmt: skip
+
+
 def _bundle_transformed(
     net: torch.nn.Module,
     result: Any,
@@ -191,24 +224,14 @@ def _bundle_transformed(
     BundleError."""
     planned, stepped = placements
     extra["method_report"] = result.report
-    prefix = f"{tmp_path(out_dir, 'src').name}-"
-    with tempfile.TemporaryDirectory(prefix=prefix, dir=out_dir.parent) as tmp:
-        try:
-            keep = _created_tensors(net, planned, result)
-            transformed = _save_transformed(net, source, Path(tmp), keep=keep)
-        except (OSError, SafetensorError) as exc:
-            detail = failure_detail(exc)
-            raise BundleError(f"writing the transformed model beside {out_dir} failed: {detail}") from None
-        placement = replan_tensors(stepped, transformed.tensor_shapes(), adapter, chip,
-                                   tied_lm_head=adapter.tied_embeddings(transformed.config))
+    with _scratch_beside(out_dir) as tmp:
+        with _writing_beside(out_dir, "the transformed model"):
+            transformed = _save_transformed(net, source, tmp, keep=_created_tensors(net, planned, result))
+        placement = _replanned(stepped, transformed, adapter, chip)
         # the ONNX graph is exported from the model as load_bundle gives it
-        hook = None
-        if opts["onnx"]:
-            hook = _onnx_exporter(lambda folder, manifest: net.float(), opts["progress"])
-        summary = write_bundle(transformed, out_dir, chip, placement, transforms=result.transforms,
-                               seeds={"global": opts["seed"], **result.seeds}, extra=extra,
-                               force=opts["force"], progress=opts["progress"], origin=source, finalize=hook,
-                               key=opts["key"], recipe=opts["recipe"])
+        exported = _onnx_exporter(lambda folder, manifest: net.float(), opts["progress"])
+        hook = exported if opts["onnx"] else None
+        summary = _write_stepped(transformed, source, out_dir, chip, placement, result, extra, hook, opts)
     return summary, placement
 
 
@@ -449,23 +472,16 @@ def _convert_layerwise(
     layer by layer beside OUT (``.OUT.src-<pid>-*``, removed afterwards), which is bundled instead."""
     chip, device = target
     lw = LayerwiseModel.open(source, device)
-    with tempfile.TemporaryDirectory(prefix=f"{tmp_path(out_dir, 'src').name}-", dir=out_dir.parent) as tmp:
-        try:
-            run = run_recipe_layerwise(lw, chip, resolved, placement, opts["progress"], scratch=Path(tmp))
-        except (OSError, SafetensorError) as exc:
-            detail = failure_detail(exc)
-            raise BundleError(f"writing the transformed layers beside {out_dir} failed: {detail}") from None
+    with _scratch_beside(out_dir) as tmp:
+        with _writing_beside(out_dir, "the transformed layers"):
+            run = run_recipe_layerwise(lw, chip, resolved, placement, opts["progress"], scratch=tmp)
         result, bundled = run.result, run.checkpoint or source
         extra.update(method_report=result.report, layer_by_layer=True)
         if run.checkpoint is not None or result.analog or result.digital:  # as the steps left it
-            placement = replan_tensors(run.placement, bundled.tensor_shapes(), lw.adapter, chip,
-                                       tied_lm_head=lw.adapter.tied_embeddings(bundled.config))  # fmt: skip
+            placement = _replanned(run.placement, bundled, lw.adapter, chip)
         # the ONNX graph is exported from the bundle being written, as load_bundle gives it
         hook = _onnx_exporter(model_from_bundle, opts["progress"]) if opts["onnx"] else None
-        summary = write_bundle(bundled, out_dir, chip, placement, transforms=result.transforms,
-                               seeds={"global": opts["seed"], **result.seeds}, extra=extra,
-                               force=opts["force"], progress=opts["progress"], origin=source, finalize=hook,
-                               key=opts["key"], recipe=opts["recipe"])  # fmt: skip
+        summary = _write_stepped(bundled, source, out_dir, chip, placement, result, extra, hook, opts)
     return summary, result.report, [t["type"] for t in result.transforms], placement
 
 
@@ -548,9 +564,8 @@ def evaluate(
         label = str(model)
         source, by_layer = layerwise_source(label, profile, layerwise)
         if by_layer:
-            lw, chip = LayerwiseModel.open(source, where), load_profile(str(profile))
-            net, tokenizer = lw.model, load_tokenizer(source.dir)
-            targets = plan_model(net, chip).analog()
+            lw, chip, tokenizer = open_layerwise(source, profile, where)
+            net, targets = lw.model, plan_model(lw.model, chip).analog()
         else:
             net, tokenizer, targets, chip = load_for_eval(label, profile, where, torch_dtype, source=source)
     tokens = tokenize(tokenizer, text, max_tokens)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from cimconvert.arch import build_model, get_adapter
+from cimconvert.devices import DTYPES
 from cimconvert.errors import ModelInputError
 
 LOGGER = logging.getLogger(__name__)
@@ -37,8 +38,8 @@ LOGGER = logging.getLogger(__name__)
 GGUF_MAGIC = b"GGUF"
 GGUF_SUFFIX = ".gguf"
 PROVENANCE_NAME = "gguf_source.json"
-#: Storage dtypes a GGUF may be dequantised to.
-DEQUANT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Storage dtypes a GGUF may be dequantised to (the ``--dtype`` names).
+DEQUANT_DTYPES = DTYPES
 #: GGUF ``general.file_type`` values whose weights are plain floats: kept in that float type by default.
 _FLOAT_FILE_TYPES = {"ALL_F32": "float32", "MOSTLY_F16": "float16", "MOSTLY_BF16": "bfloat16"}
 #: GGUF tensor types stored as plain numbers (no dequantisation needed).

@@ -41,7 +41,7 @@ import torch
 from cimconvert.analog.chip_noise import apply_chip_noise
 from cimconvert.bundle.reader import load_bundle, manifest_profile, placement_from_manifest, read_manifest
 from cimconvert.checkpoint import sha256_file
-from cimconvert.datasets import load_text, tokenize
+from cimconvert.datasets import load_text, load_tokenizer, tokenize
 from cimconvert.devices import model_device, place_model, resolve_device, resolve_dtype, to_model_device
 from cimconvert.distributed import spread
 from cimconvert.errors import BundleError, CimError
@@ -196,7 +196,7 @@ def _noisy_draws(
 
     def draw(seed: int) -> dict[str, Any]:
         with apply_chip_noise(net, targets, chip, seed, mvm_noise=mvm_noise) as handle:
-            identical = runner.program_matches(seed, _analog_on_cpu(handle.programmed_weights(net), targets))
+            identical = runner.program_matches(seed, handle.programmed_weights(net))
             nodes = node_check(handle, runner, seed) if check_nodes else None
             value, seconds = _timed(lambda: ppl(ort_model))
             return {"identical": identical, "node": nodes, "ort": value, "ort_seconds": seconds,
@@ -209,12 +209,6 @@ def _noisy_draws(
         "ort_seconds": [d["ort_seconds"] for d in draws], "identical": all(d["identical"] for d in draws),
         "nodes": [d["node"] for d in draws if d["node"] is not None],
     }  # fmt: skip
-
-
-def _analog_on_cpu(weights: dict[str, torch.Tensor], targets: Sequence[Any]) -> dict[str, torch.Tensor]:
-    """``weights`` (by name) with the analog ones on the CPU, where onnxruntime's programmed weights are
-    compared with them (a copy only when the model runs elsewhere)."""
-    return {**weights, **{t.name: weights[t.name].detach().cpu() for t in targets}}
 
 
 def _node_summary(checks: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
@@ -302,8 +296,6 @@ def validate(
     ``threads``: torch's and onnxruntime's CPU threads (None: torch's current setting for both).
     ``progress``: a status line per phase and progress over the noise draws on stderr.
     """
-    from transformers import AutoTokenizer
-
     _check_options(mvm_noise, alpha, margin)
     where = resolve_device(device)
     _check_dtype(resolve_dtype(dtype, where))
@@ -315,8 +307,7 @@ def validate(
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     net = place_model(load_bundle(folder), where, None)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    tokens = tokenize(tokenizer, text, max_tokens)
+    tokens = tokenize(load_tokenizer(folder), text, max_tokens)
     graph = load_model(onnx_path, external_data=False)
     tensors = analog_tensors(graph)
     placed = placement_targets(net, manifest)

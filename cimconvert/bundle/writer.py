@@ -457,7 +457,8 @@ def _write_scales(folder: Path, scales: dict[str, torch.Tensor], profile: ChipPr
     return SCALES_NAME
 
 
-def _copy_through(source: SourceCheckpoint, folder: Path) -> None:
+def copy_through(source: SourceCheckpoint, folder: Path) -> None:
+    """Copy ``source``'s config.json and auxiliary files (tokenizer, generation config) into ``folder``."""
     for name in (CONFIG_NAME, *source.aux_files):
         shutil.copyfile(source.dir / name, folder / name)
 
@@ -627,7 +628,7 @@ def _assemble(
     totals = _totals(entries, plan.shards, placement)
     _write_index(folder, entries, totals.total_bytes)
     scales_file = _write_scales(folder, written.scales, profile)
-    _copy_through(source, folder)
+    copy_through(source, folder)
     manifest = Manifest(
         producer=_producer(),
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer
 
 from cimconvert.bundle.reader import (
     is_bundle,
@@ -16,6 +15,7 @@ from cimconvert.bundle.reader import (
     read_manifest,
 )
 from cimconvert.checkpoint import SourceCheckpoint, check_weights_finite, resolve_model
+from cimconvert.datasets import load_tokenizer
 from cimconvert.devices import place_model
 from cimconvert.errors import CimError
 from cimconvert.placement import model_placement, plan_model
@@ -52,8 +52,4 @@ def load_for_eval(
         targets = plan_model(net, chip).analog()
         folder = source.dir
     place_model(net, device or torch.device("cpu"), dtype)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as exc:
-        raise CimError(f"no usable tokenizer in {folder}: {str(exc).splitlines()[0]}") from None
-    return net, tokenizer, targets, chip
+    return net, load_tokenizer(folder), targets, chip

@@ -97,28 +97,11 @@ def sensitivity_scan(
             f"profile {profile.name} places no tensor of this model on analog tiles; nothing to scan"
         )
 
-    def ppl_fn(m: nn.Module, t: torch.Tensor) -> float:
-        return perplexity(m, t, seq_len=seq_len, batch_size=batch_size)
-
     start = time.perf_counter()
     groups = group_targets(model, targets, granularity)
     parts = [group["targets"] for group in groups] + [list(targets)]  # the last: noise everywhere
-
-    def run(task: tuple[int, int] | None) -> float:
-        if task is None:
-            return ppl_fn(model, tokens)
-        part, seed = task
-        return noisy_perplexity(model, tokens, parts[part], profile, seed, ppl_fn)
-
-    draws = [(part, seed) for part in range(len(parts)) for seed in seeds]
-    tasks: list[tuple[int, int] | None] = [None, *draws]
-    if perplexities is not None:
-        clean, values = perplexities(tokens, parts, seeds, seq_len, batch_size)
-    else:
-        agree = run_fingerprint(model, tokens, targets, profile, list(seeds), granularity, seq_len,
-                                batch_size)  # fmt: skip
-        desc = f"sensitivity ({profile.name})" if progress else None
-        clean, *values = spread(tasks, run, model_device(model), agree, progress=desc)
+    run = perplexities or _whole_model(model, targets, profile, granularity, progress)
+    clean, values = run(tokens, parts, seeds, seq_len, batch_size)
     per_part = [values[i * len(seeds) : (i + 1) * len(seeds)] for i in range(len(parts))]
     rows = [
         {"name": group["name"], "block": group["block"], "kind": group["kind"], "granularity": granularity,
@@ -139,6 +122,32 @@ def sensitivity_scan(
         "rows": rows,
         "seconds": time.perf_counter() - start,
     }
+
+
+def _whole_model(model: nn.Module, targets: Sequence[Any], profile: ChipProfile, granularity: str,
+                 progress: bool) -> Callable[..., tuple[float, list[float]]]:  # fmt: skip
+    """The ``perplexities`` runner on the whole in-memory model: the clean pass and one noisy evaluation
+    per (part, seed), shared out over the ranks of a ``torchrun`` launch."""
+
+    def run_all(tokens: torch.Tensor, parts: Sequence[Sequence[Any]], seeds: Sequence[int], seq_len: int,
+                batch_size: int) -> tuple[float, list[float]]:  # fmt: skip
+        def ppl_fn(m: nn.Module, t: torch.Tensor) -> float:
+            return perplexity(m, t, seq_len=seq_len, batch_size=batch_size)
+
+        def run(task: tuple[int, int] | None) -> float:
+            if task is None:
+                return ppl_fn(model, tokens)
+            part, seed = task
+            return noisy_perplexity(model, tokens, parts[part], profile, seed, ppl_fn)
+
+        tasks: list[tuple[int, int] | None] = [None, *((p, s) for p in range(len(parts)) for s in seeds)]
+        agree = run_fingerprint(model, tokens, targets, profile, list(seeds), granularity, seq_len,
+                                batch_size)  # fmt: skip
+        desc = f"sensitivity ({profile.name})" if progress else None
+        clean, *values = spread(tasks, run, model_device(model), agree, progress=desc)
+        return clean, values
+
+    return run_all
 
 
 # ------------------------------------------------------------------------- scans for the methods

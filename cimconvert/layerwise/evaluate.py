@@ -11,7 +11,7 @@ path interleaves the draws batch by batch: the per-MVM draws then differ, with t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -31,19 +31,25 @@ from cimconvert.layerwise.passes import (
 from cimconvert.layerwise.skeleton import LayerwiseModel
 from cimconvert.profiles import ChipProfile
 
+Running = tuple[float, int]
+
 
 def stream_perplexity(
-    lw: LayerwiseModel, stream: Stream, inputs: Sequence[Any], batches: Sequence[Any],
-    targets: Sequence[Any], profile: ChipProfile,
+    lw: LayerwiseModel, stream: Stream, inputs: Sequence[Any], targets: Sequence[Any], profile: ChipProfile,
+    add: Callable[[Running, int, torch.Tensor], Running],
 ) -> float:  # fmt: skip
-    """Perplexity of one stream from its last hidden states (resident analog tensors programmed)."""
+    """Perplexity of one stream from its last hidden states (resident analog tensors programmed):
+    ``add(running, b, logits)`` folds batch ``b``'s logits into the (NLL sum, scored tokens) pair."""
     running = (0.0, 0)
     with noisy_draw(lw, targets, profile, stream, keep_clean=True):
-        for entry, final, (batch, spans) in zip(inputs, stream.hidden, batches, strict=True):
-            logits = head_logits(lw, entry, final)
-            running = add_batch_nll(running, logits, batch, spans)
-            del logits
+        for b, (entry, final) in enumerate(zip(inputs, stream.hidden, strict=True)):
+            running = add(running, b, head_logits(lw, entry, final))
     return nll_perplexity(running)
+
+
+def window_nll(batches: Sequence[Any]) -> Callable[[Running, int, torch.Tensor], Running]:
+    """The ``add`` of :func:`stream_perplexity` for evaluation windows (``window_batches``' spans)."""
+    return lambda running, b, logits: add_batch_nll(running, logits, batches[b][0], batches[b][1])
 
 
 @torch.no_grad()
@@ -60,7 +66,7 @@ def evaluate_layerwise(
     streams = start_streams(lw, [None, *seeds], inputs, targets, profile)
     run_layers(lw, inputs, streams, targets, profile, progress=progress)
     resident = resident_targets(lw, targets)
-    ppls = [stream_perplexity(lw, s, inputs, batches, resident, profile) for s in streams]
+    ppls = [stream_perplexity(lw, s, inputs, resident, profile, window_nll(batches)) for s in streams]
     return NoisyEvalResult(
         profile=profile.name,
         profile_hash=profile.content_hash(),
@@ -71,4 +77,4 @@ def evaluate_layerwise(
     )
 
 
-__all__ = ["evaluate_layerwise", "stream_perplexity"]
+__all__ = ["evaluate_layerwise", "stream_perplexity", "window_nll"]

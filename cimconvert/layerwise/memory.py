@@ -12,11 +12,17 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from cimconvert.bundle.reader import is_bundle
 from cimconvert.checkpoint import FLOAT_DTYPES, SourceCheckpoint, resolve_model
+from cimconvert.datasets import load_tokenizer
 from cimconvert.distributed import launched
 from cimconvert.errors import CimError
+from cimconvert.layerwise.skeleton import LayerwiseModel
+from cimconvert.profiles import ChipProfile, load_profile
 
 #: Layer by layer when the float32 model exceeds this fraction of the available memory (auto).
 AUTO_FRACTION = 0.5
@@ -116,6 +122,14 @@ def layerwise_source(model: str, profile: str | None,
     return source, use_layerwise_here(layerwise, source)
 
 
+
+def open_layerwise(source: SourceCheckpoint, profile: str | ChipProfile,
+                   device: torch.device) -> tuple[LayerwiseModel, ChipProfile, Any]:  # fmt: skip
+    """(``source`` run layer by layer on ``device``, the profile, the checkpoint's tokenizer): what eval and
+    analyze open when :func:`layerwise_source` says layer by layer."""
+    return LayerwiseModel.open(source, device), load_profile(profile), load_tokenizer(source.dir)
+
+
 __all__ = [
     "AUTO_FRACTION",
     "BUDGET_ENV",
@@ -124,6 +138,7 @@ __all__ = [
     "check_onnx_fits",
     "layerwise_source",
     "model_bytes",
+    "open_layerwise",
     "parse_bytes",
     "use_layerwise",
     "use_layerwise_here",

@@ -215,6 +215,38 @@ def start_streams(
     return streams
 
 
+Reload = Callable[[list[str]], Any]
+
+
+def run_draws(
+    lw: LayerwiseModel, index: int, streams: Sequence[Stream], inputs: Sequence[LayerInputs],
+    profile: ChipProfile, targets_of: Callable[[Stream], Sequence[Any]], reload: Reload | None,
+    observe: Callable[[Stream], AbstractContextManager[Any]] | None = None, restore: bool = False,
+) -> None:  # fmt: skip
+    """Every stream of ``streams`` through the loaded decoder layer ``index``; a noise draw programs
+    ``targets_of(stream)`` in place for its pass (the clean stream, or no targets: nothing is programmed).
+
+    ``reload(names)`` puts the programmed tensors back before the next draw (and after the last one when
+    ``restore``): from the shards, or from a transformed layer's working copy; None keeps a clean copy in
+    memory instead (``keep_clean=True``). ``observe(stream)`` is entered around each pass, outside the
+    noise patch.
+    """
+    layer = lw.layers[index]
+    programmed: list[str] = []
+    for stream in streams:
+        if programmed and reload is not None:
+            reload(programmed)
+        watched = observe(stream) if observe is not None else nullcontext()
+        # the observer opens first (a noise patch opened inside it takes the observed matmuls over): the
+        # draw is programmed only once the observer is open
+        keep_clean = reload is None
+        with watched, noisy_draw(lw, targets_of(stream), profile, stream, keep_clean=keep_clean) as handle:
+            run_stream(layer, index, stream, inputs)
+            programmed = list(getattr(handle, "perturbed", None) or []) if reload is not None else []
+    if programmed and restore and reload is not None:
+        reload(programmed)
+
+
 @torch.no_grad()
 def run_layers(
     lw: LayerwiseModel,
@@ -222,28 +254,21 @@ def run_layers(
     streams: Sequence[Stream],
     targets: Sequence[Any],
     profile: ChipProfile,
-    context: Callable[[Stream], AbstractContextManager[Any]] | None = None,
     progress: bool = False,
 ) -> None:
     """Run every stream through every decoder layer; each layer is read once, its programmed tensors again
     for each later draw.
 
     ``targets``: the analog tensors (in-memory names); a layer's are programmed per noise draw with that
-    draw's seed, exactly as the whole-model path programs them. ``context(stream)``: entered around each
-    stream's pass (e.g. a router recorder). The layer is freed before the next one is loaded.
+    draw's seed, exactly as the whole-model path programs them. The layer is freed before the next one is
+    loaded.
     """
     for index in tqdm(range(lw.num_layers), desc="layers", disable=not progress, unit="layer"):
         layer_targets = analog_of_layer(targets, lw.layer_prefix(index))
         with reporting_memory(lw, index, inputs, len(streams)):
-            layer = lw.load_layer(index)
-            programmed: list[str] = []
-            for stream in streams:
-                if programmed:  # the previous draw programmed these in place: read them again
-                    layer = lw.load_layer(index, programmed)
-                with noisy_draw(lw, layer_targets, profile, stream) as handle:
-                    with context(stream) if context is not None else nullcontext():
-                        run_stream(layer, index, stream, inputs)
-                    programmed = list(getattr(handle, "perturbed", None) or [])
+            lw.load_layer(index)
+            run_draws(lw, index, streams, inputs, profile, lambda stream, t=layer_targets: t,
+                      reload=lambda names, index=index: lw.load_layer(index, names))  # fmt: skip
             lw.free_layer(index)
 
 
@@ -270,6 +295,7 @@ __all__ = [
     "noisy_draw",
     "reporting_memory",
     "resident_targets",
+    "run_draws",
     "run_layers",
     "run_stream",
     "start_streams",

@@ -15,14 +15,14 @@ folder as a checkpoint.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Collection
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from cimconvert.checkpoint import CONFIG_NAME, INDEX_NAME, SourceCheckpoint, resolve_model
+from cimconvert.bundle.writer import copy_through
+from cimconvert.checkpoint import INDEX_NAME, SourceCheckpoint, resolve_model
 from cimconvert.layerwise.skeleton import LayerwiseModel, expert_rows
 
 RESIDENT_FILE = "resident.safetensors"
@@ -88,10 +88,7 @@ class LayerCheckpointWriter:
             self._save(resident, RESIDENT_FILE)
         index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        for name in (CONFIG_NAME, *source.aux_files):
-            target = self.folder / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source.dir / name, target)
+        copy_through(source, self.folder)
         return resolve_model(str(self.folder), check_shapes=False, progress=False)
 
 

@@ -23,15 +23,14 @@ from tqdm.auto import tqdm
 from cimconvert.analog.chip_noise import mvm_stream
 from cimconvert.errors import CimError
 from cimconvert.evaluation.perplexity import window_batches
-from cimconvert.layerwise.evaluate import stream_perplexity
+from cimconvert.layerwise.evaluate import stream_perplexity, window_nll
 from cimconvert.layerwise.passes import (
     LayerInputs,
     Stream,
     capture_inputs,
-    noisy_draw,
     reporting_memory,
     resident_targets,
-    run_stream,
+    run_draws,
     start_streams,
 )
 from cimconvert.layerwise.skeleton import LayerwiseModel, analog_of_layer
@@ -39,11 +38,12 @@ from cimconvert.profiles import ChipProfile
 
 
 @dataclass
-class _PartStream:
-    """The stream of one (part, seed) and the part's targets."""
+class _Draw:
+    """One (part, seed): the part's targets, the decoder layer its stream forks at, and the stream."""
 
-    part: int
     targets: Sequence[Any]
+    seed: int
+    start: int
     stream: Stream | None = None
 
 
@@ -55,28 +55,25 @@ def _first_layer(lw: LayerwiseModel, targets: Sequence[Any]) -> int:
     return min(i for i in (lw.adapter.layer_index(str(t.name)) for t in targets) if i is not None)
 
 
-def _fork(lw: LayerwiseModel, entry: _PartStream, seed: int, clean: Stream, inputs: Sequence[LayerInputs],
+def _fork(lw: LayerwiseModel, draw: _Draw, clean: Stream, inputs: Sequence[LayerInputs],
           profile: ChipProfile) -> Stream:  # fmt: skip
-    """A stream of ``seed`` with the clean stream's current activations (embeddings recomputed under
-    noise when the part holds an analog resident tensor, at layer 0)."""
-    if resident_targets(lw, entry.targets):
-        return start_streams(lw, [seed], inputs, entry.targets, profile)[0]
-    return Stream(seed, list(clean.hidden), mvm_stream(seed, lw.device))
+    """The draw's stream with the clean stream's current activations (embeddings recomputed under noise
+    when the part holds an analog resident tensor, at layer 0)."""
+    if resident_targets(lw, draw.targets):
+        return start_streams(lw, [draw.seed], inputs, draw.targets, profile)[0]
+    return Stream(draw.seed, list(clean.hidden), mvm_stream(draw.seed, lw.device))
 
 
-def _layer(lw: LayerwiseModel, index: int, clean: Stream, live: Sequence[tuple[_PartStream, Stream]],
+def _layer(lw: LayerwiseModel, index: int, clean: Stream, live: Sequence[_Draw],
            inputs: Sequence[LayerInputs], profile: ChipProfile) -> None:  # fmt: skip
-    """The clean stream and every live stream through decoder layer ``index`` (clean passes first, then
-    each programmed draw, its tensors read again from disk afterwards)."""
+    """The clean stream and every live draw through decoder layer ``index``, each draw programming its
+    part's tensors of this layer (read again from the shards after it)."""
     prefix = lw.layer_prefix(index)
-    layer = lw.load_layer(index)
-    noisy = [(s, analog_of_layer(p.targets, prefix)) for p, s in live]
-    for stream in [clean, *(s for s, targets in noisy if not targets)]:
-        run_stream(layer, index, stream, inputs)
-    for stream, targets in ((s, t) for s, t in noisy if t):
-        with noisy_draw(lw, targets, profile, stream) as handle:
-            run_stream(layer, index, stream, inputs)
-        layer = lw.load_layer(index, list(getattr(handle, "perturbed", None) or []))
+    targets = {id(draw.stream): analog_of_layer(draw.targets, prefix) for draw in live}
+    lw.load_layer(index)
+    streams = [clean, *(draw.stream for draw in live if draw.stream is not None)]
+    run_draws(lw, index, streams, inputs, profile, lambda stream: targets.get(id(stream), []),
+              reload=lambda names: lw.load_layer(index, names))  # fmt: skip
     lw.free_layer(index)
 
 
@@ -88,22 +85,20 @@ def scan_layerwise(lw: LayerwiseModel, tokens: torch.Tensor, parts: Sequence[Seq
     batches = window_batches(tokens, seq_len, None, batch_size)
     inputs = capture_inputs(lw, [batch for batch, _ in batches])
     clean = Stream.start(None, inputs, lw.device)
-    entries = [(_PartStream(p, targets), seed) for p, targets in enumerate(parts) for seed in seeds]
-    starts = [_first_layer(lw, entry.targets) for entry, _ in entries]
-    live: list[tuple[_PartStream, Stream]] = []
+    draws = [_Draw(targets, seed, _first_layer(lw, targets)) for targets in parts for seed in seeds]
     for index in tqdm(range(lw.num_layers), desc="layers", disable=not progress, unit="layer"):
-        for (entry, seed), start in zip(entries, starts, strict=True):
-            if start == index:
-                entry.stream = _fork(lw, entry, seed, clean, inputs, profile)
-                live.append((entry, entry.stream))
+        for draw in draws:
+            if draw.start == index:
+                draw.stream = _fork(lw, draw, clean, inputs, profile)
+        live = [draw for draw in draws if draw.stream is not None]
         with reporting_memory(lw, index, inputs, len(live) + 1):
             _layer(lw, index, clean, live, inputs, profile)
     values = []
-    for entry, _ in entries:
-        assert entry.stream is not None
-        resident = resident_targets(lw, entry.targets)
-        values.append(stream_perplexity(lw, entry.stream, inputs, batches, resident, profile))
-    return stream_perplexity(lw, clean, inputs, batches, [], profile), values
+    for draw in draws:
+        assert draw.stream is not None
+        resident = resident_targets(lw, draw.targets)
+        values.append(stream_perplexity(lw, draw.stream, inputs, resident, profile, window_nll(batches)))
+    return stream_perplexity(lw, clean, inputs, [], profile, window_nll(batches)), values
 
 
 def layerwise_perplexities(lw: LayerwiseModel, profile: ChipProfile, progress: bool = False) -> Any:

@@ -17,9 +17,8 @@ routing fit) must be the recipe's last.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,15 +28,15 @@ from tqdm.auto import tqdm
 
 from cimconvert.errors import CimError
 from cimconvert.evaluation.perplexity import next_token_nll
+from cimconvert.layerwise.evaluate import stream_perplexity
 from cimconvert.layerwise.passes import (
     LayerInputs,
+    Reload,
     Stream,
     capture_inputs,
-    head_logits,
-    noisy_draw,
     reporting_memory,
     resident_targets,
-    run_stream,
+    run_draws,
     start_streams,
 )
 from cimconvert.layerwise.skeleton import LayerwiseModel, analog_of_layer
@@ -46,7 +45,8 @@ from cimconvert.profiles import ChipProfile
 
 
 class LayerStep(Protocol):
-    """One recipe step run layer by layer (see the module docstring).
+    """One recipe step run layer by layer (see the module docstring; :class:`BaseLayerStep` gives the
+    defaults of a step that needs no stream or transform).
 
     ``batches``: its calibration batches; ``fit_seeds``: the streams it observes before transforming a
     layer (``None``: the clean model); ``check_seeds``: streams through the transformed layers;
@@ -55,9 +55,9 @@ class LayerStep(Protocol):
     """
 
     name: str
-    batches: list[torch.Tensor]
-    fit_seeds: list[int | None]
-    check_seeds: list[int]
+    batches: Sequence[torch.Tensor]
+    fit_seeds: Sequence[int | None]
+    check_seeds: Sequence[int]
     wants_ppl: bool
     changes_weights: bool
     last_only: bool
@@ -81,6 +81,50 @@ class LayerStep(Protocol):
     def finish(self, ppl: dict[int | None, float]) -> Any:
         """The step's ``MethodResult`` (``ppl``: calibration perplexity per stream seed, if wanted)."""
         ...
+
+
+class BaseLayerStep:
+    """Defaults of a :class:`LayerStep`: no streams, nothing programmed, observed or transformed."""
+
+    name = ""
+    batches: Sequence[torch.Tensor] = ()
+    fit_seeds: Sequence[int | None] = ()
+    check_seeds: Sequence[int] = ()
+    wants_ppl = False
+    changes_weights = False
+    last_only = False
+
+    def targets(self, lw: LayerwiseModel, placement: Placement) -> list[Any]:
+        """No noisy stream: nothing to program."""
+        return []
+
+    def begin_layer(self, lw: LayerwiseModel, index: int, placement: Placement) -> None:
+        """Nothing to prepare."""
+
+    def observe(self, index: int, stream: Stream) -> AbstractContextManager[Any]:
+        """Nothing to observe."""
+        return nullcontext()
+
+    def transform(self, lw: LayerwiseModel, index: int) -> tuple[list[str], list[str]]:
+        """The layer stays as it is."""
+        return [], []
+
+
+class FixedStep(BaseLayerStep):
+    """A step whose result is known before the pass (a placement step, a budget chosen from a scan, ROMER
+    on a noise-free profile): no stream, no transform; its ``analog``/``digital`` patterns join the
+    placement at the first layer, for every later step and layer."""
+
+    def __init__(self, result: Any, name: str) -> None:
+        self.result, self.name = result, name
+
+    def transform(self, lw: LayerwiseModel, index: int) -> tuple[list[str], list[str]]:
+        """The result's patterns, once (at the first layer)."""
+        return (list(self.result.analog), list(self.result.digital)) if index == 0 else ([], [])
+
+    def finish(self, ppl: dict[int | None, float]) -> Any:
+        """The result."""
+        return self.result
 
 
 @dataclass
@@ -111,27 +155,11 @@ def _start(lw: LayerwiseModel, step: LayerStep, placement: Placement, profile: C
     return _Running(step, inputs, fit, check)
 
 
-Reload = Callable[[list[str]], Any]
-
-
 def _pass(lw: LayerwiseModel, index: int, run: _Running, streams: Sequence[Stream], targets: Sequence[Any],
           profile: ChipProfile, reload: Reload | None, restore: bool) -> None:  # fmt: skip
-    """Every stream of ``streams`` through decoder layer ``index``, programmed per draw.
-
-    ``reload(names)`` sets the programmed tensors back after each draw (after the last one only when
-    ``restore``); without it a draw keeps a clean copy in memory (``keep_clean=True``).
-    """
-    layer = lw.layers[index]
-    programmed: list[str] = []
-    for stream in streams:
-        if programmed and reload is not None:
-            reload(programmed)
-        with run.step.observe(index, stream), noisy_draw(lw, targets, profile, stream,
-                                                         keep_clean=reload is None) as handle:  # fmt: skip
-            run_stream(layer, index, stream, run.inputs)
-            programmed = list(getattr(handle, "perturbed", None) or []) if reload is not None else []
-    if programmed and restore and reload is not None:
-        reload(programmed)
+    """``streams`` of ``run``'s step through decoder layer ``index``, observed by the step."""
+    run_draws(lw, index, streams, run.inputs, profile, lambda stream: targets, reload,
+              observe=lambda stream: run.step.observe(index, stream), restore=restore)  # fmt: skip
 
 
 def _reloader(lw: LayerwiseModel, index: int, targets: Sequence[Any], pristine: bool,
@@ -176,17 +204,15 @@ def _layer(lw: LayerwiseModel, index: int, running: Sequence[_Running], placemen
             working.unlink()
 
 
-@torch.no_grad()
-def stream_calibration_ppl(lw: LayerwiseModel, stream: Stream, inputs: Sequence[LayerInputs],
-                           targets: Sequence[Any], profile: ChipProfile) -> float:  # fmt: skip
-    """Perplexity of one stream's calibration rows from its last hidden states (each row its own window,
-    as ``methods.output_correction.calibration_ppl``; analog resident tensors programmed)."""
-    total, count = 0.0, 0
-    with noisy_draw(lw, resident_targets(lw, targets), profile, stream, keep_clean=True):
-        for entry, final in zip(inputs, stream.hidden, strict=True):
-            nll, scored = next_token_nll(head_logits(lw, entry, final), entry.input_ids)
-            total, count = total + nll, count + scored
-    return math.exp(total / count)
+def _row_nll(inputs: Sequence[LayerInputs]) -> Any:
+    """The ``add`` of ``stream_perplexity`` for calibration rows (each row its own window, as
+    ``methods.output_correction.calibration_ppl`` scores them)."""
+
+    def add(running: tuple[float, int], b: int, logits: torch.Tensor) -> tuple[float, int]:
+        nll, scored = next_token_nll(logits, inputs[b].input_ids)
+        return running[0] + nll, running[1] + scored
+
+    return add
 
 
 @torch.no_grad()
@@ -220,9 +246,10 @@ def run_layer_steps(
     for run in running:
         ppl: dict[int | None, float] = {}
         if run.step.wants_ppl:
-            targets = run.step.targets(lw, final)
+            resident = resident_targets(lw, run.step.targets(lw, final))
+            add = _row_nll(run.inputs)
             for stream in (*run.fit, *run.check):
-                ppl[stream.seed] = stream_calibration_ppl(lw, stream, run.inputs, targets, profile)
+                ppl[stream.seed] = stream_perplexity(lw, stream, run.inputs, resident, profile, add)
         result = run.step.finish(ppl)
         results.append(result)
         if result.analog or result.digital:
@@ -230,4 +257,4 @@ def run_layer_steps(
     return results, final
 
 
-__all__ = ["LayerStep", "check_step_order", "run_layer_steps", "stream_calibration_ppl"]
+__all__ = ["BaseLayerStep", "FixedStep", "LayerStep", "check_step_order", "run_layer_steps"]

@@ -23,6 +23,7 @@ from cimconvert.analog.patch import AnalogPatch, CleanKernel
 from cimconvert.analog.routes import owner_of, route_of
 from cimconvert.datasets import load_text, token_ids
 from cimconvert.errors import CimError
+from cimconvert.layerwise.skeleton import analog_of_layer
 from cimconvert.methods.base import MethodOption
 from cimconvert.placement import Placement, TensorInfo, current_placement
 from cimconvert.profiles import ChipProfile
@@ -114,46 +115,57 @@ def calibration_tokens(model: torch.nn.Module, options: dict[str, Any]) -> torch
     return calibration_batches(load_text(data), tokenizer, samples, seq_len, name=data)
 
 
+#: Calibration rows per forward of the whole-model steps (outlier maxima, output correction): their layer
+#: steps batch the same way, so both paths draw the same per-MVM noise and write the same bundle.
+CALIB_BATCH_SIZE = 8
+
+
 def iter_batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     """Split ``[samples, seq_len]`` calibration tokens into batches of at most ``batch_size`` rows."""
     return list(torch.split(tokens, max(1, batch_size), dim=0))
 
 
-def analog_linear_layers(model: nn.Module, profile: ChipProfile, placement: Placement | None) -> list[str]:
-    """Module paths of the analog ``nn.Linear`` layers of ``model`` (in placement order).
+def analog_parts(model: nn.Module, profile: ChipProfile,
+                 placement: Placement | None) -> tuple[list[str], list[TensorInfo]]:  # fmt: skip
+    """(module paths of the analog ``nn.Linear`` layers, the analog fused experts tensors) of ``model``, in
+    placement order, from one placement of the model.
 
-    Fused experts, GPT-2 ``Conv1D`` and weight-only modules (Mamba ``dt_proj``) are not listed.
+    Fused experts are not linear layers; GPT-2 ``Conv1D`` and weight-only modules (Mamba ``dt_proj``) are
+    in neither list.
     """
-    placed = current_placement(model, profile, placement)
-    names = []
-    for info in placed.analog():
+    layers, experts = [], []
+    for info in current_placement(model, profile, placement).analog():
+        route = route_of(model, info.name)
         module_path, _, attr = info.name.rpartition(".")
-        if attr != "weight" or route_of(model, info.name) != "linear":
-            continue
-        if type(model.get_submodule(module_path)) is nn.Linear:
-            names.append(module_path)
-    return names
+        if route == "experts":
+            experts.append(info)
+        elif attr == "weight" and route == "linear" and type(model.get_submodule(module_path)) is nn.Linear:
+            layers.append(module_path)
+    return layers, experts
+
+
+def analog_linear_layers(model: nn.Module, profile: ChipProfile, placement: Placement | None) -> list[str]:
+    """Module paths of the analog ``nn.Linear`` layers of ``model`` (:func:`analog_parts`)."""
+    return analog_parts(model, profile, placement)[0]
 
 
 def analog_expert_tensors(
     model: nn.Module, profile: ChipProfile, placement: Placement | None
 ) -> list[TensorInfo]:
-    """The analog fused experts tensors of ``model`` (in placement order)."""
-    placed = current_placement(model, profile, placement)
-    return [info for info in placed.analog() if route_of(model, info.name) == "experts"]
+    """The analog fused experts tensors of ``model`` (:func:`analog_parts`)."""
+    return analog_parts(model, profile, placement)[1]
 
 
 def decoder_layers_only(lw: Any, step: str, profile: ChipProfile, placement: Placement | None) -> None:
     """CimError when an analog linear layer or experts tensor of the layer-by-layer model ``lw`` lies
     outside its decoder layers (an analog lm_head): ``step`` run layer by layer covers decoder layers only."""
-    names = [*analog_linear_layers(lw.model, profile, placement),
-             *(info.name for info in analog_expert_tensors(lw.model, profile, placement))]  # fmt: skip
-    outside = [name for name in names if lw.adapter.layer_index(f"{name}.weight") is None
-               and lw.adapter.layer_index(name) is None]  # fmt: skip
+    layers, experts = analog_parts(lw.model, profile, placement)
+    names = [f"{name}.weight" for name in layers] + [info.name for info in experts]
+    outside = [name for name in names if lw.adapter.layer_index(name) is None]
     if outside:
-        raise CimError(f"layer by layer, {step} covers the decoder layers only, but '{outside[0]}' is "
-                       "analog: place it digital (--digital) or convert with --whole-model")
-
+        raise CimError(f"layer by layer, {step} covers the decoder layers only, but "
+                       f"'{outside[0].removesuffix('.weight')}' is analog: place it digital (--digital) or "
+                       "convert with --whole-model")  # fmt: skip
 
 
 def layer_targets(lw: Any, index: int, profile: ChipProfile,
@@ -161,10 +173,8 @@ def layer_targets(lw: Any, index: int, profile: ChipProfile,
     """(analog linear layers, analog fused experts tensors) of decoder layer ``index`` of the
     layer-by-layer model ``lw`` under ``placement``."""
     prefix = lw.layer_prefix(index)
-    layers = [name for name in analog_linear_layers(lw.model, profile, placement) if name.startswith(prefix)]
-    experts = [info for info in analog_expert_tensors(lw.model, profile, placement)
-               if info.name.startswith(prefix)]  # fmt: skip
-    return layers, experts
+    layers, experts = analog_parts(lw.model, profile, placement)
+    return [name for name in layers if name.startswith(prefix)], analog_of_layer(experts, prefix)
 
 
 ExpertObserver = Callable[[str, int, torch.Tensor, torch.Tensor], None]

@@ -17,7 +17,6 @@ digital afterwards would carry a gain it no longer needs.
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,11 +30,11 @@ from cimconvert.analog.experts import expert_matmul
 from cimconvert.analog.routes import owner_of
 from cimconvert.devices import to_model_device
 from cimconvert.errors import CimError
-from cimconvert.evaluation.perplexity import next_token_nll
+from cimconvert.evaluation.perplexity import next_token_nll, nll_perplexity
 from cimconvert.methods.base import MethodOption, MethodResult, register_method
 from cimconvert.methods.calibration import (
-    analog_expert_tensors,
-    analog_linear_layers,
+    CALIB_BATCH_SIZE,
+    analog_parts,
     calibration_options,
     calibration_tokens,
     iter_batches,
@@ -144,19 +143,20 @@ def _batch_nll(model: nn.Module, batch: torch.Tensor) -> tuple[float, int]:
 
 
 @torch.no_grad()
-def calibration_ppl(model: nn.Module, tokens: torch.Tensor, batch_size: int = 8) -> float:
+def calibration_ppl(model: nn.Module, tokens: torch.Tensor, batch_size: int = CALIB_BATCH_SIZE) -> float:
     """Perplexity of ``model`` on the calibration rows (each row its own window)."""
     total, count = 0.0, 0
     for batch in iter_batches(tokens, batch_size):
         nll, n = _batch_nll(model, batch)
         total, count = total + nll, count + n
-    return math.exp(total / count)
+    return nll_perplexity((total, count))
 
 
 @torch.no_grad()
 def fit_output_gains(
     model: nn.Module, layers: Sequence[str], targets: Sequence[Any], profile: ChipProfile,
-    tokens: torch.Tensor, seeds: Sequence[int], batch_size: int = 8, ppl_out: list[float] | None = None,
+    tokens: torch.Tensor, seeds: Sequence[int], batch_size: int = CALIB_BATCH_SIZE,
+    ppl_out: list[float] | None = None,
     experts: Sequence[TensorInfo] = (),
 ) -> dict[str, torch.Tensor]:  # fmt: skip
     """Per-channel gain of each layer in ``layers`` (and ``[experts, out]`` gains of each fused tensor in
@@ -220,8 +220,7 @@ class OutputCorrectionMethod:
         first = int(options.get("correction_seed", DEFAULT_SEED))
         if draws < 1:
             raise CimError(f"--correction-draws must be at least 1 (got {draws})")
-        layers = analog_linear_layers(model, profile, placement)
-        experts = analog_expert_tensors(model, profile, placement)
+        layers, experts = analog_parts(model, profile, placement)
         if not layers and not experts:
             raise CimError("output_correction: the model has no analog linear layer or fused experts")
         placed = current_placement(model, profile, placement)

@@ -17,10 +17,11 @@ import torch
 from cimconvert.errors import CimError
 from cimconvert.layerwise.passes import Stream
 from cimconvert.layerwise.skeleton import LayerwiseModel
+from cimconvert.layerwise.steps import BaseLayerStep
 from cimconvert.methods.base import MethodResult, register_layerwise
 from cimconvert.methods.calibration import (
-    analog_expert_tensors,
-    analog_linear_layers,
+    CALIB_BATCH_SIZE,
+    analog_parts,
     calibration_tokens,
     decoder_layers_only,
     iter_batches,
@@ -43,13 +44,12 @@ from cimconvert.placement import Placement, TensorInfo, current_placement
 from cimconvert.profiles import ChipProfile
 
 
-class CorrectionLayerStep:
+class CorrectionLayerStep(BaseLayerStep):
     """``output_correction`` as a layer step (:class:`cimconvert.layerwise.steps.LayerStep`)."""
 
     name = NAME
     wants_ppl = True
     changes_weights = True
-    last_only = False
 
     def __init__(self, profile: ChipProfile, tokens: torch.Tensor, draws: int, first: int) -> None:
         self.profile, self.tokens = profile, tokens
@@ -57,7 +57,7 @@ class CorrectionLayerStep:
         self.check = first + draws  # one more instance, not used by the fit
         self.fit_seeds: list[int | None] = [None, *self.seeds]
         self.check_seeds = [self.check]
-        self.batches = iter_batches(tokens, 8)  # output_correction.calibration_ppl's batches
+        self.batches = iter_batches(tokens, CALIB_BATCH_SIZE)  # calibration_ppl's batches
         self.fitted = Fitted([], [], {}, self.seeds, self.check)
         self._lw: LayerwiseModel | None = None
         self._layers: list[str] = []
@@ -119,9 +119,7 @@ def correction_layer_step(lw: LayerwiseModel, profile: ChipProfile, options: dic
     draws = int(options.get("correction_draws", DEFAULT_DRAWS))
     if draws < 1:
         raise CimError(f"--correction-draws must be at least 1 (got {draws})")
-    if not analog_linear_layers(lw.model, profile, placement) and not analog_expert_tensors(
-        lw.model, profile, placement
-    ):
+    if not any(analog_parts(lw.model, profile, placement)):
         raise CimError("output_correction: the model has no analog linear layer or fused experts")
     decoder_layers_only(lw, NAME, profile, placement)
     first = int(options.get("correction_seed", DEFAULT_SEED))

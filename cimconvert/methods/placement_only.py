@@ -14,6 +14,7 @@ from torch import nn
 
 from cimconvert.arch import Family
 from cimconvert.errors import CimError
+from cimconvert.layerwise.steps import FixedStep
 from cimconvert.methods.base import MethodOption, MethodResult, register_layerwise, register_method
 from cimconvert.placement import Placement
 from cimconvert.profiles import ChipProfile
@@ -50,46 +51,12 @@ class PlacementStep:
         return MethodResult(report=report, analog=patterns)
 
 
-class PlacementLayerStep:
-    """A placement step layer by layer (:class:`cimconvert.layerwise.steps.LayerStep`): no stream, no
-    transform; its patterns join the placement at the first layer, for every later step and layer."""
-
-    wants_ppl = False
-    changes_weights = False
-    last_only = False
-
-    def __init__(self, result: MethodResult, name: str) -> None:
-        self.result, self.name = result, name
-        self.batches: list[Any] = []
-        self.fit_seeds: list[int | None] = []
-        self.check_seeds: list[int] = []
-
-    def targets(self, lw: Any, placement: Placement) -> list[Any]:
-        """None: no stream runs."""
-        return []
-
-    def begin_layer(self, lw: Any, index: int, placement: Placement) -> None:
-        """Nothing to prepare."""
-
-    def observe(self, index: int, stream: Any) -> Any:
-        """Never called: no stream runs."""
-        raise AssertionError("a placement step runs no stream")
-
-    def transform(self, lw: Any, index: int) -> tuple[list[str], list[str]]:
-        """The patterns, once (at the first layer)."""
-        return (list(self.result.analog), list(self.result.digital)) if index == 0 else ([], [])
-
-    def finish(self, ppl: dict[int | None, float]) -> MethodResult:
-        """The step's result, as ``apply`` gives it."""
-        return self.result
-
-
 def placement_layer_step(step: PlacementStep) -> Any:
     """The layer-step factory of a placement step (the patterns are checked like ``apply`` checks them)."""
 
     def factory(lw: Any, profile: ChipProfile, options: dict[str, Any],
-                placement: Placement | None = None) -> PlacementLayerStep:  # fmt: skip
-        return PlacementLayerStep(step.apply(lw.model, lw.adapter, profile, options), step.name)
+                placement: Placement | None = None) -> FixedStep:  # fmt: skip
+        return FixedStep(step.apply(lw.model, lw.adapter, profile, options), step.name)
 
     return factory
 

@@ -9,16 +9,13 @@ refused.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
 from typing import Any
-
-import torch
 
 from cimconvert.errors import CimError
 from cimconvert.evaluation.sensitivity import read_scan
-from cimconvert.layerwise.passes import Stream
 from cimconvert.layerwise.scan import layerwise_perplexities, refuse_scan_after_changes
 from cimconvert.layerwise.skeleton import LayerwiseModel
+from cimconvert.layerwise.steps import BaseLayerStep
 from cimconvert.methods.base import MethodResult
 from cimconvert.methods.hpd.layers import resolve_layers
 from cimconvert.methods.hpd.method import DEFAULT_FACTOR, hpd_result, quick_scan, split_layer, transform_entry
@@ -27,33 +24,17 @@ from cimconvert.placement import Placement
 from cimconvert.profiles import ChipProfile
 
 
-class HpdLayerStep:
+class HpdLayerStep(BaseLayerStep):
     """HPD as a layer step (:class:`cimconvert.layerwise.steps.LayerStep`): splits, no streams."""
 
     name = "hpd"
-    wants_ppl = False
     changes_weights = True
-    last_only = False
 
     def __init__(self, adapter: Any, layers: list[str], factor: str, rank: int | None,
                  scan: dict[str, Any] | None = None) -> None:  # fmt: skip
         """``scan``: the report's ``scan`` entry when ``auto`` read a scan JSON."""
         self.adapter, self.layers, self.factor, self.rank, self.scan = adapter, layers, factor, rank, scan
-        self.batches: list[torch.Tensor] = []
-        self.fit_seeds: list[int | None] = []
-        self.check_seeds: list[int] = []
         self.done: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {}
-
-    def targets(self, lw: LayerwiseModel, placement: Placement) -> list[Any]:
-        """None: HPD runs no stream."""
-        return []
-
-    def begin_layer(self, lw: LayerwiseModel, index: int, placement: Placement) -> None:
-        """Nothing to prepare."""
-
-    def observe(self, index: int, stream: Stream) -> AbstractContextManager[Any]:
-        """Never called: HPD runs no stream."""
-        raise AssertionError("HPD runs no stream")
 
     def transform(self, lw: LayerwiseModel, index: int) -> tuple[list[str], list[str]]:
         """Split the requested layers of decoder layer ``index``; returns the factors' names."""

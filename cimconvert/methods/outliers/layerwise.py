@@ -15,8 +15,10 @@ import torch
 
 from cimconvert.layerwise.passes import Stream
 from cimconvert.layerwise.skeleton import LayerwiseModel
+from cimconvert.layerwise.steps import BaseLayerStep
 from cimconvert.methods.base import MethodResult, register_layerwise
 from cimconvert.methods.calibration import (
+    CALIB_BATCH_SIZE,
     calibration_tokens,
     decoder_layers_only,
     iter_batches,
@@ -41,19 +43,17 @@ from cimconvert.profiles import ChipProfile
 from cimconvert.transforms.outlier_split import ANALOG, DIGITAL
 
 
-class OutlierLayerStep:
-    """``outlier_channels`` as a layer step (:class:`cimconvert.layerwise.steps.LayerStep`)."""
+class OutlierLayerStep(BaseLayerStep):
+    """``outlier_channels`` as a layer step (:class:`cimconvert.layerwise.steps.LayerStep`): the clean
+    stream's maxima, then the split."""
 
     name = "outlier_channels"
-    wants_ppl = False
     changes_weights = True
-    last_only = False
+    fit_seeds = (None,)
 
     def __init__(self, profile: ChipProfile, tokens: torch.Tensor, percent: float, experts: bool) -> None:
         self.profile, self.tokens, self.percent, self.with_experts = profile, tokens, percent, experts
-        self.fit_seeds: list[int | None] = [None]
-        self.check_seeds: list[int] = []
-        self.batches = iter_batches(tokens, 8)  # channel_maxima's batches
+        self.batches = iter_batches(tokens, CALIB_BATCH_SIZE)  # channel_maxima's batches
         self.params: list[dict[str, Any]] = []
         self.expert_params: list[dict[str, Any]] = []
         self.rows: list[dict[str, Any]] = []
@@ -63,10 +63,6 @@ class OutlierLayerStep:
         self._experts: list[TensorInfo] = []
         self._maxima: dict[str, torch.Tensor] = {}
         self._expert_maxima = ExpertMaxima([])
-
-    def targets(self, lw: LayerwiseModel, placement: Placement) -> list[Any]:
-        """None: the maxima come from the clean model."""
-        return []
 
     def begin_layer(self, lw: LayerwiseModel, index: int, placement: Placement) -> None:
         """The layer's analog linears and experts tensors, empty maxima."""

@@ -21,8 +21,8 @@ from cimconvert.devices import to_model_device
 from cimconvert.errors import CimError
 from cimconvert.methods.base import MethodOption, MethodResult
 from cimconvert.methods.calibration import (
-    analog_expert_tensors,
-    analog_linear_layers,
+    CALIB_BATCH_SIZE,
+    analog_parts,
     calibration_options,
     calibration_tokens,
     iter_batches,
@@ -78,7 +78,8 @@ def check_maxima(layers: Sequence[str], maxima: dict[str, torch.Tensor]) -> None
 
 
 @torch.no_grad()
-def channel_maxima(model: nn.Module, layers: Sequence[str], tokens: torch.Tensor, batch_size: int = 8):
+def channel_maxima(model: nn.Module, layers: Sequence[str], tokens: torch.Tensor,
+                  batch_size: int = CALIB_BATCH_SIZE):  # fmt: skip
     """max |x_j| over the calibration ``tokens`` for every input channel j of each layer in ``layers``."""
     maxima: dict[str, torch.Tensor] = {}
     model.eval()
@@ -138,8 +139,7 @@ def split_targets(model: nn.Module, profile: ChipProfile, placement: Placement |
                   options: dict[str, Any]) -> tuple[list[str], list[Any]]:  # fmt: skip
     """(analog linear layers, analog fused experts tensors) the split covers (``outlier_scope``); CimError
     when there is none."""
-    layers = analog_linear_layers(model, profile, placement)
-    experts = analog_expert_tensors(model, profile, placement)
+    layers, experts = analog_parts(model, profile, placement)
     if options.get("outlier_scope", SCOPES[0]) != "all":
         experts = []
     if not layers and not experts:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -163,7 +163,7 @@ def calibration_stats(
     def run(seed: int) -> tuple[dict[str, Any], float]:  # plain data: it may travel between ranks
         stats, programmed = _noisy_run(model, moe, tokens, cfg, (targets, profile, seed),
                                        progress)  # fmt: skip
-        return asdict(stats), programmed
+        return dict(vars(stats)), programmed  # shallow: asdict would deep-copy every logits tensor
 
     # Under a torchrun launch the instances are shared out over the ranks (cimconvert.distributed).
     agree = run_fingerprint(model, tokens, targets, profile, seeds, repr(cfg))

@@ -21,35 +21,30 @@ import torch
 from cimconvert.errors import CimError
 from cimconvert.layerwise import LayerwiseModel
 from cimconvert.layerwise.passes import Stream
-from cimconvert.layerwise.steps import run_layer_steps
+from cimconvert.layerwise.steps import BaseLayerStep, FixedStep, run_layer_steps
 from cimconvert.methods.base import MethodResult
 from cimconvert.methods.calibration import calibration_tokens, iter_batches
 from cimconvert.methods.romer.core import CalibrationStats, RomerConfig, build_plan, fit_seeds
-from cimconvert.methods.romer.method import noise_targets, romer_result
+from cimconvert.methods.romer.method import noise_targets, romer_result, skipped_result
 from cimconvert.methods.romer.stats import RouterRecorder, RouterStats
 from cimconvert.placement import Placement, plan_model
 from cimconvert.profiles import ChipProfile
 from cimconvert.transforms.romer.moe import MoeRouting, moe_routers
 
 
-class RomerLayerStep:
+class RomerLayerStep(BaseLayerStep):
     """ROMER's statistics as a layer step (:class:`cimconvert.layerwise.steps.LayerStep`): a recorder per
     stream; nothing changes in the layers; :meth:`finish` fits the plan."""
 
     name = "romer"
-    wants_ppl = False
-    changes_weights = False
     last_only = True
 
     def __init__(self, moe: MoeRouting, tokens: torch.Tensor, targets: list[Any], cfg: RomerConfig,
-                 adapter: Any = None, skipped: str | None = None) -> None:  # fmt: skip
-        """``skipped``: why ROMER has nothing to fit (no streams run; :meth:`finish` reports it)."""
+                 adapter: Any = None) -> None:  # fmt: skip
         self.moe, self.tokens, self.all_targets, self.cfg, self.adapter = moe, tokens, targets, cfg, adapter
-        self.skipped = skipped
-        self.check_seeds: list[int] = []
-        self.seeds = [] if skipped else fit_seeds(cfg)
-        self.fit_seeds: list[int | None] = [] if skipped else [None, *self.seeds]
-        self.batches = [] if skipped else iter_batches(tokens, cfg.calib_batch_size)
+        self.seeds = fit_seeds(cfg)
+        self.fit_seeds: list[int | None] = [None, *self.seeds]
+        self.batches = iter_batches(tokens, cfg.calib_batch_size)
         self.recorders = {seed: RouterRecorder(moe.routers, moe.num_experts) for seed in self.fit_seeds}
         self.started = time.perf_counter()
 
@@ -57,16 +52,9 @@ class RomerLayerStep:
         """The analog tensors ROMER's calibration runs noisy (fixed at the start)."""
         return self.all_targets
 
-    def begin_layer(self, lw: LayerwiseModel, index: int, placement: Placement) -> None:
-        """Nothing to prepare: the recorders hook every router."""
-
     def observe(self, index: int, stream: Stream) -> AbstractContextManager[Any]:
         """The stream's router recorder."""
         return self.recorders[stream.seed]
-
-    def transform(self, lw: LayerwiseModel, index: int) -> tuple[list[str], list[str]]:
-        """ROMER changes no layer."""
-        return [], []
 
     def stats(self) -> CalibrationStats:
         """Clean and noisy router statistics of the pass."""
@@ -79,9 +67,6 @@ class RomerLayerStep:
 
     def finish(self, ppl: dict[int | None, float]) -> MethodResult:
         """Fit the plan from the pass's statistics: transforms, seeds and report as the method gives them."""
-        if self.skipped:
-            return MethodResult(report={"config": dict(self.cfg.__dict__), "skipped": self.skipped,
-                                        "summary": self.skipped, "warnings": [self.skipped]})  # fmt: skip
         stats = self.stats()
         plan = build_plan(stats, self.moe, self.cfg)
         run = (self.all_targets, time.perf_counter() - self.started)
@@ -102,7 +87,7 @@ def layerwise_stats(
 
 
 def romer_layer_step(lw: LayerwiseModel, profile: ChipProfile, options: dict[str, Any],
-                     placement: Placement | None = None) -> RomerLayerStep:  # fmt: skip
+                     placement: Placement | None = None) -> RomerLayerStep | FixedStep:  # fmt: skip
     """ROMER's layer step for ``lw`` under ``profile`` (a no-op step when the profile adds no noise)."""
     cfg = RomerConfig.from_options(options)
     if cfg.calib_mode == "in-situ" and cfg.insitu_logits:
@@ -110,8 +95,7 @@ def romer_layer_step(lw: LayerwiseModel, profile: ChipProfile, options: dict[str
     moe = moe_routers(lw.model, lw.adapter)
     targets = noise_targets(lw.model, profile, options, placement)
     if not targets or profile.is_ideal:
-        note = f"profile {profile.name} adds no analog noise: ROMER left the model unchanged"
-        return RomerLayerStep(moe, torch.empty(0, 0, dtype=torch.long), targets, cfg, lw.adapter, note)
+        return FixedStep(skipped_result(cfg, profile), RomerLayerStep.name)
     return RomerLayerStep(moe, calibration_tokens(lw.model, options), targets, cfg, lw.adapter)
 
 

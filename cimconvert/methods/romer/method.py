@@ -72,6 +72,13 @@ OPTIONS: tuple[MethodOption, ...] = (
 )  # fmt: skip
 
 
+def skipped_result(cfg: RomerConfig, profile: ChipProfile) -> MethodResult:
+    """ROMER's result on a profile (or placement) without analog noise: the model left unchanged."""
+    note = f"profile {profile.name} adds no analog noise: ROMER left the model unchanged"
+    return MethodResult(report={"config": dict(cfg.__dict__), "skipped": note, "summary": note,
+                                "warnings": [note]})  # fmt: skip
+
+
 def noise_targets(
     model: torch.nn.Module, profile: ChipProfile, options: dict[str, Any], placement: Placement | None
 ) -> list[Any]:
@@ -144,16 +151,11 @@ class RomerMethod:
         start = time.perf_counter()
         cfg = RomerConfig.from_options(options)
         moe = moe_routers(model, adapter)
-        tokens = (
-            None
-            if (cfg.calib_mode == "in-situ" and cfg.insitu_logits)
-            else calibration_tokens(model, options)
-        )
+        measured = cfg.calib_mode == "in-situ" and cfg.insitu_logits
         targets = noise_targets(model, profile, options, placement)
-        if (not targets or profile.is_ideal) and not (cfg.calib_mode == "in-situ" and cfg.insitu_logits):
-            note = f"profile {profile.name} adds no analog noise: ROMER left the model unchanged"
-            return MethodResult(report={"config": dict(cfg.__dict__), "skipped": note, "summary": note,
-                                        "warnings": [note]})  # fmt: skip
+        if (not targets or profile.is_ideal) and not measured:
+            return skipped_result(cfg, profile)
+        tokens = None if measured else calibration_tokens(model, options)
         with torch.no_grad():
             stats = calibration_stats(model, moe, tokens, targets, profile, cfg, progress)
             plan = build_plan(stats, moe, cfg)
