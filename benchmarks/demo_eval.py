@@ -3,7 +3,8 @@
 One run evaluates each demo model in examples/models/ on the held-out text (never trained on) and on
 WikiText-2 test, clean and under >= 5 noise draws per profile (mean +- std). Results go to
 benchmarks/results/demo_eval.json and .md; ``--write-readme`` puts the held-out table into README.md and
-``--check-readme`` (run by tests/test_readme_tables.py) fails when README's table differs from the results.
+``--check-readme`` fails when README's table differs from the results (the check tests/test_readme_tables.py
+runs through ``readme_mismatches``).
 
     .venv/bin/python benchmarks/demo_eval.py --seeds 5 --threads 1 --max-tokens 8192 --write-readme
     .venv/bin/python benchmarks/demo_eval.py --seeds 5 --threads 1 --max-tokens 8192 \

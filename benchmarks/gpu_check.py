@@ -242,12 +242,13 @@ def random_checkpoint(source: Path, folder: Path) -> Path:
 
 
 def checked_run(args: argparse.Namespace) -> dict[str, Any]:
-    """:func:`run_checks`, exit 2 when the device is not there."""
+    """:func:`run_checks`, exit 2 when the device is not there (other errors keep their own message)."""
     try:
-        return run_checks(args)
+        resolve_device(args.device)
     except CimError as exc:  # --device cuda without a GPU
         print(f"gpu_check: {exc}", file=sys.stderr)
         sys.exit(2)
+    return run_checks(args)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from scale_layers import elapsed, peak_rss_gb  # the /usr/bin/time -v figures, parsed once
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -33,13 +34,8 @@ def _convert(model: Path, out: Path, mode: str) -> dict[str, Any]:
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"{model.name} {mode} failed: {done.stderr.strip().splitlines()[-3:]}")
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr)
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", done.stderr)
-    seconds = 0.0
-    for part in (wall.group(1) if wall else "0").split(":"):
-        seconds = seconds * 60 + float(part)
-    return {"result": json.loads(done.stdout), "peak_rss_gb": int(rss.group(1)) / 2**20 if rss else None,
-            "seconds": seconds}  # fmt: skip
+    return {"result": json.loads(done.stdout), "peak_rss_gb": peak_rss_gb(done.stderr),
+            "seconds": elapsed(done.stderr)}  # fmt: skip
 
 
 def _manifest(out: Path) -> dict[str, Any]:

@@ -345,7 +345,8 @@ def method_rows(model: str, profile: str) -> dict[str, list[dict[str, Any]]]:
     percent = outliers["options"]["outlier_percent"]
     rows[f"outlier channels {percent:g} %"] = [outliers]
     if family == "moe":
-        rows[f"outlier channels {percent:g} % + output correction"] = [outliers, correction]
+        if [outliers, correction] != defaults.MOE:  # else it is the default row (the same key, measured once)
+            rows[f"outlier channels {percent:g} % + output correction"] = [outliers, correction]
         rows["ROMER"] = [step("romer")]
     return rows
 

@@ -66,7 +66,13 @@ def _start(kind: str, model: Path, out: Path, profile: str, log: Path,
     return proc, time.perf_counter()
 
 
-def _elapsed(text: str) -> float | None:
+def peak_rss_gb(text: str) -> float | None:
+    """The maximum resident set size ``/usr/bin/time -v`` reported, in GiB, if any."""
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    return int(rss.group(1)) / 2**20 if rss else None
+
+
+def elapsed(text: str) -> float | None:
     """The wall-clock seconds ``/usr/bin/time -v`` reported (``h:mm:ss`` or ``m:ss.ss``), if any."""
     match = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", text)
     if match is None:
@@ -81,10 +87,10 @@ def _finish(kind: str, proc: subprocess.Popen, started: float, log: Path) -> dic
     """Wait for a run; its peak RSS, wall time, exit code and the JSON it printed (key figures only)."""
     code = proc.wait()
     text = log.read_text(errors="replace")
-    seconds = _elapsed(text) or time.perf_counter() - started
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    seconds = elapsed(text) or time.perf_counter() - started
+    rss = peak_rss_gb(text)
     row: dict[str, Any] = {"command": kind, "exit_code": code, "seconds": round(seconds, 1),
-                           "peak_rss_gb": round(int(rss.group(1)) / 2**20, 3) if rss else None}  # fmt: skip
+                           "peak_rss_gb": round(rss, 3) if rss is not None else None}  # fmt: skip
     start, end = text.find("{"), text.rfind("}")
     try:
         result = json.loads(text[start : end + 1])

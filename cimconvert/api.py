@@ -32,7 +32,7 @@ from cimconvert.bundle.reader import load_bundle as read_bundle
 from cimconvert.bundle.writer import check_out_dir, write_bundle
 from cimconvert.checkpoint import check_weights_finite, has_tokenizer, resolve_model
 from cimconvert.datasets import load_text, tokenize
-from cimconvert.devices import describe, model_device, place_model, resolve_device, resolve_dtype
+from cimconvert.devices import describe, model_device, place_model, resolve_device, resolve_dtype, set_threads
 from cimconvert.distributed import is_main_rank
 from cimconvert.errors import BundleError, CimError, failure_detail
 from cimconvert.evaluation.loading import load_for_eval
@@ -103,11 +103,6 @@ def default_out_dir(model: str, profile: ChipProfile) -> Path:
     model_name = (path.stem if path.suffix.lower() == ".gguf" else path.name) or "model"
     safe_profile = re.sub(r"[^A-Za-z0-9_.=-]+", "_", profile.name).strip("_")
     return Path.cwd() / f"{model_name}-{safe_profile}"
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        torch.set_num_threads(threads)
 
 
 def _plan(source: Any, adapter: Any, chip: ChipProfile, analog: Sequence[str], digital: Sequence[str]):
@@ -551,7 +546,7 @@ def evaluate(
     available memory) evaluates a checkpoint one decoder layer at a time on ``device``, in float32
     (:mod:`cimconvert.layerwise`), with the same numbers; bundles and in-memory models are evaluated whole.
     """
-    _set_threads(threads)
+    set_threads(threads)
     where = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, where)
     text = load_text(dataset)

@@ -20,12 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-import torch
 
 from cimconvert import __version__, api
 from cimconvert.analysis import analyze, format_table
 from cimconvert.bundle.integrity import read_key_file
-from cimconvert.devices import DTYPES
+from cimconvert.devices import DTYPES, set_threads
 from cimconvert.distributed import is_main_rank
 from cimconvert.errors import CimError
 from cimconvert.finetune import finetune
@@ -502,7 +501,7 @@ def analyze_cmd(model: str, profile: str | None, seeds: int, seed: int, dataset:
 
     The JSON it writes feeds `--method hpd --hpd-layers auto --hpd-scan OUT/sensitivity.json`.
     """
-    _set_threads(threads)
+    set_threads(threads)
     res = analyze(model, profile, seeds=seeds, seed=seed, granularity=granularity, out=out, dataset=dataset,
                   max_tokens=max_tokens, seq_len=seq_len, analog=analog, digital=digital,
                   progress=_progress(as_json), device=device, dtype=dtype,
@@ -605,12 +604,6 @@ def finetune_cmd(model: str, profile: str, method: str, out: Path, dataset: str,
 def _progress(as_json: bool) -> bool:
     """Whether a command shows progress on stderr: not with --json (its consumers read stdout only)."""
     return not as_json
-
-
-def _set_threads(threads: int | None) -> None:
-    """torch's CPU threads, when given."""
-    if threads:
-        torch.set_num_threads(threads)
 
 
 class _StderrHandler(logging.StreamHandler):

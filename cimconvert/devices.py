@@ -111,3 +111,9 @@ def place_model(
 def describe(device: torch.device, dtype: torch.dtype) -> dict[str, str]:
     """The ``device`` / ``dtype`` keys of a command's JSON result (docs/JSON.md)."""
     return {"device": str(device), "dtype": str(dtype).removeprefix("torch.")}
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's CPU threads, when given (None or 0: torch's current setting)."""
+    if threads:
+        torch.set_num_threads(threads)

@@ -96,14 +96,16 @@ def _digital_macs(entry: TensorEntry, adapter: ArchAdapter, config: Any) -> floa
     return tensor_macs_per_token(info, adapter, config) if info.matrix_shape else float(_numel(entry.shape))
 
 
-def _fused_outputs(manifest: Manifest, adapter: ArchAdapter, fused: str) -> int:
-    """Outputs of all experts of in-memory fused tensor ``fused``, summed over the on-disk tensors that load
-    into it (per-expert keys, or one ``[E, out, in]`` key)."""
-    outputs = 0
+def _fused_outputs(manifest: Manifest, adapter: ArchAdapter) -> dict[str, int]:
+    """Outputs of all experts of each in-memory fused tensor, summed over the on-disk tensors that load
+    into it (per-expert keys, or one ``[E, out, in]`` key); one pass over the manifest."""
+    outputs: dict[str, int] = {}
     for tensor in manifest.tensors:
         matrix = tensor.placement_info().matrix_shape
-        if matrix is not None and adapter.memory_name(tensor.name) == fused:
-            outputs += matrix[0] * (tensor.shape[0] if len(tensor.shape) == 3 else 1)
+        if matrix is not None:
+            name = adapter.memory_name(tensor.name)
+            experts = tensor.shape[0] if len(tensor.shape) == 3 else 1
+            outputs[name] = outputs.get(name, 0) + matrix[0] * experts
     return outputs
 
 
@@ -113,10 +115,11 @@ def _experts_inputs_macs(
     """Digital MACs per token of an ``experts_digital_inputs`` transform: each fused experts tensor keeps,
     per expert ``e``, ``k_e`` input channels digital (``k_e · out`` MACs), and a token runs top_k of E."""
     total = 0.0
+    fused_outputs = _fused_outputs(manifest, adapter)
     for item in entry.params.get("tensors") or []:
         per_expert = item.get("digital_index") or []
         if per_expert:
-            out_features = _fused_outputs(manifest, adapter, item["tensor"]) / len(per_expert)
+            out_features = fused_outputs.get(item["tensor"], 0) / len(per_expert)
             channels = sum(len(index) for index in per_expert)
             total += channels * out_features * adapter.top_k(config) / len(per_expert)
     return total

@@ -17,13 +17,14 @@ import torch
 from pydantic import ValidationError
 
 from cimconvert.arch import get_adapter
+from cimconvert.arch.loading import read_config_dict
 from cimconvert.bundle.costs import TENSOR_COUNT, deployment_figures
 from cimconvert.bundle.integrity import LOCK_NAME, member_path, signing_key, verified_manifest_bytes
 from cimconvert.bundle.manifest import MANIFEST_NAME, Manifest, TransformEntry
 from cimconvert.bundle.quantization import check_format_version
 from cimconvert.bundle.report import step_outcomes
-from cimconvert.checkpoint import CONFIG_NAME, load_hf_model, sha256_file
-from cimconvert.errors import BundleError, CimError, failure_detail
+from cimconvert.checkpoint import load_hf_model, sha256_file
+from cimconvert.errors import BundleError, ModelInputError, failure_detail
 from cimconvert.placement import Placement
 from cimconvert.profiles import ChipProfile, profile_from_dict
 from cimconvert.transforms import TRANSFORM_KEY_CHANGES, TRANSFORM_LOADERS
@@ -214,12 +215,11 @@ def _unit_summary(manifest: Manifest, unit: str) -> dict[str, Any]:
 
 
 def _deployment(folder: Path, manifest: Manifest) -> dict[str, Any] | None:
-    """The deployment figures of a bundle (None when its config.json is missing or unreadable: the
+    """The deployment figures of a bundle (None when its config.json is missing or not a valid config: the
     verification then names the file)."""
     try:
-        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
-        return deployment_figures(manifest, config) if isinstance(config, dict) else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, CimError):
+        return deployment_figures(manifest, read_config_dict(folder))
+    except ModelInputError:  # the config, not the manifest's figures (those are a BundleError line)
         return None
 
 

@@ -50,7 +50,7 @@ from cimconvert.bundle.manifest import (
     match_target,
 )
 from cimconvert.bundle.outdir import move_into_place, out_lock, tmp_path
-from cimconvert.bundle.quantization import write_hf_config
+from cimconvert.bundle.quantization import UNITS, write_hf_config
 from cimconvert.bundle.report import render_report
 from cimconvert.checkpoint import (
     CONFIG_NAME,
@@ -70,7 +70,6 @@ from cimconvert.simulator.tiles import tile_grid
 DEFAULT_MAX_SHARD_SIZE = 2 * 1000**3
 SCALES_NAME = "cim_scales.safetensors"
 REPORT_NAME = "REPORT.md"
-UNITS = ("analog", "digital")
 
 
 @dataclass
@@ -267,6 +266,7 @@ class _ScaleArena:
 
 def _stream(
     source: SourceCheckpoint,
+    metas: Sequence[TensorMeta],
     folder: Path,
     where: dict[str, ShardPlan],
     infos: dict[str, Any],
@@ -275,7 +275,7 @@ def _stream(
 ) -> _Written:
     result = _Written()
     writer = _ShardWriter(folder)
-    arena = _ScaleArena([m for f in source.weight_files for m in source.headers[f].tensors], infos, profile)
+    arena = _ScaleArena(metas, infos, profile)
     # sha256 of the input file, of each tensor and of the output file run in parallel (hashlib releases
     # the GIL); every job on a buffer finishes before the buffer is reused for the next tensor.
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -595,7 +595,7 @@ def _write_in_tmp(
     tmp = _make_tmp(out)
     update, close_bar = _progress_bar(sum(m.nbytes for m in plan.metas), progress)
     try:
-        written = _stream(source, tmp, plan.where, plan.infos, profile, update)
+        written = _stream(source, plan.metas, tmp, plan.where, plan.infos, profile, update)
         close_bar()
         manifest = _assemble(source, tmp, profile, placement, plan, written, recorded)
         move_into_place(tmp, out, force)

@@ -16,7 +16,7 @@ from cimconvert.errors import CimError
 from cimconvert.evaluation.perplexity import perplexity
 from cimconvert.profiles import ChipProfile
 from cimconvert.progress import progress_bar
-from cimconvert.transforms.romer.hook import routing_calibration_off
+from cimconvert.transforms.romer.hook import calibrated_routing_layers, routing_calibration_off
 
 
 @dataclass
@@ -141,8 +141,7 @@ def evaluate_model(
     def ppl_fn(m: torch.nn.Module, t: torch.Tensor) -> float:
         return perplexity(m, t, seq_len=seq_len, stride=stride, batch_size=batch_size)
 
-    with routing_calibration_off(model) as calibrated:  # counts the layers whose routing is calibrated
-        pass
+    calibrated = calibrated_routing_layers(model)
 
     def run(task: int | str) -> float:
         if task == "clean":  # as a clean router routes it

@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from cimconvert.analog.chip_noise import apply_chip_noise, mvm_stream
 from cimconvert.errors import CimError
 from cimconvert.layerwise.skeleton import LayerwiseModel, analog_of_layer
 from cimconvert.profiles import ChipProfile
+from cimconvert.progress import progress_bar
 
 GIB = float(1 << 30)
 
@@ -263,7 +263,7 @@ def run_layers(
     draw's seed, exactly as the whole-model path programs them. The layer is freed before the next one is
     loaded.
     """
-    for index in tqdm(range(lw.num_layers), desc="layers", disable=not progress, unit="layer"):
+    for index in progress_bar(range(lw.num_layers), desc="layers", unit="layer", enabled=progress):
         layer_targets = analog_of_layer(targets, lw.layer_prefix(index))
         with reporting_memory(lw, index, inputs, len(streams)):
             lw.load_layer(index)

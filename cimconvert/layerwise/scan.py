@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from cimconvert.analog.chip_noise import mvm_stream
 from cimconvert.errors import CimError
@@ -35,6 +34,7 @@ from cimconvert.layerwise.passes import (
 )
 from cimconvert.layerwise.skeleton import LayerwiseModel, analog_of_layer
 from cimconvert.profiles import ChipProfile
+from cimconvert.progress import progress_bar
 
 
 @dataclass
@@ -86,7 +86,7 @@ def scan_layerwise(lw: LayerwiseModel, tokens: torch.Tensor, parts: Sequence[Seq
     inputs = capture_inputs(lw, [batch for batch, _ in batches])
     clean = Stream.start(None, inputs, lw.device)
     draws = [_Draw(targets, seed, _first_layer(lw, targets)) for targets in parts for seed in seeds]
-    for index in tqdm(range(lw.num_layers), desc="layers", disable=not progress, unit="layer"):
+    for index in progress_bar(range(lw.num_layers), desc="layers", unit="layer", enabled=progress):
         for draw in draws:
             if draw.start == index:
                 draw.stream = _fork(lw, draw, clean, inputs, profile)

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from cimconvert.errors import CimError
 from cimconvert.evaluation.perplexity import next_token_nll
@@ -42,6 +41,7 @@ from cimconvert.layerwise.passes import (
 from cimconvert.layerwise.skeleton import LayerwiseModel, analog_of_layer
 from cimconvert.placement import Placement, replan_model
 from cimconvert.profiles import ChipProfile
+from cimconvert.progress import progress_bar
 
 
 class LayerStep(Protocol):
@@ -236,7 +236,7 @@ def run_layer_steps(
     running = [_start(lw, step, placement, profile) for step in steps]
     streams = sum(len(run.fit) + len(run.check) for run in running)
     inputs = [entry for run in running for entry in run.inputs]
-    for index in tqdm(range(lw.num_layers), desc="layers", disable=not progress, unit="layer"):
+    for index in progress_bar(range(lw.num_layers), desc="layers", unit="layer", enabled=progress):
         with reporting_memory(lw, index, inputs, max(streams, 1)):
             _layer(lw, index, running, placement, profile, scratch, save is not None)
             if save is not None:

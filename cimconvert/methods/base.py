@@ -113,15 +113,15 @@ METHODS: dict[str, Method] = {}
 #: each, in order). The one place the default recipes live: ``register_method(..., auto_for=...)`` sets a
 #: one-step default, :func:`set_auto_recipe` any other.
 AUTO: dict[str, list[dict[str, Any]]] = {}
-#: Method name → its layer-by-layer implementation ``fn(lw, profile, options, progress, placement)`` →
-#: MethodResult, for models larger than memory (``cimconvert.layerwise``); a method without one runs on the
-#: whole in-memory model only.
-LAYERWISE: dict[str, Any] = {}
+#: Method name → its layer-step factory ``fn(lw, profile, options, placement=)`` → a
+#: ``cimconvert.layerwise.steps.LayerStep``, for models larger than memory (``recipe.run_recipe_layerwise``
+#: runs every step of a recipe in one pass); a method without one runs on the whole in-memory model only.
+LAYERWISE: dict[str, Callable[..., Any]] = {}
 
 
-def register_layerwise(name: str, apply: Any) -> None:
-    """Register the layer-by-layer implementation of method ``name`` (see :data:`LAYERWISE`)."""
-    LAYERWISE[name] = apply
+def register_layerwise(name: str, factory: Callable[..., Any]) -> None:
+    """Register the layer-step factory of method ``name`` (see :data:`LAYERWISE`)."""
+    LAYERWISE[name] = factory
 
 
 def register_method(method: Method, auto_for: tuple[str, ...] = ()) -> Method:

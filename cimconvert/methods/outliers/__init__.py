@@ -5,11 +5,11 @@ Importing this package registers the method. The split layer and its bundle load
 :mod:`cimconvert.transforms.outlier_split`.
 """
 
-from cimconvert.methods.base import register_method
+from cimconvert.methods.base import register_layerwise, register_method
+from cimconvert.methods.outliers.layerwise import outlier_layer_step
 from cimconvert.methods.outliers.method import OutlierChannelsMethod, channel_maxima, split_outliers
 
-register_method(OutlierChannelsMethod())
-
-from cimconvert.methods.outliers import layerwise  # noqa: E402, F401  (registers the layer step)
+METHOD = register_method(OutlierChannelsMethod())
+register_layerwise(METHOD.name, outlier_layer_step)
 
 __all__ = ["OutlierChannelsMethod", "channel_maxima", "split_outliers"]

@@ -16,7 +16,7 @@ import torch
 from cimconvert.layerwise.passes import Stream
 from cimconvert.layerwise.skeleton import LayerwiseModel
 from cimconvert.layerwise.steps import BaseLayerStep
-from cimconvert.methods.base import MethodResult, register_layerwise
+from cimconvert.methods.base import MethodResult
 from cimconvert.methods.calibration import (
     CALIB_BATCH_SIZE,
     calibration_tokens,
@@ -114,8 +114,5 @@ def outlier_layer_step(lw: LayerwiseModel, profile: ChipProfile, options: dict[s
     decoder_layers_only(lw, "outlier_channels", profile, placement)
     experts = options.get("outlier_scope", SCOPES[0]) == "all"
     return OutlierLayerStep(profile, calibration_tokens(lw.model, options), percent, experts)
-
-
-register_layerwise("outlier_channels", outlier_layer_step)
 
 __all__ = ["OutlierLayerStep", "outlier_layer_step"]

@@ -149,6 +149,11 @@ def _routing_hooks(model: nn.Module) -> Iterator[RoutingHook]:
             yield hook
 
 
+def calibrated_routing_layers(model: nn.Module) -> int:
+    """How many of ``model``'s routing hooks carry a logit calibration."""
+    return sum(hook.spec.calibration != "none" for hook in _routing_hooks(model))
+
+
 @contextmanager
 def routing_calibration_off(model: nn.Module) -> Iterator[int]:
     """``model``'s routing hooks with their logit calibration switched off for the block (masks and replicas
